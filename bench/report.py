@@ -1,0 +1,187 @@
+"""Summaries: machine facts, medians over repetitions, the markdown tables, the JSON file, optional plots."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+# (workload, metric, label, higher is better, format)
+ROWS: list[tuple[str, str, str, bool, str]] = [
+    ('tasks', 'tasks_per_s', 'tasks/s, with replies', True, '{:,.0f}'),
+    ('tasks_noreply', 'tasks_per_s', 'tasks/s, no_reply', True, '{:,.0f}'),
+    ('rpc', 'rpc_p50_us', 'RPC round trip p50 (us)', False, '{:,.0f}'),
+    ('rpc', 'rpc_p99_us', 'RPC round trip p99 (us)', False, '{:,.0f}'),
+    ('broadcast', 'deliveries_per_s', 'broadcast deliveries/s', True, '{:,.0f}'),
+    ('broadcast', 'broadcasts_per_s', 'broadcasts/s to all subscribers', True, '{:,.0f}'),
+    ('connect', 'connect_ms', 'connect (ms)', False, '{:,.1f}'),
+    ('connect', 'connect_first_rpc_ms', 'connect + first RPC (ms)', False, '{:,.1f}'),
+]
+FLOOR_ROWS: list[tuple[str, str, str]] = [
+    ('floor_hop', 'hop_p50_us', 'bare pyzmq DEALER->ROUTER->DEALER round trip p50 (us)'),
+    ('floor_hop', 'hop_p99_us', 'bare pyzmq DEALER->ROUTER->DEALER round trip p99 (us)'),
+    ('floor_sqlite', 'sqlite_commits_per_s', 'SQLite WAL commits/s, 1 KiB row each (synchronous=NORMAL)'),
+    ('floor_sqlite', 'sqlite_fsync_commits_per_s', 'SQLite WAL commits/s with fsync (synchronous=FULL)'),
+    ('floor_sqlite', 'sqlite_batched_rows_per_s', 'SQLite WAL rows/s, 100 rows per commit'),
+]
+MAIN = 'aiida-zmq'
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return 'absent'
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ['git', 'rev-parse', '--short', 'HEAD'], check=False, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+    return out.stdout.strip() or 'unknown'
+
+
+def machine_facts(rabbitmq_version: str = '') -> dict[str, Any]:
+    import psutil
+    import zmq
+
+    return {
+        'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+        'cpu_count': os.cpu_count(),
+        'cpu_model': _cpu_model(),
+        'memory_gib': round(psutil.virtual_memory().total / 2**30, 1),
+        'platform': platform.platform(),
+        'python': platform.python_version(),
+        'pyzmq': zmq.__version__,
+        'libzmq': zmq.zmq_version(),
+        'kiwipy': _version('kiwipy'),
+        'aiida-core': _version('aiida-core'),
+        'aiida-zmq': _version('aiida-zmq'),
+        'rabbitmq': rabbitmq_version or 'not used',
+        'git_commit': _git_commit(),
+        'loadavg_at_end': [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{workload: {broker: {'runs', 'failed', 'errors', metric: {'median', 'values'}}}}``."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for rec in records:
+        cell = out.setdefault(rec['workload'], {}).setdefault(rec['broker'], {'runs': 0, 'failed': 0, 'errors': []})
+        cell['runs'] += 1
+        if rec['status'] != 'ok':
+            cell['failed'] += 1
+            cell['errors'].append(rec['error'])
+            continue
+        for metric, value in rec['metrics'].items():
+            cell.setdefault(metric, {'values': []})['values'].append(value)
+    for brokers in out.values():
+        for cell in brokers.values():
+            for value in cell.values():
+                if isinstance(value, dict):
+                    value['median'] = statistics.median(value['values'])
+    return out
+
+
+def _cell(summary: dict, workload: str, broker: str, metric: str, fmt: str) -> str:
+    cell = summary.get(workload, {}).get(broker)
+    if cell is None:
+        return '-'
+    if metric not in cell:
+        return 'FAILED' if cell['failed'] else '-'
+    text = fmt.format(cell[metric]['median'])
+    return f'{text} ({cell["failed"]} of {cell["runs"]} failed)' if cell['failed'] else text
+
+
+def _median(summary: dict, workload: str, broker: str, metric: str) -> float | None:
+    value = summary.get(workload, {}).get(broker, {}).get(metric)
+    return value['median'] if value else None
+
+
+def markdown(summary: dict, brokers: list[str], reps: int) -> str:
+    """The broker table (medians, then aiida-zmq / peer ratios) and the floor table."""
+    peers = [b for b in brokers if b != MAIN] if MAIN in brokers else []
+    lines = [f'Medians of {reps} repetition(s). Ratios are {MAIN} / peer (> 1 is better for rates, < 1 for times).', '']
+    header = ['figure', *brokers, *[f'{MAIN} / {p}' for p in peers]]
+    lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for workload, metric, label, _higher, fmt in ROWS:
+        if workload not in summary:
+            continue
+        cells = [_cell(summary, workload, b, metric, fmt) for b in brokers]
+        ratios = []
+        for peer in peers:
+            mine, theirs = _median(summary, workload, MAIN, metric), _median(summary, workload, peer, metric)
+            ratios.append(f'{mine / theirs:.2f}' if mine and theirs else '-')
+        lines.append('| ' + ' | '.join([label, *cells, *ratios]) + ' |')
+    floors = [(w, m, label) for w, m, label in FLOOR_ROWS if w in summary]
+    if floors:
+        lines += ['', '| floor on this machine | median |', '|---|---|']
+        lines += [f'| {label} | {_cell(summary, w, "floor", m, "{:,.0f}")} |' for w, m, label in floors]
+    failures = [
+        f'- {w} / {b}: {err}' for w, bs in summary.items() for b, cell in bs.items() for err in cell.get('errors', [])
+    ]
+    if failures:
+        lines += ['', 'Failed runs:', *failures]
+    return '\n'.join(lines) + '\n'
+
+
+def scale_markdown(scale: dict[str, Any]) -> str:
+    if not scale:
+        return ''
+    if scale.get('status') != 'ok':
+        return f'\nScale ({MAIN}): FAILED: {scale.get("error")}\n'
+    m = scale['metrics']
+    return (
+        f'\n| scale ({MAIN}, {m["n"]:,} tasks) | value |\n|---|---|\n'
+        f'| enqueue rate, no_reply (tasks/s) | {m["enqueue_per_s"]:,.0f} |\n'
+        f'| broker RSS after enqueue (MiB) | {m["rss_mib"]:,.0f} |\n'
+        f'| store size on disk (MiB) | {m["store_mib"]:,.0f} |\n'
+        f'| restart after kill -9 until broker.json (s) | {m["restart_info_s"]:.2f} |\n'
+        f'| restart after kill -9 until a round trip is answered (s) | {m["restart_ready_s"]:.2f} |\n'
+        f'| drain rate (tasks/s) | {m["drain_per_s"]:,.0f} |\n'
+    )
+
+
+def plot(summary: dict, brokers: list[str], out_dir: Path) -> list[Path]:
+    """One bar chart per figure (PNG); needs matplotlib, which is optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('--plot: matplotlib is not installed; no plots written')
+        return []
+    written = []
+    for workload, metric, label, _higher, _fmt in ROWS:
+        values = [(b, _median(summary, workload, b, metric)) for b in brokers]
+        values = [(b, v) for b, v in values if v is not None]
+        if not values:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.bar([b for b, _ in values], [v for _, v in values], color='tab:blue')
+        ax.set_title(label)
+        fig.tight_layout()
+        path = out_dir / f'{workload}-{metric}.png'
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

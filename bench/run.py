@@ -1,0 +1,201 @@
+"""Run the side-by-side benchmarks: ``python -m bench.run [--quick] [--only NAME] [--out FILE]``.
+
+Brokers are measured in one run, interleaved: every repetition runs each workload on every broker before the next
+workload, in an order rotated per repetition. Medians over repetitions are reported; a failed run (lost or
+unanswered message, timeout) is recorded as failed, never as a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ''):  # run as a script: python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import procs, report, scale
+from bench.floors import FLOORS
+from bench.servers import BROKERS, AiidaZmqServer, BrokerServer, CoreZeromqServer, RabbitMQ, make_spec
+from bench.workloads import WORKLOADS, Sizes
+
+ALL = [*WORKLOADS, *FLOORS, 'scale']
+DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'latest.json'
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m bench.run', description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true', help='smaller workloads, 1 repetition, --scale 100000')
+    parser.add_argument('--only', action='append', default=[], metavar='NAME', help=f'repeatable; one of {ALL}')
+    parser.add_argument('--brokers', default=','.join(BROKERS), help=f'comma-separated subset of {list(BROKERS)}')
+    parser.add_argument('--reps', type=int, default=None, help='repetitions (default 3, 1 with --quick)')
+    parser.add_argument('--scale', type=int, default=None, metavar='N', help='tasks for the scale workload')
+    parser.add_argument('--no-scale', action='store_true', help='skip the scale workload')
+    parser.add_argument('--timeout', type=float, default=None, help='bound in seconds for one measurement')
+    parser.add_argument('--out', type=Path, default=DEFAULT_OUT, help='JSON output; the table goes beside it (.md)')
+    parser.add_argument('--plot', action='store_true', help='write PNG bar charts beside --out (needs matplotlib)')
+    parser.add_argument('--keep-rabbitmq', action='store_true', help='leave a RabbitMQ started here running')
+    args = parser.parse_args(argv)
+    only = [name for item in args.only for name in item.split(',') if name]
+    unknown = sorted(set(only) - set(ALL))
+    if unknown:
+        parser.error(f'unknown workload(s) {unknown}; choose from {ALL}')
+    args.workloads = only or [name for name in ALL if not (name == 'scale' and args.no_scale)]
+    args.brokers = [b for b in args.brokers.split(',') if b]
+    if set(args.brokers) - set(BROKERS):
+        parser.error(f'unknown broker(s) {sorted(set(args.brokers) - set(BROKERS))}; choose from {list(BROKERS)}')
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.scale = args.scale or (100_000 if args.quick else 1_000_000)
+    return args
+
+
+def measure(workload: str, broker: str, rep: int, fn: Callable[[], dict[str, float]]) -> dict[str, Any]:
+    """Run one measurement; a failure becomes a record with ``status='failed'`` and the reason."""
+    t0 = time.monotonic()
+    rec: dict[str, Any] = {'workload': workload, 'broker': broker, 'rep': rep, 'status': 'ok', 'metrics': {}}
+    try:
+        rec['metrics'] = fn()
+    except procs.BenchError as exc:
+        rec.update(status='failed', error=str(exc))
+    except Exception as exc:
+        rec.update(status='failed', error=f'{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}')
+    rec['seconds'] = round(time.monotonic() - t0, 2)
+    shown = ', '.join(f'{k}={v:,.1f}' for k, v in rec['metrics'].items()) or f'FAILED: {rec.get("error")}'
+    print(f'  [{rep + 1}] {workload:14} {broker:15} {shown}  ({rec["seconds"]} s)', flush=True)
+    return rec
+
+
+def available_brokers(wanted: list[str], rmq: RabbitMQ) -> tuple[list[str], dict[str, str]]:
+    """The wanted brokers that can run here, and why the others cannot."""
+    skipped: dict[str, str] = {}
+    if any(BROKERS[b][0] == 'aiida-zmq' for b in wanted):
+        try:
+            import aiida_zmq
+
+            aiida_zmq.connect  # noqa: B018
+        except (ImportError, AttributeError) as exc:
+            skipped.update({b: f'aiida_zmq.connect unavailable: {exc}' for b in wanted if b.startswith('aiida-zmq')})
+    if any(BROKERS[b][0] == 'rabbitmq' for b in wanted) and not rmq.ensure():
+        skipped.update({b: rmq.skip_reason for b in wanted if BROKERS[b][0] == 'rabbitmq'})
+    return [b for b in wanted if b not in skipped], skipped
+
+
+def start_servers(brokers: list[str], root: Path) -> tuple[dict[str, str], dict[str, str], list[BrokerServer]]:
+    """Fresh broker processes for one repetition: endpoints by broker name, start errors, servers to stop."""
+    endpoints, errors, servers = {}, {}, []
+    by_kind: dict[str, str | Exception] = {}
+    for name in brokers:
+        kind = BROKERS[name][0]
+        if kind == 'rabbitmq':
+            endpoints[name] = RabbitMQ().endpoint
+            continue
+        if kind not in by_kind:
+            server: BrokerServer = AiidaZmqServer(root) if kind == 'aiida-zmq' else CoreZeromqServer(root)
+            servers.append(server)
+            try:
+                by_kind[kind] = server.start()
+            except Exception as exc:
+                by_kind[kind] = exc
+        found = by_kind[kind]
+        if isinstance(found, Exception):
+            errors[name] = f'{kind} did not start: {found}'
+        else:
+            endpoints[name] = found
+    return endpoints, errors, servers
+
+
+def run_all(args: argparse.Namespace, root: Path, rmq: RabbitMQ, result: dict[str, Any]) -> None:
+    sizes = Sizes.quick() if args.quick else Sizes()
+    if args.timeout:
+        sizes.timeout = args.timeout
+    brokers, skipped = available_brokers(args.brokers, rmq)
+    result.update(brokers=brokers, skipped=skipped)
+    for name, reason in skipped.items():
+        print(f'skipping {name}: {reason}', flush=True)
+    broker_workloads = [w for w in args.workloads if w in WORKLOADS]
+    records = result['records']
+    for rep in range(args.reps):
+        print(f'repetition {rep + 1} of {args.reps}', flush=True)
+        order = brokers[rep % len(brokers) :] + brokers[: rep % len(brokers)] if brokers else []
+        endpoints, errors, servers = start_servers(order, root) if broker_workloads else ({}, {}, [])
+        try:
+            for workload in broker_workloads:
+                for name in order:
+                    if name in errors:
+                        records.append(measure(workload, name, rep, _raiser(errors[name])))
+                        continue
+                    spec = make_spec(name, endpoints[name])
+                    records.append(measure(workload, name, rep, lambda w=workload, s=spec: WORKLOADS[w](s, sizes)))
+        finally:
+            for server in servers:
+                server.stop()
+        for floor in [w for w in args.workloads if w in FLOORS]:
+            records.append(measure(floor, 'floor', rep, lambda f=floor: FLOORS[f](sizes)))
+    if 'scale' in args.workloads:
+        if 'aiida-zmq' in skipped or not any(b.startswith('aiida-zmq') for b in brokers):
+            print('skipping scale: aiida-zmq is not available', flush=True)
+        else:
+            print(f'scale: {args.scale:,} tasks on aiida-zmq', flush=True)
+            result['scale'] = measure('scale', 'aiida-zmq', 0, lambda: scale.run(root, args.scale, sizes.timeout))
+
+
+def _raiser(message: str) -> Callable[[], dict[str, float]]:
+    def fail() -> dict[str, float]:
+        raise procs.BenchError(message)
+
+    return fail
+
+
+def write_outputs(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    summary = report.summarize(result['records'])
+    result['summary'] = summary
+    table = report.markdown(summary, result.get('brokers', []), args.reps)
+    table += report.scale_markdown(result.get('scale') or {})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str) + '\n')
+    args.out.with_suffix('.md').write_text(table)
+    if args.plot:
+        for path in report.plot(summary, result.get('brokers', []), args.out.parent):
+            print(f'wrote {path}')
+    return table
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f'signal {signum}')
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix='azb-', dir='/tmp' if Path('/tmp').is_dir() else None))
+    os.environ['AIIDA_PATH'] = str(root / 'aiida')  # no profile is used; keep AiiDA's config out of ~/.aiida
+    signal.signal(signal.SIGTERM, _sigterm)
+    rmq = RabbitMQ(keep=args.keep_rabbitmq)
+    config = {**vars(args), 'out': str(args.out), 'loadavg_at_start': [round(x, 2) for x in os.getloadavg()]}
+    result: dict[str, Any] = {'records': [], 'config': config, 'interrupted': False}
+    try:
+        run_all(args, root, rmq, result)
+    except KeyboardInterrupt:
+        result['interrupted'] = True
+        print('interrupted: cleaning up and writing what was measured', flush=True)
+    finally:
+        procs.cleanup()
+        result['machine'] = report.machine_facts(rmq.version() if 'rabbitmq' in str(result.get('brokers')) else '')
+        rmq.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print()
+    print(write_outputs(args, result))
+    print(f'wrote {args.out} and {args.out.with_suffix(".md")}')
+    return 130 if result['interrupted'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
