@@ -1,0 +1,91 @@
+"""The ``aiida-zmq`` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from . import __version__
+
+LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
+
+
+@click.group(context_settings={'help_option_names': ['-h', '--help']})
+@click.version_option(__version__, prog_name='aiida-zmq')
+def main() -> None:
+    """aiida-zmq: the message broker for AiiDA that needs no RabbitMQ."""
+
+
+@main.command()
+@click.option(
+    '--data-dir',
+    required=True,
+    type=click.Path(file_okay=False),
+    help='Directory for the task store, lock and socket (created with mode 0700).',
+)
+@click.option(
+    '--bind',
+    'binds',
+    multiple=True,
+    metavar='ENDPOINT',
+    help='Endpoint to bind, repeatable: ipc://PATH or tcp://127.0.0.1:PORT. Default: ipc://DATA_DIR/broker.sock.',
+)
+@click.option('--heartbeat', type=float, default=1.0, show_default=True, help='Heartbeat interval in seconds.')
+@click.option(
+    '--peer-timeout',
+    type=float,
+    default=10.0,
+    show_default=True,
+    help='Seconds of silence after which a client is dead and its tasks go to others.',
+)
+@click.option('--max-deliveries', type=int, default=20, show_default=True, help='Deliveries before dead-lettering.')
+@click.option('--max-message-bytes', type=int, default=64 * 1024 * 1024, show_default=True)
+@click.option('--fsync', is_flag=True, help='fsync every batch: survives power loss, not only crashes (slower).')
+@click.option('--log-level', default='INFO', show_default=True, type=click.Choice(['DEBUG', 'INFO', 'WARNING']))
+def serve(
+    data_dir: str,
+    binds: tuple[str, ...],
+    heartbeat: float,
+    peer_timeout: float,
+    max_deliveries: int,
+    max_message_bytes: int,
+    fsync: bool,
+    log_level: str,
+) -> None:
+    """Run the broker in the foreground until SIGTERM or SIGINT."""
+    from .exceptions import StoreError
+    from .server import Broker, BrokerConfig
+
+    logging.basicConfig(level=log_level, format=LOG_FORMAT, stream=sys.stderr)
+    config = BrokerConfig(
+        heartbeat=heartbeat,
+        peer_timeout=peer_timeout,
+        max_deliveries=max_deliveries,
+        max_message_bytes=max_message_bytes,
+        fsync=fsync,
+    )
+    try:
+        broker = Broker(data_dir, binds, config)
+        broker.serve_forever(install_signal_handlers=True)
+    except (StoreError, OSError, ValueError) as exception:
+        click.echo(f'aiida-zmq serve: {exception}', err=True)
+        sys.exit(2)
+
+
+def _register_optional_commands() -> None:
+    """Commands that need AiiDA live in their own module, registered when it imports."""
+    try:
+        from . import aiida_cli
+    except ImportError:  # pragma: no cover - aiida-core is a dependency, but keep `serve` usable without it
+        return
+    register = getattr(aiida_cli, 'register', None)
+    if register is not None:
+        register(main)
+
+
+_register_optional_commands()
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,1018 @@
+"""A :class:`kiwipy.Communicator` over the aiida-zmq protocol, thread-safe like ``RmqThreadCommunicator``.
+
+Three kinds of thread meet here:
+
+- callers (any thread) call the public methods; they never touch the socket, they hand work to the I/O thread;
+- the I/O thread owns the DEALER socket: it sends, receives, heartbeats, notices a lost or restarted broker and
+  says HELLO again, re-registering this communicator's subscriptions by itself;
+- the callback thread runs subscribers (tasks, RPC, broadcasts) one at a time, so that slow user code never delays
+  heartbeats, and no subscriber runs on a caller's thread (as with kiwipy's RMQ communicator, which runs them on its
+  event-loop thread).
+
+Sends are never dropped: what the socket cannot take yet waits in order, and messages the broker has to confirm
+(tasks, registrations) are replayed after a reconnection until they are.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import os
+import socket as stdlib_socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import kiwipy
+import shortuuid
+import zmq
+from kiwipy.rmq.utils import (
+    CANCELLED_KEY,
+    EXCEPTION_KEY,
+    PENDING_KEY,
+    RESULT_KEY,
+    cancelled_response,
+    exception_response,
+    pending_response,
+    result_response,
+)
+
+from . import protocol
+from .codec import Decoder, Encoder, default_codec
+from .exceptions import BrokerRestarted, BrokerUnavailable, MessageTooLarge, TaskNotAccepted
+from .protocol import Command, ErrorCode
+
+__all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect')
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_TASK_QUEUE = 'aiida_zmq.tasks'
+
+TASK_PENDING = 'pending'
+TASK_PROCESSING = 'processing'
+TASK_FINISHED = 'finished'
+TASK_REQUEUED = 'requeued'
+
+
+def connect(endpoint: str | None = None, *, data_dir: str | os.PathLike[str] | None = None, **options: Any):
+    """Return a started :class:`ZmqCommunicator` connected to the broker at ``endpoint`` (or found in ``data_dir``).
+
+    :raises BrokerUnavailable: when no broker answers within ``connect_timeout`` seconds.
+    """
+    if endpoint is None:
+        if data_dir is None:
+            raise ValueError('give the broker endpoint (e.g. ipc:///path/broker.sock) or its data directory')
+        from .discovery import choose_endpoint, read_live_broker_info
+
+        info = read_live_broker_info(data_dir)
+        if info is None:
+            raise BrokerUnavailable(
+                f'no running aiida-zmq broker found in {data_dir}. Start it with `aiida-zmq serve --data-dir '
+                f'{data_dir}` or, for an AiiDA profile, `verdi daemon start`.'
+            )
+        endpoint = choose_endpoint(info)
+    communicator = ZmqCommunicator(endpoint, **options)
+    communicator.start()
+    return communicator
+
+
+@dataclass
+class _PendingSend:
+    """A task sent but not yet confirmed: replayed after a reconnection until it is."""
+
+    frames: list[bytes]
+    confirmed: concurrent.futures.Future
+
+
+class ZmqCommunicator(kiwipy.Communicator):
+    """kiwipy communicator for the aiida-zmq broker. Use :func:`connect` to get a started one."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        encoder: Encoder | None = None,
+        decoder: Decoder | None = None,
+        task_queue: str = DEFAULT_TASK_QUEUE,
+        task_prefetch_count: int = 1,
+        heartbeat: float = 1.0,
+        broker_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        confirm_timeout: float = 60.0,
+        request_timeout: float = 60.0,
+        name: str | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        if not endpoint.startswith(('ipc://', 'tcp://', 'inproc://')):
+            raise ValueError(f'unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT')
+        codec = default_codec()
+        self._encoder = encoder or codec.encode
+        self._decoder = decoder or codec.decode
+        self.endpoint = endpoint
+        self.name = name or f'{stdlib_socket.gethostname()}:{os.getpid()}'
+        self._heartbeat = heartbeat
+        self._broker_timeout = broker_timeout
+        self._connect_timeout = connect_timeout
+        self._confirm_timeout = confirm_timeout
+        self._request_timeout = request_timeout
+        self._max_message_bytes = max_message_bytes
+        self._routing_id = b'c' + uuid.uuid4().hex.encode()
+        self._correlations = itertools.count(1)
+        self._closed = False
+
+        # Subscribers: read by the callback thread, changed by callers.
+        self._lock = threading.RLock()
+        self._rpc_subscribers: dict[str, Callable] = {}
+        self._broadcast_subscribers: dict[Any, Callable] = {}
+        self._queues: dict[str, ZmqTaskQueue] = {}
+        self._default_queue = self.task_queue(task_queue, prefetch_count=task_prefetch_count)
+
+        # I/O-thread state: touched only by the I/O thread.
+        self._context: zmq.Context = zmq.Context.instance()
+        self._socket: zmq.Socket | None = None
+        self._outbound: collections.deque[list[bytes]] = collections.deque()
+        self._waiting_welcome: list[list[bytes]] = []  # sent while there is no session; flushed after WELCOME
+        self._welcomed = False
+        self._epoch: str | None = None
+        self._last_heard = 0.0
+        self._last_sent = 0.0
+        self._last_hello = 0.0
+        self._unconfirmed: dict[bytes, _PendingSend] = {}
+        self._task_results: dict[bytes, concurrent.futures.Future] = {}
+        self._rpc_results: dict[bytes, concurrent.futures.Future] = {}
+        self._registrations: dict[bytes, tuple[str, concurrent.futures.Future]] = {}
+        self._gets: dict[bytes, concurrent.futures.Future] = {}
+        self._held: dict[int, int] = {}  # task id -> attempt, for tasks this client is processing
+        self._registered_rpc: set[str] = set()
+        self._consuming: dict[str, int] = {}
+        self._subscribed = False
+
+        # Hand-over from callers to the I/O thread.
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._wake_pending = False
+        self._stopping = False
+        self._io_thread = threading.Thread(target=self._io_loop, name='aiida-zmq-io', daemon=True)
+        self._session_ready = threading.Event()
+        self._callbacks = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='aiida-zmq-callback')
+
+    # Lifecycle ----------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, say HELLO and wait for the broker's WELCOME."""
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        socket.setsockopt(zmq.LINGER, 2000)  # close() waits this long for a goodbye and last answers to go out
+        socket.setsockopt(zmq.SNDHWM, 100_000)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.RECONNECT_IVL, 100)
+        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        try:
+            socket.connect(self.endpoint)
+        except zmq.ZMQError as exception:
+            socket.close(0)
+            raise ValueError(f'cannot connect to {self.endpoint!r}: {exception}') from exception
+        self._socket = socket
+        self._io_thread.start()
+        if not self._session_ready.wait(self._connect_timeout):
+            self.close()
+            raise BrokerUnavailable(
+                f'no aiida-zmq broker answered at {self.endpoint} within {self._connect_timeout:.0f}s. Is it running? '
+                'For an AiiDA profile run `verdi daemon start`; standalone run `aiida-zmq serve --data-dir DIR`; '
+                '`aiida-zmq status` shows what is running.'
+            )
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._io_thread.is_alive():
+            self._call(self._io_say_goodbye)
+            self._io_thread.join(10)
+        self._callbacks.shutdown(wait=False, cancel_futures=True)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise kiwipy.CommunicatorClosed('the communicator is closed')
+
+    # kiwipy.Communicator: RPC -------------------------------------------------------------------------------------
+
+    def add_rpc_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        self._ensure_open()
+        identifier = shortuuid.uuid() if identifier is None else identifier
+        key = str(identifier)
+        with self._lock:
+            if key in self._rpc_subscribers:
+                raise kiwipy.DuplicateSubscriberIdentifier(f"RPC identifier '{identifier}'")
+            self._rpc_subscribers[key] = subscriber
+        registered: concurrent.futures.Future = concurrent.futures.Future()
+        self._call(lambda: self._io_register(key, registered))
+        try:
+            status = registered.result(self._request_timeout)
+        except BaseException:
+            with self._lock:
+                self._rpc_subscribers.pop(key, None)
+            raise
+        if status != b'ok':
+            with self._lock:
+                self._rpc_subscribers.pop(key, None)
+            raise kiwipy.DuplicateSubscriberIdentifier(
+                f"RPC identifier '{identifier}' is already taken by another client of this broker"
+            )
+        return identifier
+
+    def remove_rpc_subscriber(self, identifier: Any) -> None:
+        self._ensure_open()
+        key = str(identifier)
+        with self._lock:
+            try:
+                del self._rpc_subscribers[key]
+            except KeyError:
+                raise ValueError(f"Unknown subscriber '{identifier}'") from None
+        self._call(lambda: self._io_unregister(key))
+
+    def rpc_send(self, recipient_id: Any, msg: Any) -> kiwipy.Future:
+        self._ensure_open()
+        payload = self._encode(msg)
+        future: kiwipy.Future = kiwipy.Future()
+        correlation = self._correlation()
+        frames = protocol.encode(Command.RPC_CALL, correlation, str(recipient_id).encode(), payload)
+        self._call(lambda: self._io_rpc_call(correlation, frames, future))
+        return future
+
+    # kiwipy.Communicator: tasks -----------------------------------------------------------------------------------
+
+    def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        return self._default_queue.add_task_subscriber(subscriber, identifier)
+
+    def remove_task_subscriber(self, identifier: Any) -> None:
+        return self._default_queue.remove_task_subscriber(identifier)
+
+    def task_send(self, task: Any, no_reply: bool = False) -> kiwipy.Future | None:
+        return self._default_queue.task_send(task, no_reply)
+
+    def task_queue(
+        self, queue_name: str, prefetch_size: int | None = None, prefetch_count: int | None = None
+    ) -> ZmqTaskQueue:
+        """The task queue ``queue_name`` (one object per name and communicator)."""
+        self._ensure_open()
+        with self._lock:
+            queue = self._queues.get(queue_name)
+            if queue is None:
+                queue = self._queues[queue_name] = ZmqTaskQueue(self, queue_name, prefetch_count or 1)
+            elif prefetch_count is not None:
+                queue.prefetch_count = prefetch_count
+            return queue
+
+    # kiwipy.Communicator: broadcasts ------------------------------------------------------------------------------
+
+    def add_broadcast_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        self._ensure_open()
+        identifier = shortuuid.uuid() if identifier is None else identifier
+        with self._lock:
+            if identifier in self._broadcast_subscribers:
+                raise kiwipy.DuplicateSubscriberIdentifier(f"Broadcast identifier '{identifier}'")
+            first = not self._broadcast_subscribers
+            self._broadcast_subscribers[identifier] = subscriber
+        if first:
+            self._call(lambda: self._io_subscribe(True))
+        return identifier
+
+    def remove_broadcast_subscriber(self, identifier: Any) -> None:
+        self._ensure_open()
+        with self._lock:
+            try:
+                del self._broadcast_subscribers[identifier]
+            except KeyError:
+                raise ValueError(f"Broadcast subscriber '{identifier}' unknown") from None
+            last = not self._broadcast_subscribers
+        if last:
+            self._call(lambda: self._io_subscribe(False))
+
+    def broadcast_send(self, body: Any, sender: Any = None, subject: Any = None, correlation_id: Any = None) -> bool:
+        self._ensure_open()
+        message = {'body': body, 'sender': sender, 'subject': subject, 'correlation_id': correlation_id}
+        frames = protocol.encode(Command.BROADCAST, self._encode(message))
+        self._call(lambda: self._io_send(frames))
+        return True
+
+    # Helpers for callers ------------------------------------------------------------------------------------------
+
+    def _correlation(self) -> bytes:
+        return protocol.number(next(self._correlations))
+
+    def _encode(self, value: Any) -> bytes:
+        encoded = self._encoder(value)
+        data = encoded.encode('utf-8') if isinstance(encoded, str) else bytes(encoded)
+        if len(data) > self._max_message_bytes:
+            raise MessageTooLarge(
+                f'message of {len(data)} bytes exceeds the broker maximum of {self._max_message_bytes} bytes: '
+                'send a reference (a node pk, a file path) instead of the data'
+            )
+        return data
+
+    def _call(self, function: Callable[[], None]) -> None:
+        """Run ``function`` on the I/O thread, in order with every other call."""
+        self._calls.append(function)
+        if not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_write, b'x')
+
+    def _send_task(self, queue: str, task: Any, no_reply: bool) -> kiwipy.Future | None:
+        self._ensure_open()
+        payload = self._encode(task)
+        correlation = self._correlation()
+        frames = protocol.encode(Command.TASK_SEND, correlation, queue.encode(), protocol.flag(no_reply), payload)
+        confirmed: concurrent.futures.Future = concurrent.futures.Future()
+        result: kiwipy.Future | None = None if no_reply else kiwipy.Future()
+        self._call(lambda: self._io_task_send(correlation, frames, confirmed, result))
+        try:
+            # As RmqThreadCommunicator waits for RabbitMQ's publisher confirm: return once the task is on disk.
+            confirmed.result(self._confirm_timeout)
+        except concurrent.futures.TimeoutError:
+            self._call(lambda: self._io_forget_send(correlation))
+            raise kiwipy.DeliveryFailed(
+                f'the broker at {self.endpoint} did not confirm the task within {self._confirm_timeout:.0f}s; it may '
+                'or may not have been stored. Check the broker with `aiida-zmq status`.'
+            ) from None
+        return result
+
+    # I/O thread ---------------------------------------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        socket = self._socket
+        assert socket is not None
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        polling_out = False
+        self._io_hello()
+        try:
+            while not self._stopping:
+                want_out = bool(self._outbound)
+                if want_out != polling_out:
+                    poller.modify(socket, zmq.POLLIN | (zmq.POLLOUT if want_out else 0))
+                    polling_out = want_out
+                events = dict(poller.poll(int(self._heartbeat * 500)))
+                if self._wake_read in events:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_read, 4096)
+                self._wake_pending = False
+                calls = self._calls
+                while calls:
+                    calls.popleft()()
+                if socket in events:
+                    for _ in range(1000):
+                        try:
+                            frames = socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._io_receive(frames)
+                if self._outbound:
+                    self._io_flush()
+                self._io_timers(time.monotonic())
+        except Exception:
+            LOGGER.exception('the aiida-zmq I/O thread failed; the communicator stops working')
+            raise
+        finally:
+            self._io_shutdown()
+
+    def _io_timers(self, now: float) -> None:
+        if self._welcomed and now - self._last_heard > self._broker_timeout:
+            LOGGER.warning(
+                'broker at %s silent for %.1fs: reconnecting and re-registering', self.endpoint, now - self._last_heard
+            )
+            self._welcomed = False
+        if not self._welcomed and now - self._last_hello > max(self._heartbeat, 0.5):
+            self._io_hello()
+        elif self._welcomed and now - self._last_sent >= self._heartbeat:
+            self._io_write(protocol.encode(Command.HEARTBEAT))
+
+    def _io_write(self, frames: list[bytes]) -> None:
+        """Send now if the socket takes it, else queue in order; never blocks, never drops."""
+        self._last_sent = time.monotonic()
+        if self._outbound:
+            self._outbound.append(frames)
+            return
+        assert self._socket is not None
+        try:
+            self._socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self._outbound.append(frames)
+
+    def _io_flush(self) -> None:
+        assert self._socket is not None
+        while self._outbound:
+            try:
+                self._socket.send_multipart(self._outbound[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._outbound.popleft()
+
+    def _io_send(self, frames: list[bytes]) -> None:
+        """Send a message that needs a session: held back until the broker has welcomed us."""
+        if self._welcomed:
+            self._io_write(frames)
+        else:
+            self._waiting_welcome.append(frames)
+
+    def _io_hello(self) -> None:
+        self._last_hello = time.monotonic()
+        reclaim = b','.join(b'%d:%d' % item for item in self._held.items())
+        self._io_write(
+            protocol.encode(Command.HELLO, self.name.encode(), protocol.number(int(self._heartbeat * 1000)), reclaim)
+        )
+
+    def _io_on_welcome(self, args: Sequence[bytes]) -> None:
+        epoch = bytes(args[0]).decode()
+        self._max_message_bytes = protocol.to_int(args[2])
+        restarted = self._epoch is not None and epoch != self._epoch
+        resumed = self._epoch is not None
+        self._epoch = epoch
+        self._welcomed = True
+        if resumed:
+            LOGGER.info(
+                '%s broker at %s: re-registering', 'restarted' if restarted else 'back in touch with', self.endpoint
+            )
+        if restarted:
+            # Whether a call in flight reached its recipient is unknown: fail it rather than leave it hanging.
+            for correlation, future in list(self._rpc_results.items()):
+                if not future.done():
+                    future.set_exception(BrokerRestarted(f'the broker restarted during the call ({correlation!r})'))
+            self._rpc_results.clear()
+        if resumed:
+            for identifier in self._registered_rpc:
+                self._io_write(protocol.encode(Command.RPC_REGISTER, self._correlation(), identifier.encode()))
+            for queue, prefetch in self._consuming.items():
+                self._io_write(protocol.encode(Command.CONSUME, queue.encode(), protocol.number(prefetch)))
+            if self._subscribed:
+                self._io_write(protocol.encode(Command.SUBSCRIBE))
+            for pending in self._unconfirmed.values():
+                self._io_write(pending.frames)
+        waiting, self._waiting_welcome = self._waiting_welcome, []
+        for frames in waiting:
+            self._io_write(frames)
+        self._session_ready.set()
+
+    def _io_say_goodbye(self) -> None:
+        if self._welcomed:
+            self._io_write(protocol.encode(Command.BYE))
+        self._stopping = True
+
+    def _io_shutdown(self) -> None:
+        self._stopping = True
+        closed = kiwipy.CommunicatorClosed('the communicator was closed')
+        for futures in (self._task_results.values(), self._rpc_results.values(), self._gets.values()):
+            for future in futures:
+                if not future.done():
+                    future.set_exception(closed)
+        for pending in self._unconfirmed.values():
+            if not pending.confirmed.done():
+                pending.confirmed.set_exception(closed)
+        for _, future in self._registrations.values():
+            if not future.done():
+                future.set_exception(closed)
+        if self._socket is not None:
+            self._io_flush()
+            self._socket.close()  # LINGER lets the goodbye and last acknowledgements go out
+            self._socket = None
+
+    # I/O thread: requests from callers ------------------------------------------------------------------------------
+
+    def _io_task_send(
+        self,
+        correlation: bytes,
+        frames: list[bytes],
+        confirmed: concurrent.futures.Future,
+        result: concurrent.futures.Future | None,
+    ) -> None:
+        self._unconfirmed[correlation] = _PendingSend(frames, confirmed)
+        if result is not None:
+            self._task_results[correlation] = result
+        self._io_send(frames)
+
+    def _io_forget_send(self, correlation: bytes) -> None:
+        self._unconfirmed.pop(correlation, None)
+        self._task_results.pop(correlation, None)
+
+    def _io_rpc_call(self, correlation: bytes, frames: list[bytes], future: concurrent.futures.Future) -> None:
+        self._rpc_results[correlation] = future
+        self._io_send(frames)
+
+    def _io_register(self, identifier: str, future: concurrent.futures.Future) -> None:
+        correlation = self._correlation()
+        self._registrations[correlation] = (identifier, future)
+        self._io_send(protocol.encode(Command.RPC_REGISTER, correlation, identifier.encode()))
+
+    def _io_unregister(self, identifier: str) -> None:
+        self._registered_rpc.discard(identifier)
+        self._io_send(protocol.encode(Command.RPC_UNREGISTER, identifier.encode()))
+
+    def _io_subscribe(self, subscribe: bool) -> None:
+        self._subscribed = subscribe
+        self._io_send(protocol.encode(Command.SUBSCRIBE if subscribe else Command.UNSUBSCRIBE))
+
+    def _io_consume(self, queue: str, prefetch: int | None) -> None:
+        if prefetch is None:
+            self._consuming.pop(queue, None)
+            self._io_send(protocol.encode(Command.CANCEL, queue.encode()))
+        else:
+            self._consuming[queue] = prefetch
+            self._io_send(protocol.encode(Command.CONSUME, queue.encode(), protocol.number(prefetch)))
+
+    def _io_get(self, correlation: bytes, queue: str, future: concurrent.futures.Future) -> None:
+        self._gets[correlation] = future
+        self._io_send(protocol.encode(Command.TASK_GET, correlation, queue.encode()))
+
+    def _io_task_answer(self, task_id: int, attempt: int, frames: list[bytes], final: bool) -> None:
+        if final:
+            self._held.pop(task_id, None)
+        self._io_send(frames)
+
+    # I/O thread: messages from the broker --------------------------------------------------------------------------
+
+    def _io_receive(self, frames: list[bytes]) -> None:
+        try:
+            message = protocol.decode(frames)
+        except protocol.VersionMismatch as exception:
+            LOGGER.error('%s', exception)
+            return
+        except protocol.ProtocolError as exception:
+            LOGGER.warning('dropped a malformed message from the broker: %s', exception)
+            return
+        self._last_heard = time.monotonic()
+        command, args = message.command, message.args
+        try:
+            handler = _IO_HANDLERS[command]
+        except KeyError:
+            LOGGER.warning('dropped %s: the broker does not send it', command.name)
+            return
+        handler(self, args)
+
+    def _io_on_heartbeat(self, args: Sequence[bytes]) -> None:
+        pass
+
+    def _io_on_task_confirm(self, args: Sequence[bytes]) -> None:
+        pending = self._unconfirmed.pop(bytes(args[0]), None)
+        if pending is not None and not pending.confirmed.done():
+            pending.confirmed.set_result(protocol.to_int(args[1]))
+
+    def _io_on_task_result(self, args: Sequence[bytes]) -> None:
+        correlation = bytes(args[0])
+        future = self._task_results.get(correlation)
+        if future is None:
+            return
+        self._resolve(self._task_results, correlation, future, args[1] == protocol.FLAG_TRUE, args[2])
+
+    def _io_on_rpc_result(self, args: Sequence[bytes]) -> None:
+        correlation = bytes(args[0])
+        future = self._rpc_results.get(correlation)
+        if future is None:
+            return
+        self._resolve(self._rpc_results, correlation, future, args[1] == protocol.FLAG_TRUE, args[2])
+
+    def _resolve(
+        self,
+        table: dict[bytes, concurrent.futures.Future],
+        correlation: bytes,
+        future: concurrent.futures.Future,
+        final: bool,
+        payload: bytes,
+    ) -> None:
+        """Apply a kiwipy response (result, exception, cancelled or pending) to the future waiting for it."""
+        try:
+            response = self._decoder(payload)
+        except Exception as exception:
+            table.pop(correlation, None)
+            future.set_exception(kiwipy.RemoteException(f'undecodable response: {exception}'))
+            return
+        if not final and PENDING_KEY in response:
+            # The remote side returned a future: ours resolves to a future that the next response resolves.
+            inner: kiwipy.Future = kiwipy.Future()
+            table[correlation] = inner
+            future.set_result(inner)
+            return
+        table.pop(correlation, None)
+        if CANCELLED_KEY in response:
+            future.cancel()
+        elif EXCEPTION_KEY in response:
+            future.set_exception(kiwipy.RemoteException(response[EXCEPTION_KEY]))
+        elif RESULT_KEY in response:
+            future.set_result(response[RESULT_KEY])
+        else:
+            future.set_exception(kiwipy.RemoteException(f'unknown response {response!r}'))
+
+    def _io_on_rpc_registered(self, args: Sequence[bytes]) -> None:
+        entry = self._registrations.pop(bytes(args[0]), None)
+        status = bytes(args[1])
+        if entry is None:
+            if status != b'ok':
+                LOGGER.error('an RPC identifier of this communicator was taken by another client while reconnecting')
+            return
+        identifier, future = entry
+        if status == b'ok':
+            self._registered_rpc.add(identifier)
+        if not future.done():
+            future.set_result(status)
+
+    def _io_on_rpc_unroutable(self, args: Sequence[bytes]) -> None:
+        future = self._rpc_results.pop(bytes(args[0]), None)
+        if future is not None and not future.done():
+            future.set_exception(kiwipy.UnroutableError(bytes(args[1]).decode(errors='replace')))
+
+    def _io_on_task_deliver(self, args: Sequence[bytes]) -> None:
+        queue, task_id, attempt, no_reply, payload = args
+        self._held[protocol.to_int(task_id)] = protocol.to_int(attempt)
+        incoming = ZmqIncomingTask(
+            self, protocol.to_int(task_id), protocol.to_int(attempt), no_reply == protocol.FLAG_TRUE, payload
+        )
+        self._run_in_callback_thread(self._run_task, bytes(queue).decode(), incoming)
+
+    def _io_on_task_got(self, args: Sequence[bytes]) -> None:
+        correlation, task_id, attempt, no_reply, payload = args
+        future = self._gets.pop(bytes(correlation), None)
+        if not task_id:
+            if future is not None:
+                future.set_result(None)
+            return
+        incoming = ZmqIncomingTask(
+            self, protocol.to_int(task_id), protocol.to_int(attempt), no_reply == protocol.FLAG_TRUE, payload
+        )
+        self._held[incoming.task_id] = incoming.attempt
+        if future is None or future.done():
+            incoming.requeue_from_io()  # the caller gave up waiting: put it back
+        else:
+            future.set_result(incoming)
+
+    def _io_on_rpc_request(self, args: Sequence[bytes]) -> None:
+        self._run_in_callback_thread(self._run_rpc, bytes(args[0]), bytes(args[1]).decode(), args[2])
+
+    def _io_on_broadcast(self, args: Sequence[bytes]) -> None:
+        self._run_in_callback_thread(self._run_broadcast, args[0])
+
+    def _run_in_callback_thread(self, function: Callable[..., None], *args: Any) -> None:
+        if self._closed:
+            return  # closing: the broker gets held tasks back from our goodbye
+        self._callbacks.submit(function, *args)
+
+    def _io_on_error(self, args: Sequence[bytes]) -> None:
+        correlation, code, text_bytes = bytes(args[0]), bytes(args[1]), bytes(args[2])
+        text = text_bytes.decode(errors='replace')
+        if code == ErrorCode.UNKNOWN_CLIENT:
+            if self._welcomed:
+                LOGGER.warning('broker at %s has no session for us (it restarted?): saying HELLO again', self.endpoint)
+                self._welcomed = False
+                self._io_hello()
+            return
+        if code == ErrorCode.VERSION:
+            LOGGER.error('broker at %s refused this client: %s', self.endpoint, text)
+            return
+        exception: Exception
+        if code == ErrorCode.TOO_LARGE:
+            exception = MessageTooLarge(text)
+        elif code == ErrorCode.STORE:
+            exception = TaskNotAccepted(f'the broker could not store the task: {text}')
+        else:
+            exception = kiwipy.DeliveryFailed(f'{code.decode(errors="replace")}: {text}')
+        LOGGER.warning('broker error %s: %s', code.decode(errors='replace'), text)
+        pending = self._unconfirmed.pop(correlation, None)
+        if pending is not None:
+            self._task_results.pop(correlation, None)
+            pending.confirmed.set_exception(exception)
+        for table in (self._rpc_results, self._gets):
+            future = table.pop(correlation, None)
+            if future is not None and not future.done():
+                future.set_exception(exception)
+        registration = self._registrations.pop(correlation, None)
+        if registration is not None:
+            registration[1].set_exception(exception)
+
+    # Callback thread ----------------------------------------------------------------------------------------------
+
+    def _run_task(self, queue_name: str, task: ZmqIncomingTask) -> None:
+        with self._lock:
+            queue = self._queues.get(queue_name)
+            subscribers = list(queue._subscribers.values()) if queue is not None else []
+        try:
+            body = task.body
+        except Exception:
+            LOGGER.exception('task %d could not be decoded: rejected', task.task_id)
+            task.reject()
+            return
+        for subscriber in subscribers:
+            try:
+                result = subscriber(self, body)
+            except kiwipy.TaskRejected:
+                continue
+            except concurrent.futures.CancelledError:
+                task.requeue()
+                return
+            except Exception as exception:
+                LOGGER.exception('exception while processing task %d', task.task_id)
+                task.finish(exception_response(exception))
+                return
+            task.finish_with(result)
+            return
+        # Nobody took it (no subscriber left, or all refused): back to the queue, counted and backed off.
+        task.reject()
+
+    def _run_rpc(self, call_id: bytes, identifier: str, payload: bytes) -> None:
+        def answer(final: bool, response: dict) -> None:
+            try:
+                data = self._encode(response)
+            except Exception as exception:
+                data = self._encode(exception_response(exception))
+            frames = protocol.encode(Command.RPC_REPLY, call_id, protocol.flag(final), data)
+            self._call(lambda: self._io_send(frames))
+
+        with self._lock:
+            subscriber = self._rpc_subscribers.get(identifier)
+        if subscriber is None:
+            answer(True, exception_response(kiwipy.UnroutableError(f"no RPC subscriber '{identifier}' here")))
+            return
+        try:
+            result = subscriber(self, self._decoder(payload))
+        except Exception as exception:
+            answer(True, exception_response(exception))
+            return
+        _follow_future(result, answer)
+
+    def _run_broadcast(self, payload: bytes) -> None:
+        try:
+            message = self._decoder(payload)
+            body, sender = message['body'], message['sender']
+            subject, correlation_id = message['subject'], message['correlation_id']
+        except Exception:
+            LOGGER.exception('dropped an undecodable broadcast')
+            return
+        with self._lock:
+            subscribers = list(self._broadcast_subscribers.values())
+        for subscriber in subscribers:
+            try:
+                subscriber(self, body, sender, subject, correlation_id)
+            except Exception:
+                LOGGER.exception('exception in broadcast subscriber')
+
+
+def _follow_future(result: Any, answer: Callable[[bool, dict], None]) -> None:
+    """Answer with ``result``; if it is a future, answer 'pending' and follow it (and any future it resolves to)."""
+    if not isinstance(result, concurrent.futures.Future):
+        answer(True, result_response(result))
+        return
+    answer(False, pending_response())
+
+    def done(future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            answer(True, cancelled_response())
+            return
+        try:
+            value = future.result()
+        except Exception as exception:
+            answer(True, exception_response(exception))
+            return
+        _follow_future(value, answer)
+
+    result.add_done_callback(done)
+
+
+_IO_HANDLERS: dict[Command, Callable[[ZmqCommunicator, Sequence[bytes]], None]] = {
+    Command.WELCOME: ZmqCommunicator._io_on_welcome,
+    Command.HEARTBEAT: ZmqCommunicator._io_on_heartbeat,
+    Command.TASK_CONFIRM: ZmqCommunicator._io_on_task_confirm,
+    Command.TASK_DELIVER: ZmqCommunicator._io_on_task_deliver,
+    Command.TASK_RESULT: ZmqCommunicator._io_on_task_result,
+    Command.TASK_GOT: ZmqCommunicator._io_on_task_got,
+    Command.RPC_REGISTERED: ZmqCommunicator._io_on_rpc_registered,
+    Command.RPC_REQUEST: ZmqCommunicator._io_on_rpc_request,
+    Command.RPC_RESULT: ZmqCommunicator._io_on_rpc_result,
+    Command.RPC_UNROUTABLE: ZmqCommunicator._io_on_rpc_unroutable,
+    Command.BROADCAST: ZmqCommunicator._io_on_broadcast,
+    Command.ERROR: ZmqCommunicator._io_on_error,
+}
+
+
+class ZmqTaskQueue:
+    """A named task queue of a communicator: send to it, subscribe to it, or take tasks from it one by one."""
+
+    def __init__(self, communicator: ZmqCommunicator, name: str, prefetch_count: int = 1) -> None:
+        self._communicator = communicator
+        self.name = name
+        self.prefetch_count = prefetch_count
+        self._subscribers: dict[Any, Callable] = {}
+
+    def task_send(self, task: Any, no_reply: bool = False) -> kiwipy.Future | None:
+        return self._communicator._send_task(self.name, task, no_reply)
+
+    def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        communicator = self._communicator
+        communicator._ensure_open()
+        identifier = shortuuid.uuid() if identifier is None else identifier
+        with communicator._lock:
+            if identifier in self._subscribers:
+                raise kiwipy.DuplicateSubscriberIdentifier(f"Task identifier '{identifier}'")
+            first = not self._subscribers
+            self._subscribers[identifier] = subscriber
+        if first:
+            prefetch = self.prefetch_count
+            communicator._call(lambda: communicator._io_consume(self.name, prefetch))
+        return identifier
+
+    def remove_task_subscriber(self, identifier: Any) -> None:
+        communicator = self._communicator
+        communicator._ensure_open()
+        with communicator._lock:
+            try:
+                del self._subscribers[identifier]
+            except KeyError:
+                raise ValueError(f"Unknown task subscriber '{identifier}'") from None
+            last = not self._subscribers
+        if last:
+            communicator._call(lambda: communicator._io_consume(self.name, None))
+
+    def _get(self, timeout: float) -> ZmqIncomingTask | None:
+        communicator = self._communicator
+        communicator._ensure_open()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        correlation = communicator._correlation()
+        communicator._call(lambda: communicator._io_get(correlation, self.name, future))
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise kiwipy.TimeoutError(f'the broker did not answer within {timeout}s') from None
+
+    @contextlib.contextmanager
+    def next_task(self, no_ack: bool = False, fail: bool = True, timeout: float = 5.0) -> Iterator[ZmqIncomingTask]:
+        """The next task of the queue; it goes back to the queue unless it was processed inside the block.
+
+        :raises kiwipy.QueueEmpty: when the queue has no task.
+        """
+        task = self._get(timeout)
+        if task is None:
+            raise kiwipy.QueueEmpty(f"the queue '{self.name}' is empty")
+        try:
+            yield task
+        finally:
+            if task.state == TASK_PENDING:
+                task.requeue()
+
+    def __iter__(self) -> Iterator[ZmqIncomingTask]:
+        """Take every task of the queue in turn; those not processed go back when the iteration ends."""
+        taken: list[ZmqIncomingTask] = []
+        try:
+            while True:
+                task = self._get(5.0)
+                if task is None:
+                    return
+                taken.append(task)
+                yield task
+        finally:
+            for task in taken:
+                if task.state == TASK_PENDING:
+                    task.requeue()
+
+
+class ZmqIncomingTask:
+    """A task handed to this client: answer it (result, exception), or put it back."""
+
+    def __init__(
+        self, communicator: ZmqCommunicator, task_id: int, attempt: int, no_reply: bool, payload: bytes
+    ) -> None:
+        self._communicator = communicator
+        self.task_id = task_id
+        self.attempt = attempt
+        self._no_reply = no_reply
+        self._payload = payload
+        self._state = TASK_PENDING
+        self._decoded = False
+        self._body: Any = None
+
+    @property
+    def body(self) -> Any:
+        if not self._decoded:
+            self._body = self._communicator._decoder(self._payload)
+            self._decoded = True
+        return self._body
+
+    @property
+    def no_reply(self) -> bool:
+        return self._no_reply
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def process(self) -> kiwipy.Future:
+        """Start processing: the task is answered when the returned future is done."""
+        if self._state != TASK_PENDING:
+            raise kiwipy.InvalidStateError(f'The task is {self._state}')
+        self._state = TASK_PROCESSING
+        outcome: kiwipy.Future = kiwipy.Future()
+        outcome.add_done_callback(self._on_outcome)
+        return outcome
+
+    @contextlib.contextmanager
+    def processing(self) -> Iterator[kiwipy.Future]:
+        """Process inside the block; a task whose outcome is not set when the block ends goes back to the queue."""
+        if self._state != TASK_PENDING:
+            raise kiwipy.InvalidStateError(f'The task is {self._state}')
+        self._state = TASK_PROCESSING
+        outcome: kiwipy.Future = kiwipy.Future()
+        try:
+            yield outcome
+        except Exception as exception:
+            if not outcome.done():
+                outcome.set_exception(exception)
+            raise
+        finally:
+            if outcome.done():
+                self._on_outcome(outcome)
+            else:
+                self._state = TASK_PENDING
+                self.requeue()
+
+    def _on_outcome(self, outcome: concurrent.futures.Future) -> None:
+        if outcome.cancelled():
+            self._state = TASK_PENDING
+            self.requeue()
+            return
+        try:
+            response = result_response(outcome.result())
+        except Exception as exception:
+            response = exception_response(exception)
+        self.finish(response)
+
+    def requeue(self) -> None:
+        """Give the task back unprocessed (does not count as a delivery)."""
+        if self._state not in (TASK_PENDING, TASK_PROCESSING):
+            raise kiwipy.InvalidStateError(f'The task is {self._state}')
+        self._state = TASK_REQUEUED
+        self._nack(rejected=False)
+
+    def reject(self) -> None:
+        """Refuse the task: it goes back after a backoff and counts toward the dead-letter cap."""
+        self._state = TASK_REQUEUED
+        self._nack(rejected=True)
+
+    def requeue_from_io(self) -> None:
+        self._state = TASK_REQUEUED
+        self._communicator._io_task_answer(self.task_id, self.attempt, self._nack_frames(False), True)
+
+    def _nack_frames(self, rejected: bool) -> list[bytes]:
+        return protocol.encode(
+            Command.TASK_NACK, protocol.number(self.task_id), protocol.number(self.attempt), protocol.flag(rejected)
+        )
+
+    def _nack(self, rejected: bool) -> None:
+        frames = self._nack_frames(rejected)
+        communicator = self._communicator
+        communicator._call(lambda: communicator._io_task_answer(self.task_id, self.attempt, frames, True))
+
+    def finish_with(self, result: Any) -> None:
+        """Answer with a subscriber's return value, following futures (pending answers) as kiwipy does."""
+        if self._no_reply:
+            if isinstance(result, concurrent.futures.Future):
+                result.add_done_callback(lambda future: self.finish_with(_value_or_none(future)))
+            else:
+                self._answer(True, None)
+            return
+        _follow_future(result, self._answer)
+
+    def finish(self, response: dict) -> None:
+        self._answer(True, response)
+
+    def _answer(self, final: bool, response: dict | None) -> None:
+        communicator = self._communicator
+        task_id, attempt = protocol.number(self.task_id), protocol.number(self.attempt)
+        if final:
+            self._state = TASK_FINISHED
+        if self._no_reply:
+            if not final:
+                return
+            frames = protocol.encode(Command.TASK_ACK, task_id, attempt)
+        else:
+            try:
+                data = communicator._encode(response)
+            except Exception as exception:
+                data = communicator._encode(exception_response(exception))
+            frames = protocol.encode(Command.TASK_REPLY, task_id, attempt, protocol.flag(final), data)
+        communicator._call(lambda: communicator._io_task_answer(self.task_id, self.attempt, frames, final))
+
+
+def _value_or_none(future: concurrent.futures.Future) -> Any:
+    with contextlib.suppress(BaseException):
+        return future.result()
+    return None

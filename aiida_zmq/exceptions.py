@@ -1,0 +1,38 @@
+"""Exceptions of aiida-zmq. Client-side failures reuse kiwipy's exceptions so that callers catch what they know."""
+
+from __future__ import annotations
+
+import kiwipy
+
+__all__ = (
+    'BrokerRestarted',
+    'BrokerRunning',
+    'BrokerUnavailable',
+    'MessageTooLarge',
+    'StoreError',
+    'TaskNotAccepted',
+)
+
+
+class StoreError(RuntimeError):
+    """The task store cannot be opened or written (corrupt file, disk full, read-only directory, wrong schema)."""
+
+
+class BrokerRunning(RuntimeError):
+    """A broker holds the data directory: tasks must go through it, not straight into its store."""
+
+
+class BrokerUnavailable(ConnectionError):
+    """No broker answered at the endpoint within the time allowed."""
+
+
+class MessageTooLarge(kiwipy.DeliveryFailed):
+    """A message is larger than the broker accepts (``max_message_bytes``); it was not sent."""
+
+
+class TaskNotAccepted(kiwipy.DeliveryFailed):
+    """The broker refused to store a task (for instance its disk is full); the task was not queued."""
+
+
+class BrokerRestarted(kiwipy.DeliveryFailed):
+    """The broker restarted while an RPC was in flight: whether the recipient acted on it is unknown."""

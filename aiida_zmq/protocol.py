@@ -1,0 +1,197 @@
+"""The aiida-zmq wire protocol (AZMQ/1): the one place that knows how messages look on the wire.
+
+Every message is a ZeroMQ multipart message. Seen from a client's DEALER socket it is::
+
+    frame 0   signature  b'AZMQ/1'  (protocol name and version)
+    frame 1   command    one byte (see :class:`Command`)
+    frame 2.. arguments  a fixed number per command (see :data:`ARGUMENTS`)
+
+The broker's ROUTER socket sees one more frame in front: the client's routing id. Numbers travel as ASCII
+decimals, names as UTF-8, payloads as opaque bytes the broker never decodes. ``docs/protocol.md`` is the
+specification this module follows, frame by frame.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = (
+    'ARGUMENTS',
+    'SIGNATURE',
+    'Command',
+    'ErrorCode',
+    'Message',
+    'ProtocolError',
+    'VersionMismatch',
+    'decode',
+    'encode',
+    'to_int',
+)
+
+PROTOCOL_NAME = b'AZMQ'
+VERSION = 1
+SIGNATURE = b'AZMQ/%d' % VERSION
+
+FLAG_TRUE = b'1'
+FLAG_FALSE = b'0'
+
+
+class Command(enum.IntEnum):
+    """Message kinds. Direction: C = client to broker, B = broker to client."""
+
+    # Session
+    HELLO = 0x01  # C: name, heartbeat_ms, reclaim: task ids still being processed ("id:attempt,id:attempt")
+    WELCOME = 0x02  # B: epoch, heartbeat_ms, max_message_bytes
+    HEARTBEAT = 0x03  # C/B: (none)
+    BYE = 0x04  # C: (none); a clean goodbye: held tasks go back without counting as a failed delivery
+
+    # Tasks
+    TASK_SEND = 0x10  # C: correlation, queue, no_reply flag, payload
+    TASK_CONFIRM = 0x11  # B: correlation, task_id      (sent only after the task is committed to disk)
+    CONSUME = 0x12  # C: queue, prefetch (0 = unlimited)
+    CANCEL = 0x13  # C: queue
+    TASK_DELIVER = 0x14  # B: queue, task_id, attempt, no_reply flag, payload
+    TASK_REPLY = 0x15  # C: task_id, attempt, final flag, payload (final=1 also acknowledges the task)
+    TASK_ACK = 0x16  # C: task_id, attempt
+    TASK_NACK = 0x17  # C: task_id, attempt, rejected flag (1 = refused: counts and backs off; 0 = released)
+    TASK_RESULT = 0x18  # B: correlation, final flag, payload (a consumer's reply, forwarded to the sender)
+    TASK_GET = 0x19  # C: correlation, queue
+    TASK_GOT = 0x1A  # B: correlation, task_id ('' when the queue is empty), attempt, no_reply flag, payload
+
+    # RPC
+    RPC_REGISTER = 0x20  # C: correlation, identifier
+    RPC_REGISTERED = 0x21  # B: correlation, status ('ok' or 'duplicate')
+    RPC_UNREGISTER = 0x22  # C: identifier
+    RPC_CALL = 0x23  # C: correlation, identifier, payload
+    RPC_REQUEST = 0x24  # B: call_id, identifier, payload
+    RPC_REPLY = 0x25  # C: call_id, final flag, payload
+    RPC_RESULT = 0x26  # B: correlation, final flag, payload
+    RPC_UNROUTABLE = 0x27  # B: correlation, reason
+
+    # Broadcast
+    SUBSCRIBE = 0x30  # C: (none); from now on this client receives every broadcast
+    UNSUBSCRIBE = 0x31  # C: (none)
+    BROADCAST = 0x32  # C->B and B->C: payload
+
+    # Errors
+    ERROR = 0x7F  # B: correlation ('' when not tied to a request), code, text
+
+
+#: Argument names per command; their count is checked on every decoded message.
+ARGUMENTS: dict[Command, tuple[str, ...]] = {
+    Command.HELLO: ('name', 'heartbeat_ms', 'reclaim'),
+    Command.WELCOME: ('epoch', 'heartbeat_ms', 'max_message_bytes'),
+    Command.HEARTBEAT: (),
+    Command.BYE: (),
+    Command.TASK_SEND: ('correlation', 'queue', 'no_reply', 'payload'),
+    Command.TASK_CONFIRM: ('correlation', 'task_id'),
+    Command.CONSUME: ('queue', 'prefetch'),
+    Command.CANCEL: ('queue',),
+    Command.TASK_DELIVER: ('queue', 'task_id', 'attempt', 'no_reply', 'payload'),
+    Command.TASK_REPLY: ('task_id', 'attempt', 'final', 'payload'),
+    Command.TASK_ACK: ('task_id', 'attempt'),
+    Command.TASK_NACK: ('task_id', 'attempt', 'rejected'),
+    Command.TASK_RESULT: ('correlation', 'final', 'payload'),
+    Command.TASK_GET: ('correlation', 'queue'),
+    Command.TASK_GOT: ('correlation', 'task_id', 'attempt', 'no_reply', 'payload'),
+    Command.RPC_REGISTER: ('correlation', 'identifier'),
+    Command.RPC_REGISTERED: ('correlation', 'status'),
+    Command.RPC_UNREGISTER: ('identifier',),
+    Command.RPC_CALL: ('correlation', 'identifier', 'payload'),
+    Command.RPC_REQUEST: ('call_id', 'identifier', 'payload'),
+    Command.RPC_REPLY: ('call_id', 'final', 'payload'),
+    Command.RPC_RESULT: ('correlation', 'final', 'payload'),
+    Command.RPC_UNROUTABLE: ('correlation', 'reason'),
+    Command.SUBSCRIBE: (),
+    Command.UNSUBSCRIBE: (),
+    Command.BROADCAST: ('payload',),
+    Command.ERROR: ('correlation', 'code', 'text'),
+}
+
+_COMMAND_BYTES: dict[int, bytes] = {command: bytes((command,)) for command in Command}
+_ARITY: dict[int, int] = {command: len(names) for command, names in ARGUMENTS.items()}
+
+
+class ErrorCode:
+    """Values of the ``code`` frame of :attr:`Command.ERROR`."""
+
+    VERSION = b'version'  # the client speaks another protocol version
+    UNKNOWN_CLIENT = b'unknown-client'  # the broker has no session for this client (it restarted): say HELLO
+    TOO_LARGE = b'too-large'  # the message exceeds the broker's maximum message size
+    MALFORMED = b'malformed'  # wrong frame count or an unparsable argument
+    STORE = b'store'  # the store could not commit the task (disk full, read-only): the task was not accepted
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol: wrong signature, unknown command or wrong frame count."""
+
+
+class VersionMismatch(ProtocolError):
+    """A peer speaks another version of the protocol."""
+
+    def __init__(self, signature: bytes) -> None:
+        super().__init__(
+            f'peer speaks {signature[:16]!r}, this side speaks {SIGNATURE.decode()}: '
+            'install the same aiida-zmq version for the broker and its clients'
+        )
+        self.signature = signature
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A decoded message: its command and its argument frames, in the order of :data:`ARGUMENTS`."""
+
+    command: Command
+    args: Sequence[bytes]
+
+
+def encode(command: Command, *args: bytes) -> list[bytes]:
+    """Return the frames of a message (without the ROUTER's routing-id frame)."""
+    if len(args) != _ARITY[command]:
+        raise ProtocolError(f'{command.name} takes {_ARITY[command]} arguments, got {len(args)}')
+    return [SIGNATURE, _COMMAND_BYTES[command], *args]
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Decode the frames of a message (without the routing-id frame).
+
+    :raises VersionMismatch: when the signature names this protocol with another version.
+    :raises ProtocolError: for anything else that does not follow the protocol.
+    """
+    if len(frames) < 2:
+        raise ProtocolError(f'a message has at least 2 frames, got {len(frames)}')
+    signature = bytes(frames[0])
+    if signature != SIGNATURE:
+        if signature.startswith(PROTOCOL_NAME + b'/'):
+            raise VersionMismatch(signature)
+        raise ProtocolError(f'not an aiida-zmq message (signature {signature[:16]!r})')
+    command_frame = frames[1]
+    if len(command_frame) != 1:
+        raise ProtocolError('the command frame must be exactly one byte')
+    code = command_frame[0]
+    arity = _ARITY.get(code)
+    if arity is None:
+        raise ProtocolError(f'unknown command 0x{code:02x}')
+    if len(frames) - 2 != arity:
+        raise ProtocolError(f'{Command(code).name} takes {arity} arguments, got {len(frames) - 2}')
+    return Message(Command(code), frames[2:])
+
+
+def to_int(value: bytes) -> int:
+    """Parse an ASCII decimal argument; raises :class:`ProtocolError` when it is not one."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ProtocolError(f'expected a decimal number, got {bytes(value)[:32]!r}')
+
+
+def flag(value: bool) -> bytes:
+    """Encode a boolean argument."""
+    return FLAG_TRUE if value else FLAG_FALSE
+
+
+def number(value: int) -> bytes:
+    """Encode an integer argument."""
+    return b'%d' % value

@@ -1,0 +1,915 @@
+"""The broker: ROUTER sockets, task queues on a durable store, RPC routing, broadcast and heartbeats.
+
+One thread runs one poll loop. Each turn of the loop is a batch: it reads what the sockets have (up to
+``batch_size`` messages), handles them, commits the store once (group commit), then sends the confirms that waited
+for that commit and hands ready tasks to consumers with room for them. The broker never blocks on a peer: every send
+is non-blocking, what a peer cannot take yet waits in that peer's outbound queue, and a peer whose queue passes
+``outbound_limit`` is skipped for deliveries and, if it stays silent, declared dead by the heartbeat check.
+
+This module imports nothing from AiiDA: payloads are opaque bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from . import __version__, protocol
+from .exceptions import StoreError
+from .protocol import Command, ErrorCode
+from .store import DELIVERED, STORE_FILENAME, StoredTask, TaskStore, broker_lock, ensure_private_dir
+
+__all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
+
+LOGGER = logging.getLogger(__name__)
+
+INFO_FILENAME = 'broker.json'
+SOCKET_FILENAME = 'broker.sock'
+# Unix socket paths are limited to 107 bytes on Linux (103 on macOS); stay below both.
+MAX_IPC_PATH = 100
+
+
+@dataclass
+class BrokerConfig:
+    """Tunables of a broker. Times in seconds."""
+
+    heartbeat: float = 1.0  # interval of heartbeats in both directions
+    peer_timeout: float = 10.0  # silence after which a client is dead and its held tasks go to others
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_deliveries: int = 20  # deliveries of one task before it goes to the dead-letter queue
+    fsync: bool = False  # fsync every batch (survives power loss, not only process crashes)
+    batch_size: int = 2000  # messages read per turn of the loop before the batch is committed
+    outbound_limit: int = 50_000  # messages queued for one client before it counts as stalled
+    window: int = 2000  # ready tasks per queue kept in memory; the rest stay on disk
+    window_bytes: int = 32 * 1024 * 1024
+    reclaim_grace: float | None = None  # after a restart, how long holders may reclaim tasks (default: peer_timeout)
+    retry_backoff: float = 0.1  # first delay before a rejected task is offered again; doubles per delivery
+    retry_backoff_max: float = 10.0
+
+    @property
+    def grace(self) -> float:
+        return self.peer_timeout if self.reclaim_grace is None else self.reclaim_grace
+
+
+def default_endpoint(data_dir: str | os.PathLike[str]) -> str:
+    """The ipc endpoint a broker binds by default for ``data_dir``, shortened when the path is too long."""
+    path = Path(data_dir).absolute() / SOCKET_FILENAME
+    if len(str(path)) <= MAX_IPC_PATH:
+        return f'ipc://{path}'
+    import hashlib
+
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+    base = Path(os.environ.get('XDG_RUNTIME_DIR') or f'/tmp/aiida-zmq-{os.getuid()}')
+    ensure_private_dir(base)
+    return f'ipc://{base}/{digest}.sock'
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In-memory state
+
+
+@dataclass(eq=False)
+class Client:
+    """A connected client (one communicator), known from its HELLO until its BYE or its silence."""
+
+    routing_id: bytes
+    socket: zmq.Socket
+    name: str
+    last_seen: float
+    last_sent: float = 0.0
+    outbound: collections.deque = field(default_factory=collections.deque)
+    held: dict[int, StoredTask] = field(default_factory=dict)
+    prefetch: dict[str, int] = field(default_factory=dict)  # queue -> prefetch (0 = unlimited)
+    held_per_queue: collections.Counter = field(default_factory=collections.Counter)
+    rpc_identifiers: set[str] = field(default_factory=set)
+    calls_in: set[int] = field(default_factory=set)  # RPC calls this client must answer
+    subscribed: bool = False
+
+    @property
+    def stalled(self) -> bool:
+        return len(self.outbound) > 0
+
+    def room(self, queue: str) -> int:
+        prefetch = self.prefetch.get(queue)
+        if prefetch is None:
+            return 0
+        if prefetch == 0:
+            return 1 << 30
+        return prefetch - self.held_per_queue[queue]
+
+
+class QueueState:
+    """One named task queue: a FIFO window of ready tasks in memory, the rest (``backlog``) on disk."""
+
+    def __init__(self, name: str, backlog: int = 0) -> None:
+        self.name = name
+        self.ready: collections.deque[StoredTask] = collections.deque()
+        self.ready_bytes = 0
+        self.backlog = backlog  # ready tasks in the store with an id above ``cursor``, not in memory
+        self.cursor = 0  # highest id that was ever in the window
+        self.consumers: list[Client] = []
+        self.next_consumer = 0
+
+    def __len__(self) -> int:
+        return len(self.ready) + self.backlog
+
+    def add_new(self, task: StoredTask, config: BrokerConfig) -> None:
+        if self.backlog == 0 and len(self.ready) < config.window and self.ready_bytes < config.window_bytes:
+            self.ready.append(task)
+            self.ready_bytes += len(task.payload)
+            self.cursor = task.id
+        else:
+            self.backlog += 1
+
+    def put_back(self, task: StoredTask) -> None:
+        """A task that was handed out comes back: it goes to the front, ahead of newer tasks."""
+        self.ready.appendleft(task)
+        self.ready_bytes += len(task.payload)
+
+    def pop(self, store: TaskStore, config: BrokerConfig) -> StoredTask | None:
+        if not self.ready and self.backlog:
+            page = store.load_ready(self.name, self.cursor, max(1, config.window // 2))
+            for task in page:
+                self.ready.append(task)
+                self.ready_bytes += len(task.payload)
+            if page:
+                self.cursor = page[-1].id
+            self.backlog = 0 if len(page) < max(1, config.window // 2) else max(0, self.backlog - len(page))
+        if not self.ready:
+            return None
+        task = self.ready.popleft()
+        self.ready_bytes -= len(task.payload)
+        return task
+
+
+@dataclass(slots=True)
+class RpcCall:
+    caller: Client
+    correlation: bytes
+    owner: Client
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The broker
+
+
+class Broker:
+    """The aiida-zmq broker. Run it with :meth:`serve_forever` (the ``aiida-zmq serve`` command) or, in tests,
+    :meth:`start_in_thread`."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        binds: Sequence[str] = (),
+        config: BrokerConfig | None = None,
+    ) -> None:
+        self.data_dir = ensure_private_dir(data_dir)
+        self.config = config or BrokerConfig()
+        self.endpoints = list(binds) or [default_endpoint(self.data_dir)]
+        self.epoch = secrets.token_hex(8)
+        self.started = time.time()
+        self._context = zmq.Context()
+        self._sockets: list[zmq.Socket] = []
+        self._store: TaskStore | None = None
+        self._lock_context: object | None = None
+        self._stop_requested = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+        self.clients: dict[bytes, Client] = {}
+        self.queues: dict[str, QueueState] = {}
+        self.rpc_owners: dict[str, Client] = {}
+        self.calls: dict[int, RpcCall] = {}
+        self._call_ids = itertools.count(1)
+        self.orphans: dict[int, StoredTask] = {}  # tasks delivered before a restart, waiting for their holder
+        self._orphan_deadline = 0.0
+        self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): rejected tasks backing off
+        self._confirms: list[tuple[Client, bytes, int]] = []  # wait for the batch's commit
+        self._deliveries: list[tuple[int, int]] = []  # (attempts, task id) to record as delivered
+        self._requeues: list[tuple[int, int]] = []  # (attempts, task id) to record as ready
+        self._acks: list[int] = []  # task ids to delete
+        self._unknown_warned: dict[bytes, float] = {}
+        self.stats = collections.Counter[str]()
+
+    # Lifecycle ----------------------------------------------------------------------------------------------------
+
+    @property
+    def store(self) -> TaskStore:
+        assert self._store is not None, 'the broker is not started'
+        return self._store
+
+    def open(self) -> None:
+        """Take the data directory's lock, load the store and bind the sockets."""
+        lock = broker_lock(self.data_dir, blocking=True)
+        lock.__enter__()
+        self._lock_context = lock
+        try:
+            store_path = self.data_dir / STORE_FILENAME
+            self._store = TaskStore(store_path, fsync=self.config.fsync)
+            os.chmod(store_path, 0o600)
+            for queue, count in self.store.ready_counts().items():
+                self.queues[queue] = QueueState(queue, backlog=count)
+            for task in self.store.load_delivered():
+                self.orphans[task.id] = task
+            self._orphan_deadline = time.monotonic() + self.config.grace
+            for endpoint in self.endpoints:
+                self._bind(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        self._write_info()
+        depth = sum(len(queue) for queue in self.queues.values())
+        LOGGER.info(
+            'broker %s ready on %s: %d queued task(s) in %d queue(s), %d awaiting reclaim (pid %d)',
+            self.epoch,
+            ', '.join(self.endpoints),
+            depth,
+            len(self.queues),
+            len(self.orphans),
+            os.getpid(),
+        )
+
+    def _bind(self, endpoint: str) -> None:
+        if endpoint.startswith('tcp://'):
+            host = endpoint[len('tcp://') :].rsplit(':', 1)[0]
+            if host not in ('127.0.0.1', 'localhost', '[::1]'):
+                raise ValueError(
+                    f'refusing to bind {endpoint}: only loopback TCP is supported until CURVE authentication is '
+                    'configured; use an ipc:// endpoint or tcp://127.0.0.1:PORT'
+                )
+        elif endpoint.startswith('ipc://'):
+            path = Path(endpoint[len('ipc://') :])
+            ensure_private_dir(path.parent)  # only the user may reach the socket
+            if len(str(path)) > MAX_IPC_PATH:
+                raise ValueError(f'ipc path {path} is longer than {MAX_IPC_PATH} bytes: choose a shorter --bind')
+            if path.exists():
+                path.unlink()  # a stale socket of a broker that died; we hold the data directory lock
+        else:
+            raise ValueError(f'unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT')
+        socket = self._context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
+        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
+        socket.setsockopt(zmq.SNDHWM, 100_000)
+        socket.setsockopt(zmq.RCVHWM, 100_000)
+        socket.setsockopt(zmq.LINGER, 1000)
+        # A safety net under the per-message check: ZeroMQ drops a peer that sends a frame larger than this.
+        socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
+        try:
+            socket.bind(endpoint)
+        except zmq.ZMQError as exception:
+            socket.close(0)
+            raise OSError(f'cannot bind {endpoint}: {exception}') from exception
+        if endpoint.startswith('ipc://'):
+            os.chmod(endpoint[len('ipc://') :], 0o600)
+        self._sockets.append(socket)
+
+    def _write_info(self) -> None:
+        info = {
+            'pid': os.getpid(),
+            'endpoints': self.endpoints,
+            'epoch': self.epoch,
+            'started': self.started,
+            'version': __version__,
+        }
+        path = self.data_dir / INFO_FILENAME
+        tmp = path.with_suffix('.tmp')
+        tmp.write_text(json.dumps(info))
+        os.chmod(tmp, 0o600)
+        tmp.replace(path)
+
+    def close(self) -> None:
+        """Commit, close sockets and store, release the lock and remove ``broker.json``."""
+        if self._store is not None:
+            try:
+                self._flush_writes()
+                self._store.close()
+            except StoreError:
+                LOGGER.exception('could not commit the last batch on shutdown')
+            self._store = None
+        for socket in self._sockets:
+            socket.close(linger=500)
+        self._sockets.clear()
+        for endpoint in self.endpoints:
+            if endpoint.startswith('ipc://'):
+                Path(endpoint[len('ipc://') :]).unlink(missing_ok=True)
+        info = self.data_dir / INFO_FILENAME
+        try:
+            if json.loads(info.read_text()).get('epoch') == self.epoch:
+                info.unlink()
+        except (OSError, ValueError):
+            pass
+        if self._lock_context is not None:
+            self._lock_context.__exit__(None, None, None)  # type: ignore[attr-defined]
+            self._lock_context = None
+        self._context.term()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to finish its batch and stop; waits for a loop running in a thread."""
+        self._stop_requested.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def start_in_thread(self) -> Broker:
+        """Open the broker and run its loop in a daemon thread (for tests and embedding)."""
+        self._thread = threading.Thread(target=self.serve_forever, name='aiida-zmq-broker', daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError('the broker did not become ready within 30 s')
+        if self._store is None:
+            raise RuntimeError('the broker failed to start; see the log')
+        return self
+
+    def serve_forever(self, install_signal_handlers: bool = False) -> None:
+        if install_signal_handlers:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._stop_requested.set())
+        try:
+            self.open()
+        finally:
+            self._ready.set()
+        try:
+            self._loop()
+        finally:
+            LOGGER.info('broker %s stopping: %s', self.epoch, dict(self.stats))
+            self.close()
+
+    # The loop -----------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        for socket in self._sockets:
+            poller.register(socket, zmq.POLLIN)
+        heartbeat = self.config.heartbeat
+        next_tick = time.monotonic() + heartbeat
+        batch_size = self.config.batch_size
+        while not self._stop_requested.is_set():
+            now = time.monotonic()
+            timeout = max(0.0, next_tick - now)
+            if self._delayed:
+                timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
+            if any(client.outbound for client in self.clients.values()):
+                timeout = min(timeout, 0.01)
+            # Wake at least every 100 ms so that a stop request is seen promptly.
+            events = poller.poll(int(min(timeout, 0.1) * 1000))
+            for socket, _ in events:
+                for _ in range(batch_size):
+                    try:
+                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(socket, frames)
+            self._end_of_batch()
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + heartbeat
+
+    def _end_of_batch(self) -> None:
+        """Commit the batch, confirm what it stored, then hand out ready tasks and commit those deliveries."""
+        if not self._commit():
+            return
+        for client, correlation, task_id in self._confirms:
+            self._send(client, Command.TASK_CONFIRM, correlation, protocol.number(task_id))
+        self._confirms.clear()
+        self._release_delayed(time.monotonic())
+        self._dispatch()
+        self._commit()
+        self._flush_outbound()
+
+    def _commit(self) -> bool:
+        try:
+            self._flush_writes()
+            return True
+        except StoreError as exception:
+            # Nothing of this batch is stored: refuse its tasks loudly rather than confirming them.
+            LOGGER.error('%s; refusing the tasks of this batch', exception)
+            for client, correlation, _ in self._confirms:
+                self._send(client, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
+            self._confirms.clear()
+            self._forget_uncommitted()
+            return False
+
+    def _flush_writes(self) -> None:
+        store = self.store
+        if self._deliveries:
+            store.mark_delivered(self._deliveries)
+            self._deliveries.clear()
+        if self._requeues:
+            store.mark_ready(self._requeues)
+            self._requeues.clear()
+        if self._acks:
+            store.delete(self._acks)
+            self._acks.clear()
+        store.commit()
+
+    def _forget_uncommitted(self) -> None:
+        """After a failed commit, rebuild the queues from what the store really holds (held tasks stay held)."""
+        self._deliveries.clear()
+        self._requeues.clear()
+        self._acks.clear()
+        counts = self.store.ready_counts()
+        for name, queue in self.queues.items():
+            queue.ready.clear()
+            queue.ready_bytes = 0
+            queue.cursor = 0
+            queue.backlog = counts.get(name, 0)
+
+    def _tick(self, now: float) -> None:
+        """Heartbeats out, silent clients declared dead, orphans past their grace requeued."""
+        deadline = now - self.config.peer_timeout
+        for client in list(self.clients.values()):
+            if client.last_seen < deadline:
+                LOGGER.warning(
+                    'client %s (%s) silent for %.1fs: declared dead, %d held task(s) go back to their queues',
+                    client.name,
+                    client.routing_id.decode(errors='replace'),
+                    now - client.last_seen,
+                    len(client.held),
+                )
+                self._drop_client(client, released=False)
+            elif now - client.last_sent >= self.config.heartbeat:
+                self._send(client, Command.HEARTBEAT)
+        if self.orphans and now >= self._orphan_deadline:
+            LOGGER.info('%d task(s) delivered before the restart were not reclaimed: requeued', len(self.orphans))
+            for task in sorted(self.orphans.values(), key=lambda t: -t.id):
+                self._requeue(task)
+            self.orphans.clear()
+        self._end_of_batch()
+        stale = [key for key, when in self._unknown_warned.items() if when < now - 60]
+        for key in stale:
+            del self._unknown_warned[key]
+
+    # Sending ------------------------------------------------------------------------------------------------------
+
+    def _send(self, client: Client, command: Command, *args: bytes) -> None:
+        frames = [client.routing_id, *protocol.encode(command, *args)]
+        client.last_sent = time.monotonic()
+        if client.outbound:
+            self._queue_outbound(client, frames)
+            return
+        try:
+            client.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self._queue_outbound(client, frames)
+        except zmq.ZMQError as exception:
+            if exception.errno == zmq.EHOSTUNREACH:
+                # The peer is gone (its pipe closed); the heartbeat check will clean up after it.
+                LOGGER.debug('client %s unreachable, %s dropped', client.name, command.name)
+            else:
+                raise
+
+    def _queue_outbound(self, client: Client, frames: list[bytes]) -> None:
+        if len(client.outbound) >= self.config.outbound_limit:
+            self.stats['dropped_to_stalled_client'] += 1
+            LOGGER.warning('client %s is not reading: message dropped (outbound limit reached)', client.name)
+            return
+        client.outbound.append(frames)
+
+    def _flush_outbound(self) -> None:
+        for client in self.clients.values():
+            while client.outbound:
+                try:
+                    client.socket.send_multipart(client.outbound[0], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    client.outbound.clear()
+                    break
+                client.outbound.popleft()
+
+    def _send_raw(self, socket: zmq.Socket, routing_id: bytes, command: Command, *args: bytes) -> None:
+        """Answer a peer that has no session (no Client): best effort, never blocking."""
+        try:
+            socket.send_multipart([routing_id, *protocol.encode(command, *args)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # Receiving ----------------------------------------------------------------------------------------------------
+
+    def _handle(self, socket: zmq.Socket, frames: list[bytes]) -> None:
+        routing_id = frames[0]
+        try:
+            message = protocol.decode(frames[1:])
+        except protocol.VersionMismatch as exception:
+            LOGGER.warning('client %r: %s', routing_id, exception)
+            self._send_raw(socket, routing_id, Command.ERROR, b'', ErrorCode.VERSION, str(exception).encode())
+            return
+        except protocol.ProtocolError as exception:
+            self.stats['malformed'] += 1
+            LOGGER.warning('dropped a malformed message from %r: %s', routing_id, exception)
+            return
+        size = sum(len(frame) for frame in frames)
+        if size > self.config.max_message_bytes:
+            self.stats['too_large'] += 1
+            correlation = message.args[0] if message.command in _CORRELATED else b''
+            text = f'message of {size} bytes exceeds the broker maximum of {self.config.max_message_bytes} bytes'
+            LOGGER.warning('client %r: %s', routing_id, text)
+            self._send_raw(socket, routing_id, Command.ERROR, correlation, ErrorCode.TOO_LARGE, text.encode())
+            return
+
+        client = self.clients.get(routing_id)
+        if message.command is Command.HELLO:
+            self._on_hello(socket, routing_id, message.args)
+            return
+        if client is None:
+            self._on_unknown_client(socket, routing_id, message)
+            return
+        client.last_seen = time.monotonic()
+        handler = self._handlers.get(message.command)
+        if handler is None:
+            LOGGER.warning('client %s sent %s, which only the broker sends: dropped', client.name, message.command.name)
+            return
+        try:
+            handler(self, client, message.args)
+        except protocol.ProtocolError as exception:
+            self.stats['malformed'] += 1
+            LOGGER.warning('dropped a malformed %s from %s: %s', message.command.name, client.name, exception)
+        except StoreError:
+            raise
+        except Exception:
+            # A bug must not take the broker down with everyone's tasks: log it and carry on.
+            LOGGER.exception('error handling %s from %s', message.command.name, client.name)
+
+    def _on_unknown_client(self, socket: zmq.Socket, routing_id: bytes, message: protocol.Message) -> None:
+        """A message from a client without a session: the broker restarted, or declared the client dead."""
+        if message.command in (Command.TASK_ACK, Command.TASK_REPLY) and message.args:
+            # A holder finishing a task it was given before a restart: accept it for an unclaimed orphan.
+            try:
+                task_id, attempt = protocol.to_int(message.args[0]), protocol.to_int(message.args[1])
+            except protocol.ProtocolError:
+                return
+            task = self.orphans.get(task_id)
+            if task is not None and task.attempts == attempt:
+                final = message.command is Command.TASK_ACK or message.args[2] == protocol.FLAG_TRUE
+                if final:
+                    del self.orphans[task_id]
+                    self._acks.append(task_id)
+                    if message.command is Command.TASK_REPLY:
+                        self._forward_result(task, message.args[3], final=True)
+                return
+        now = time.monotonic()
+        if now - self._unknown_warned.get(routing_id, 0.0) > 0.5 or message.command is Command.HEARTBEAT:
+            self._unknown_warned[routing_id] = now
+            self._send_raw(socket, routing_id, Command.ERROR, b'', ErrorCode.UNKNOWN_CLIENT, b'no session: send HELLO')
+
+    # Session ------------------------------------------------------------------------------------------------------
+
+    def _on_hello(self, socket: zmq.Socket, routing_id: bytes, args: Sequence[bytes]) -> None:
+        """Start a session, or refresh one: the client's list of tasks it holds is authoritative."""
+        name = bytes(args[0]).decode(errors='replace')
+        claimed: dict[int, int] = {}
+        for item in bytes(args[2]).split(b','):
+            task_id_text, _, attempt_text = item.partition(b':')
+            try:
+                claimed[int(task_id_text)] = int(attempt_text)
+            except ValueError:
+                continue
+        client = self.clients.get(routing_id)
+        if client is None:
+            client = self.clients[routing_id] = Client(routing_id, socket, name, last_seen=time.monotonic())
+        else:
+            # The same communicator saying hello again (it lost touch with us): keep its session, but tasks we think
+            # it holds and it does not (their answers were lost) go back to their queues.
+            client.socket, client.last_seen = socket, time.monotonic()
+            for task in sorted(client.held.values(), key=lambda t: -t.id):
+                if claimed.get(task.id) != task.attempts:
+                    self._release_held(client, task)
+                    self._requeue(task)
+        reclaimed = 0
+        for task_id, attempt in claimed.items():
+            orphan = self.orphans.get(task_id)
+            if orphan is not None and orphan.attempts == attempt:
+                del self.orphans[task_id]
+                self._hold(client, orphan)
+                reclaimed += 1
+        LOGGER.info(
+            'client %s connected (%s), reclaimed %d task(s)', name, routing_id.decode(errors='replace'), reclaimed
+        )
+        self._send(
+            client,
+            Command.WELCOME,
+            self.epoch.encode(),
+            protocol.number(int(self.config.heartbeat * 1000)),
+            protocol.number(self.config.max_message_bytes),
+        )
+
+    def _on_heartbeat(self, client: Client, args: Sequence[bytes]) -> None:
+        pass  # last_seen is updated for every message
+
+    def _on_bye(self, client: Client, args: Sequence[bytes]) -> None:
+        LOGGER.info('client %s said goodbye, %d held task(s) released', client.name, len(client.held))
+        self._drop_client(client, released=True)
+
+    def _drop_client(self, client: Client, *, released: bool) -> None:
+        """Forget a client: its held tasks go back (at once), its RPC identifiers free up, its callers are told."""
+        self.clients.pop(client.routing_id, None)
+        for task in sorted(client.held.values(), key=lambda t: -t.id):
+            if released:
+                task.attempts -= 1  # a clean goodbye is not a failed delivery
+            self._requeue(task)
+        client.held.clear()
+        client.held_per_queue.clear()
+        for queue_name in client.prefetch:
+            queue = self.queues.get(queue_name)
+            if queue is not None and client in queue.consumers:
+                queue.consumers.remove(client)
+        for identifier in client.rpc_identifiers:
+            if self.rpc_owners.get(identifier) is client:
+                del self.rpc_owners[identifier]
+        for call_id in client.calls_in:
+            call = self.calls.pop(call_id, None)
+            if call is not None and call.caller.routing_id in self.clients:
+                self._send(
+                    call.caller,
+                    Command.RPC_UNROUTABLE,
+                    call.correlation,
+                    b'the recipient disconnected before it answered',
+                )
+        for call_id in [call_id for call_id, call in self.calls.items() if call.caller is client]:
+            del self.calls[call_id]
+
+    # Tasks --------------------------------------------------------------------------------------------------------
+
+    def _queue(self, name: str) -> QueueState:
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = QueueState(name)
+        return queue
+
+    def _on_task_send(self, client: Client, args: Sequence[bytes]) -> None:
+        correlation, queue_name, no_reply, payload = args
+        name = bytes(queue_name).decode()
+        no_reply_flag = no_reply == protocol.FLAG_TRUE
+        reply_to = None if no_reply_flag else client.routing_id
+        try:
+            task_id = self.store.insert(name, payload, no_reply_flag, reply_to, correlation)
+        except StoreError as exception:
+            LOGGER.error('%s', exception)
+            self._send(client, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
+            return
+        task = StoredTask(task_id, name, payload, no_reply_flag, reply_to, correlation, 0)
+        self._queue(name).add_new(task, self.config)
+        self._confirms.append((client, correlation, task_id))
+        self.stats['tasks_stored'] += 1
+
+    def _on_consume(self, client: Client, args: Sequence[bytes]) -> None:
+        name = bytes(args[0]).decode()
+        client.prefetch[name] = protocol.to_int(args[1])
+        queue = self._queue(name)
+        if client not in queue.consumers:
+            queue.consumers.append(client)
+
+    def _on_cancel(self, client: Client, args: Sequence[bytes]) -> None:
+        name = bytes(args[0]).decode()
+        client.prefetch.pop(name, None)
+        queue = self.queues.get(name)
+        if queue is not None and client in queue.consumers:
+            queue.consumers.remove(client)
+
+    def _held_task(self, client: Client, args: Sequence[bytes]) -> StoredTask | None:
+        task_id, attempt = protocol.to_int(args[0]), protocol.to_int(args[1])
+        task = client.held.get(task_id)
+        if task is None or task.attempts != attempt:
+            # A late answer for a delivery that was taken away (the client was silent too long, or reclaimed late).
+            self.stats['late_acks_refused'] += 1
+            LOGGER.warning(
+                'refused an answer from %s for task %d (attempt %d): it does not hold that delivery',
+                client.name,
+                task_id,
+                attempt,
+            )
+            return None
+        return task
+
+    def _release_held(self, client: Client, task: StoredTask) -> None:
+        del client.held[task.id]
+        client.held_per_queue[task.queue] -= 1
+
+    def _on_task_reply(self, client: Client, args: Sequence[bytes]) -> None:
+        task = self._held_task(client, args)
+        if task is None:
+            return
+        final = args[2] == protocol.FLAG_TRUE
+        if final:
+            self._release_held(client, task)
+            self._acks.append(task.id)
+            self.stats['tasks_acked'] += 1
+        self._forward_result(task, args[3], final)
+
+    def _forward_result(self, task: StoredTask, payload: bytes, final: bool) -> None:
+        if task.no_reply or task.reply_to is None or task.correlation is None:
+            return
+        sender = self.clients.get(task.reply_to)
+        if sender is None:
+            LOGGER.debug('sender of task %d is gone: its result is dropped', task.id)
+            return
+        self._send(sender, Command.TASK_RESULT, task.correlation, protocol.flag(final), payload)
+
+    def _on_task_ack(self, client: Client, args: Sequence[bytes]) -> None:
+        task = self._held_task(client, args)
+        if task is not None:
+            self._release_held(client, task)
+            self._acks.append(task.id)
+            self.stats['tasks_acked'] += 1
+
+    def _on_task_nack(self, client: Client, args: Sequence[bytes]) -> None:
+        task = self._held_task(client, args)
+        if task is None:
+            return
+        self._release_held(client, task)
+        if args[2] == protocol.FLAG_TRUE:
+            # Refused by every subscriber: offer it again after a backoff so that a task nobody can take does not
+            # spin; the delivery counts toward the dead-letter cap.
+            delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
+            self._requeues.append((task.attempts, task.id))
+            heapq.heappush(self._delayed, (time.monotonic() + delay, task.id, task))
+            self.stats['tasks_rejected'] += 1
+        else:
+            task.attempts -= 1  # released unprocessed (inspected by `next_task`, for instance): not a delivery
+            self._requeue(task)
+
+    def _requeue(self, task: StoredTask) -> None:
+        self._requeues.append((task.attempts, task.id))
+        self._queue(task.queue).put_back(task)
+
+    def _release_delayed(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, task = heapq.heappop(self._delayed)
+            self._queue(task.queue).put_back(task)
+
+    def _hold(self, client: Client, task: StoredTask) -> None:
+        client.held[task.id] = task
+        client.held_per_queue[task.queue] += 1
+
+    def _deliverable(self, queue: QueueState) -> StoredTask | None:
+        """Next task of the queue that has deliveries left; dead-letters those that have none."""
+        while True:
+            task = queue.pop(self.store, self.config)
+            if task is None:
+                return None
+            if task.attempts < self.config.max_deliveries:
+                return task
+            reason = f'delivered {task.attempts} times without an answer (max_deliveries={self.config.max_deliveries})'
+            LOGGER.error('task %d of queue %s moved to the dead-letter queue: %s', task.id, task.queue, reason)
+            self.store.mark_dead(task.id, reason)
+            self.stats['dead_lettered'] += 1
+
+    def _dispatch(self) -> None:
+        for queue in self.queues.values():
+            consumers = queue.consumers
+            if not consumers or not len(queue):
+                continue
+            count = len(consumers)
+            idle = 0
+            # Round robin over consumers with room, one task each per pass, so that work spreads evenly.
+            while idle < count:
+                consumer = consumers[queue.next_consumer % count]
+                queue.next_consumer += 1
+                if consumer.stalled or consumer.room(queue.name) <= 0:
+                    idle += 1
+                    continue
+                task = self._deliverable(queue)
+                if task is None:
+                    return
+                idle = 0
+                self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode())
+
+    def _deliver(self, client: Client, task: StoredTask, command: Command, first: bytes) -> None:
+        task.attempts += 1
+        task.state = DELIVERED
+        self._hold(client, task)
+        self._deliveries.append((task.attempts, task.id))
+        self.stats['deliveries'] += 1
+        self._send(
+            client,
+            command,
+            first,
+            protocol.number(task.id),
+            protocol.number(task.attempts),
+            protocol.flag(task.no_reply),
+            task.payload,
+        )
+
+    def _on_task_get(self, client: Client, args: Sequence[bytes]) -> None:
+        correlation, queue_name = args
+        queue = self.queues.get(bytes(queue_name).decode())
+        task = self._deliverable(queue) if queue is not None else None
+        if task is None:
+            self._send(client, Command.TASK_GOT, correlation, b'', b'0', b'0', b'')
+            return
+        self._deliver(client, task, Command.TASK_GOT, correlation)
+
+    # RPC ----------------------------------------------------------------------------------------------------------
+
+    def _on_rpc_register(self, client: Client, args: Sequence[bytes]) -> None:
+        correlation, identifier_bytes = args
+        identifier = bytes(identifier_bytes).decode()
+        owner = self.rpc_owners.get(identifier)
+        if owner is not None and owner is not client:
+            self._send(client, Command.RPC_REGISTERED, correlation, b'duplicate')
+            return
+        self.rpc_owners[identifier] = client
+        client.rpc_identifiers.add(identifier)
+        self._send(client, Command.RPC_REGISTERED, correlation, b'ok')
+
+    def _on_rpc_unregister(self, client: Client, args: Sequence[bytes]) -> None:
+        identifier = bytes(args[0]).decode()
+        if self.rpc_owners.get(identifier) is client:
+            del self.rpc_owners[identifier]
+        client.rpc_identifiers.discard(identifier)
+
+    def _on_rpc_call(self, client: Client, args: Sequence[bytes]) -> None:
+        correlation, identifier, payload = args
+        owner = self.rpc_owners.get(bytes(identifier).decode())
+        if owner is None:
+            reason = b"no subscriber with identifier '" + bytes(identifier) + b"'"
+            self._send(client, Command.RPC_UNROUTABLE, correlation, reason)
+            return
+        call_id = next(self._call_ids)
+        self.calls[call_id] = RpcCall(client, correlation, owner)
+        owner.calls_in.add(call_id)
+        self._send(owner, Command.RPC_REQUEST, protocol.number(call_id), identifier, payload)
+
+    def _on_rpc_reply(self, client: Client, args: Sequence[bytes]) -> None:
+        call_id = protocol.to_int(args[0])
+        final = args[1] == protocol.FLAG_TRUE
+        call = self.calls.get(call_id)
+        if call is None or call.owner is not client:
+            LOGGER.debug('reply from %s for unknown call %d dropped', client.name, call_id)
+            return
+        if final:
+            del self.calls[call_id]
+            client.calls_in.discard(call_id)
+        if call.caller.routing_id in self.clients:
+            self._send(call.caller, Command.RPC_RESULT, call.correlation, args[1], args[2])
+
+    # Broadcast ----------------------------------------------------------------------------------------------------
+
+    def _on_subscribe(self, client: Client, args: Sequence[bytes]) -> None:
+        client.subscribed = True
+
+    def _on_unsubscribe(self, client: Client, args: Sequence[bytes]) -> None:
+        client.subscribed = False
+
+    def _on_broadcast(self, client: Client, args: Sequence[bytes]) -> None:
+        payload = args[0]
+        self.stats['broadcasts'] += 1
+        for peer in self.clients.values():
+            if peer.subscribed:
+                self._send(peer, Command.BROADCAST, payload)
+
+    _handlers = {
+        Command.HEARTBEAT: _on_heartbeat,
+        Command.BYE: _on_bye,
+        Command.TASK_SEND: _on_task_send,
+        Command.CONSUME: _on_consume,
+        Command.CANCEL: _on_cancel,
+        Command.TASK_REPLY: _on_task_reply,
+        Command.TASK_ACK: _on_task_ack,
+        Command.TASK_NACK: _on_task_nack,
+        Command.TASK_GET: _on_task_get,
+        Command.RPC_REGISTER: _on_rpc_register,
+        Command.RPC_UNREGISTER: _on_rpc_unregister,
+        Command.RPC_CALL: _on_rpc_call,
+        Command.RPC_REPLY: _on_rpc_reply,
+        Command.SUBSCRIBE: _on_subscribe,
+        Command.UNSUBSCRIBE: _on_unsubscribe,
+        Command.BROADCAST: _on_broadcast,
+    }
+
+    # Introspection ------------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """A JSON-able view of the broker's state (for status commands and tests)."""
+        return {
+            'epoch': self.epoch,
+            'pid': os.getpid(),
+            'uptime': time.time() - self.started,
+            'endpoints': self.endpoints,
+            'queues': {name: {'depth': len(q), 'consumers': len(q.consumers)} for name, q in self.queues.items()},
+            'clients': [
+                {'name': c.name, 'held': len(c.held), 'prefetch': dict(c.prefetch), 'subscribed': c.subscribed}
+                for c in self.clients.values()
+            ],
+            'orphans': len(self.orphans),
+            'stats': dict(self.stats),
+        }
+
+
+_CORRELATED = frozenset(
+    {Command.TASK_SEND, Command.TASK_GET, Command.RPC_REGISTER, Command.RPC_CALL},
+)

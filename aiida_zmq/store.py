@@ -1,0 +1,274 @@
+"""The durable task store: one SQLite database in WAL mode per broker.
+
+The broker writes through one open transaction per poll-loop batch (group commit) and confirms tasks to their
+senders only after :meth:`TaskStore.commit`. Nothing about a task lives only in memory: a task row exists from the
+commit that confirmed it until the commit that follows its acknowledgement. A row's ``state`` says whether the task
+waits (READY), was handed to a consumer (DELIVERED, so that after a crash its holder may reclaim it), or was given up
+on after too many deliveries (DEAD, the dead-letter queue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .exceptions import BrokerRunning, StoreError
+
+__all__ = ('DEAD', 'DELIVERED', 'READY', 'StoredTask', 'TaskStore', 'broker_lock', 'submit_offline')
+
+LOGGER = logging.getLogger(__name__)
+
+READY = 0
+DELIVERED = 1
+DEAD = 2
+
+STORE_FILENAME = 'tasks.sqlite3'
+LOCK_FILENAME = 'broker.lock'
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    no_reply INTEGER NOT NULL DEFAULT 0,
+    reply_to BLOB,
+    correlation BLOB,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    dead_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_by_queue_state ON tasks (queue, state, id);
+"""
+
+
+@dataclass(slots=True)
+class StoredTask:
+    """A task as it is stored; the broker keeps these in memory only for a bounded window of each queue."""
+
+    id: int
+    queue: str
+    payload: bytes
+    no_reply: bool
+    reply_to: bytes | None
+    correlation: bytes | None
+    attempts: int
+    state: int = READY
+
+
+_COLUMNS = 'id, queue, payload, no_reply, reply_to, correlation, attempts, state'
+
+
+def _row_to_task(row: tuple) -> StoredTask:
+    return StoredTask(row[0], row[1], row[2], bool(row[3]), row[4], row[5], row[6], row[7])
+
+
+class TaskStore:
+    """Durable tasks in SQLite (WAL). Not thread-safe: the broker uses it from its one poll-loop thread."""
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute('PRAGMA journal_mode=WAL')
+            # NORMAL survives a crash of any process (the WAL is in the OS page cache); FULL also survives power loss.
+            self._db.execute(f'PRAGMA synchronous={"FULL" if fsync else "NORMAL"}')
+            self._db.execute('PRAGMA busy_timeout=10000')
+            self._db.executescript(_SCHEMA)
+            version = self._db.execute('PRAGMA user_version').fetchone()[0]
+            if version == 0:
+                self._db.execute(f'PRAGMA user_version={SCHEMA_VERSION}')
+            elif version != SCHEMA_VERSION:
+                raise StoreError(
+                    f'{self.path} has store schema {version}, this aiida-zmq reads schema {SCHEMA_VERSION}: '
+                    'use the aiida-zmq version that wrote it, or move the file away to start empty'
+                )
+            self._db.execute('PRAGMA quick_check(1)').fetchone()
+        except sqlite3.DatabaseError as exception:
+            raise StoreError(
+                f'cannot open the task store {self.path}: {exception}. If the file is corrupt, stop the broker, '
+                'move the file aside (tasks in it are not delivered until it is repaired, e.g. with sqlite3 .recover) '
+                'and start again'
+            ) from exception
+        self._in_transaction = False
+
+    # Transactions -------------------------------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        if not self._in_transaction:
+            self._db.execute('BEGIN IMMEDIATE')
+            self._in_transaction = True
+
+    def commit(self) -> bool:
+        """Commit the open batch, if any. Returns whether there was one. Raises :class:`StoreError` on failure."""
+        if not self._in_transaction:
+            return False
+        try:
+            self._db.execute('COMMIT')
+        except sqlite3.Error as exception:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute('ROLLBACK')
+            self._in_transaction = False
+            raise StoreError(f'could not commit to the task store {self.path}: {exception}') from exception
+        self._in_transaction = False
+        return True
+
+    def rollback(self) -> None:
+        if self._in_transaction:
+            self._db.execute('ROLLBACK')
+            self._in_transaction = False
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()
+
+    # Writes (inside the open batch) -----------------------------------------------------------------------------
+
+    def insert(
+        self, queue: str, payload: bytes, no_reply: bool, reply_to: bytes | None, correlation: bytes | None
+    ) -> int:
+        """Add a ready task to the open batch and return its id."""
+        self._begin()
+        try:
+            cursor = self._db.execute(
+                'INSERT INTO tasks (queue, payload, no_reply, reply_to, correlation, created) '
+                'VALUES (?, ?, ?, ?, ?, ?)',
+                (queue, payload, int(no_reply), reply_to, correlation, time.time()),
+            )
+        except sqlite3.Error as exception:
+            raise StoreError(f'could not write to the task store {self.path}: {exception}') from exception
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def mark_delivered(self, deliveries: Iterable[tuple[int, int]]) -> None:
+        """Record (attempts, task id) pairs as handed out."""
+        self._begin()
+        self._db.executemany(f'UPDATE tasks SET state={DELIVERED}, attempts=? WHERE id=?', deliveries)
+
+    def mark_ready(self, requeues: Iterable[tuple[int, int]]) -> None:
+        """Record (attempts, task id) pairs as waiting again."""
+        self._begin()
+        self._db.executemany(f'UPDATE tasks SET state={READY}, attempts=? WHERE id=?', requeues)
+
+    def mark_dead(self, task_id: int, reason: str) -> None:
+        self._begin()
+        self._db.execute(f'UPDATE tasks SET state={DEAD}, dead_reason=? WHERE id=?', (reason, task_id))
+
+    def delete(self, task_ids: Iterable[int]) -> None:
+        self._begin()
+        self._db.executemany('DELETE FROM tasks WHERE id=?', ((task_id,) for task_id in task_ids))
+
+    # Reads --------------------------------------------------------------------------------------------------------
+
+    def load_ready(self, queue: str, after_id: int, limit: int) -> list[StoredTask]:
+        """Ready tasks of a queue with an id above ``after_id``, oldest first."""
+        rows = self._db.execute(
+            f'SELECT {_COLUMNS} FROM tasks WHERE queue=? AND state={READY} AND id>? ORDER BY id LIMIT ?',
+            (queue, after_id, limit),
+        ).fetchall()
+        return [_row_to_task(row) for row in rows]
+
+    def load_delivered(self) -> list[StoredTask]:
+        """Tasks that were handed out when the broker last stopped: their holders may reclaim them."""
+        rows = self._db.execute(f'SELECT {_COLUMNS} FROM tasks WHERE state={DELIVERED} ORDER BY id').fetchall()
+        return [_row_to_task(row) for row in rows]
+
+    def ready_counts(self) -> dict[str, int]:
+        rows = self._db.execute(f'SELECT queue, count(*) FROM tasks WHERE state={READY} GROUP BY queue').fetchall()
+        return dict(rows)
+
+    def dead_letters(self, queue: str | None = None) -> list[tuple[int, str, int, str]]:
+        """(id, queue, attempts, reason) of every dead-lettered task."""
+        sql = f'SELECT id, queue, attempts, dead_reason FROM tasks WHERE state={DEAD}'
+        params: tuple = ()
+        if queue is not None:
+            sql += ' AND queue=?'
+            params = (queue,)
+        return self._db.execute(sql + ' ORDER BY id', params).fetchall()
+
+    def revive_dead(self, task_ids: Iterable[int] | None = None) -> int:
+        """Put dead-lettered tasks back as ready with a fresh delivery count; returns how many."""
+        self._begin()
+        if task_ids is None:
+            cursor = self._db.execute(
+                f'UPDATE tasks SET state={READY}, attempts=0, dead_reason=NULL WHERE state={DEAD}'
+            )
+            return cursor.rowcount
+        count = 0
+        for task_id in task_ids:
+            count += self._db.execute(
+                f'UPDATE tasks SET state={READY}, attempts=0, dead_reason=NULL WHERE state={DEAD} AND id=?', (task_id,)
+            ).rowcount
+        return count
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + '*') if p.exists())
+
+
+@contextlib.contextmanager
+def broker_lock(data_dir: str | os.PathLike[str], *, blocking: bool, timeout: float = 30.0) -> Iterator[int]:
+    """Hold the data directory's exclusive lock: the broker holds it while it runs, an offline submit while it writes.
+
+    :raises BrokerRunning: when ``blocking`` is false and someone else holds the lock.
+    """
+    path = Path(data_dir) / LOCK_FILENAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not blocking:
+                    raise BrokerRunning(f'a broker is running on {data_dir}: send tasks through it') from None
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f'{path} is held by another process for more than {timeout:.0f}s: is another broker running '
+                        'on the same data directory? Stop it first (one broker per data directory).'
+                    ) from None
+                # flock has no timeout of its own; the holder is either a broker (long) or an offline submit (ms).
+                time.sleep(0.05)
+        yield fd
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` readable by the user only (0700); refuse a directory that others can open."""
+    directory = Path(path)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = directory.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise StoreError(
+            f'{directory} is open to other users (mode {mode:o}): run `chmod 700 {directory}` so that only you can '
+            'reach the broker and its tasks'
+        )
+    return directory
+
+
+def submit_offline(data_dir: str | os.PathLike[str], queue: str, payload: bytes, no_reply: bool = True) -> int:
+    """Write a task straight into the store of a broker that is not running; it is delivered once the broker starts.
+
+    Safe against a broker starting at the same moment: the write happens under the broker's lock.
+
+    :raises BrokerRunning: when a broker holds the lock (send the task through a communicator instead).
+    """
+    directory = ensure_private_dir(data_dir)
+    with broker_lock(directory, blocking=False):
+        store = TaskStore(directory / STORE_FILENAME)
+        try:
+            task_id = store.insert(queue, payload, no_reply, None, None)
+            store.commit()
+        finally:
+            store.close()
+    os.chmod(directory / STORE_FILENAME, 0o600)
+    return task_id

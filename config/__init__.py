@@ -1,0 +1,1 @@
+"""Templates and defaults the circus ``.ini`` generator renders (package data: ``*.ini``, ``*.tmpl``, ``*.yaml``)."""
