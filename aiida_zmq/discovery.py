@@ -1,0 +1,167 @@
+"""Find a running broker: from its data directory (``broker.json``) or through a circus arbiter.
+
+No AiiDA import here: the AiiDA plugin (:mod:`aiida_zmq.aiida.broker`) maps a profile to a data directory and a circus
+controller endpoint, everything below works from those two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import tempfile
+import time
+import typing as t
+from pathlib import Path
+
+__all__ = (
+    'BROKER_INFO_FILENAME',
+    'BrokerNotFound',
+    'broker_info_alive',
+    'choose_endpoint',
+    'data_dir_from_watcher',
+    'default_ipc_bind',
+    'read_broker_info',
+    'wait_for_broker_info',
+)
+
+LOGGER = logging.getLogger(__name__)
+
+BROKER_INFO_FILENAME = 'broker.json'
+BROKER_SOCKET_FILENAME = 'broker.sock'
+# ``sun_path`` is 108 bytes on Linux and 104 on macOS; stay clearly below both, the broker may add a suffix.
+MAX_IPC_PATH = 100
+
+BrokerInfo = dict[str, t.Any]
+
+
+class BrokerNotFound(ConnectionError):
+    """No live broker could be found for a data directory within the time allowed."""
+
+
+def read_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:
+    """Return the content of ``DIR/broker.json`` written by ``aiida-zmq serve``, or ``None``.
+
+    ``None`` when the file is absent, unreadable, or not the expected shape: the broker writes it atomically once its
+    sockets are bound, so a partial file only means "not ready yet" to the caller.
+    """
+    path = Path(data_dir) / BROKER_INFO_FILENAME
+    try:
+        info = json.loads(path.read_text(encoding='utf-8'))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exception:
+        LOGGER.debug('ignoring unreadable %s: %s', path, exception)
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get('endpoints'), list) or not info['endpoints']:
+        LOGGER.debug('ignoring malformed %s: %r', path, info)
+        return None
+    return info
+
+
+def broker_info_alive(info: BrokerInfo) -> bool:
+    """Return whether the process that wrote ``info`` still runs.
+
+    The broker removes ``broker.json`` on a clean exit, but not when it is killed (-9, OOM): then the file outlives the
+    process and must not send clients to a dead socket.
+    """
+    pid = info.get('pid')
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        import psutil
+
+        process = psutil.Process(pid)
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except Exception:  # psutil.NoSuchProcess, AccessDenied (a recycled pid of another user)
+        return False
+
+
+def read_live_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:
+    """Return ``broker.json`` of ``data_dir`` if the broker that wrote it is alive, else ``None``."""
+    info = read_broker_info(data_dir)
+    if info is not None and broker_info_alive(info):
+        return info
+    return None
+
+
+def wait_for_broker_info(
+    data_dir: str | os.PathLike[str],
+    timeout: float,
+    *,
+    poll_interval: float = 0.1,
+    still_starting: t.Callable[[], bool] | None = None,
+) -> BrokerInfo:
+    """Wait until a live broker has written ``DIR/broker.json`` and return its content.
+
+    Polling with a deadline: there is no event to wait on across processes (the file is written by another process
+    that may not even exist yet). ``still_starting`` is consulted every second: when it returns ``False`` (e.g. the
+    circus watcher is gone) the wait ends early instead of running into the timeout.
+
+    :raises BrokerNotFound: when no live broker appeared within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 1.0
+    while True:
+        info = read_live_broker_info(data_dir)
+        if info is not None:
+            return info
+        now = time.monotonic()
+        if now >= deadline:
+            raise BrokerNotFound(f'no running broker wrote {Path(data_dir) / BROKER_INFO_FILENAME} within {timeout}s')
+        if still_starting is not None and now >= next_check:
+            next_check = now + 1.0
+            if not still_starting():
+                raise BrokerNotFound(f'the broker for {data_dir} is not starting (its watcher is not active)')
+        time.sleep(min(poll_interval, max(deadline - now, 0.0)))
+
+
+def choose_endpoint(info: BrokerInfo) -> str:
+    """Pick the endpoint a local client should use: ``ipc://`` first (cheapest, protected by file permissions)."""
+    endpoints = [str(endpoint) for endpoint in info['endpoints']]
+    for endpoint in endpoints:
+        if endpoint.startswith('ipc://'):
+            return endpoint
+    return endpoints[0]
+
+
+def default_ipc_bind(data_dir: str | os.PathLike[str], key: str) -> str | None:
+    """Return an explicit ``ipc://`` bind for ``data_dir`` when ``DIR/broker.sock`` would be too long, else ``None``.
+
+    ``None`` means "let ``aiida-zmq serve`` bind its default". Otherwise the socket goes into a per-user directory with
+    mode 0700 under ``$XDG_RUNTIME_DIR`` or the temporary directory, named by ``key`` (e.g. the profile UUID) so two
+    profiles never share it.
+    """
+    default = Path(data_dir) / BROKER_SOCKET_FILENAME
+    if len(os.fsencode(str(default))) < MAX_IPC_PATH:
+        return None
+    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
+    short_dir = Path(base) / f'aiida-zmq-{os.getuid()}'
+    short_dir.mkdir(mode=0o700, exist_ok=True)
+    # ``mkdir`` does not change the mode of an existing directory: refuse one that others can open.
+    if short_dir.stat().st_mode & 0o077:
+        os.chmod(short_dir, 0o700)
+    path = short_dir / f'{key[:16]}.sock'
+    if len(os.fsencode(str(path))) >= MAX_IPC_PATH:
+        raise OSError(f'cannot find a short enough directory for the broker socket of {data_dir}')
+    return f'ipc://{path}'
+
+
+def data_dir_from_watcher(options: dict[str, t.Any]) -> str | None:
+    """Return the ``--data-dir`` of a broker watcher from its circus ``options`` (``cmd`` and ``args``)."""
+    argv: list[str] = []
+    cmd = options.get('cmd')
+    if isinstance(cmd, str):
+        argv.extend(shlex.split(cmd))
+    args = options.get('args')
+    if isinstance(args, list):
+        argv.extend(str(arg) for arg in args)
+    elif isinstance(args, str):
+        argv.extend(shlex.split(args))
+    for index, arg in enumerate(argv):
+        if arg == '--data-dir' and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith('--data-dir='):
+            return arg.split('=', 1)[1]
+    return None
