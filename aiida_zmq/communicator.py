@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import contextlib
 import itertools
+import json
 import logging
 import os
 import socket as stdlib_socket
@@ -45,7 +46,7 @@ from kiwipy.rmq.utils import (
 
 from . import protocol
 from .codec import Decoder, Encoder, default_codec
-from .exceptions import BrokerRestarted, BrokerUnavailable, MessageTooLarge, TaskNotAccepted
+from .exceptions import AdminError, BrokerRestarted, BrokerUnavailable, MessageTooLarge, TaskNotAccepted
 from .protocol import Command, ErrorCode
 
 __all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect')
@@ -148,6 +149,10 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._rpc_results: dict[bytes, concurrent.futures.Future] = {}
         self._registrations: dict[bytes, tuple[str, concurrent.futures.Future]] = {}
         self._gets: dict[bytes, concurrent.futures.Future] = {}
+        self._admin_calls: dict[bytes, concurrent.futures.Future] = {}
+        # Frames of requests (RPC calls, registrations, gets, admin) until their first answer, to resend them after a
+        # HELLO when the broker answers that it had no session for us (it declared us dead, or restarted).
+        self._requests: dict[bytes, list[bytes]] = {}
         self._held: dict[int, int] = {}  # task id -> attempt, for tasks this client is processing
         self._registered_rpc: set[str] = set()
         self._consuming: dict[str, int] = {}
@@ -308,6 +313,50 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._call(lambda: self._io_send(frames))
         return True
 
+    # Administration (not part of kiwipy) ---------------------------------------------------------------------------
+
+    def admin(self, op: str, timeout: float | None = None, **arguments: Any) -> dict[str, Any]:
+        """Ask the broker an administrative question (see ``docs/protocol.md``, ADMIN) and return its answer.
+
+        :param op: ``status``, ``peer-gone`` (``pid=``), ``dead-letters`` (``queue=``), ``dead-letters-requeue``
+            (``ids=``), ``dead-letters-drop`` (``ids=``), ``tasks`` (``queue=``, ``limit=``).
+        :raises AdminError: when the broker refuses the request.
+        """
+        self._ensure_open()
+        request = json.dumps({'op': op, **arguments}).encode()
+        correlation = self._correlation()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        frames = protocol.encode(Command.ADMIN, correlation, request)
+        self._call(lambda: self._io_admin(correlation, frames, future))
+        try:
+            return future.result(self._request_timeout if timeout is None else timeout)
+        except concurrent.futures.TimeoutError:
+            self._call(lambda: self._forget_admin(correlation))
+            raise TimeoutError(f'the broker at {self.endpoint} did not answer `{op}` in time') from None
+
+    def _forget_admin(self, correlation: bytes) -> None:
+        self._admin_calls.pop(correlation, None)
+        self._requests.pop(correlation, None)
+
+    def _io_admin(self, correlation: bytes, frames: list[bytes], future: concurrent.futures.Future) -> None:
+        self._admin_calls[correlation] = future
+        self._io_request(correlation, frames)
+
+    def _io_on_admin_reply(self, args: Sequence[bytes]) -> None:
+        correlation, status, response = bytes(args[0]), bytes(args[1]), bytes(args[2])
+        future = self._admin_calls.pop(correlation, None)
+        if future is None or future.done():
+            return
+        try:
+            value = json.loads(response)
+        except ValueError as exception:
+            future.set_exception(AdminError(f'unreadable answer from the broker: {exception}'))
+            return
+        if status == b'ok':
+            future.set_result(value)
+        else:
+            future.set_exception(AdminError(str(value)))
+
     # Helpers for callers ------------------------------------------------------------------------------------------
 
     def _correlation(self) -> bytes:
@@ -433,7 +482,13 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._last_hello = time.monotonic()
         reclaim = b','.join(b'%d:%d' % item for item in self._held.items())
         self._io_write(
-            protocol.encode(Command.HELLO, self.name.encode(), protocol.number(int(self._heartbeat * 1000)), reclaim)
+            protocol.encode(
+                Command.HELLO,
+                self.name.encode(),
+                protocol.number(int(self._heartbeat * 1000)),
+                reclaim,
+                protocol.number(os.getpid()),
+            )
         )
 
     def _io_on_welcome(self, args: Sequence[bytes]) -> None:
@@ -475,7 +530,8 @@ class ZmqCommunicator(kiwipy.Communicator):
     def _io_shutdown(self) -> None:
         self._stopping = True
         closed = kiwipy.CommunicatorClosed('the communicator was closed')
-        for futures in (self._task_results.values(), self._rpc_results.values(), self._gets.values()):
+        tables = (self._task_results, self._rpc_results, self._gets, self._admin_calls)
+        for futures in (table.values() for table in tables):
             for future in futures:
                 if not future.done():
                     future.set_exception(closed)
@@ -508,14 +564,19 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._unconfirmed.pop(correlation, None)
         self._task_results.pop(correlation, None)
 
+    def _io_request(self, correlation: bytes, frames: list[bytes]) -> None:
+        """Send a request that expects an answer, keeping its frames until then (see :data:`_ANSWERS`)."""
+        self._requests[correlation] = frames
+        self._io_send(frames)
+
     def _io_rpc_call(self, correlation: bytes, frames: list[bytes], future: concurrent.futures.Future) -> None:
         self._rpc_results[correlation] = future
-        self._io_send(frames)
+        self._io_request(correlation, frames)
 
     def _io_register(self, identifier: str, future: concurrent.futures.Future) -> None:
         correlation = self._correlation()
         self._registrations[correlation] = (identifier, future)
-        self._io_send(protocol.encode(Command.RPC_REGISTER, correlation, identifier.encode()))
+        self._io_request(correlation, protocol.encode(Command.RPC_REGISTER, correlation, identifier.encode()))
 
     def _io_unregister(self, identifier: str) -> None:
         self._registered_rpc.discard(identifier)
@@ -535,7 +596,7 @@ class ZmqCommunicator(kiwipy.Communicator):
 
     def _io_get(self, correlation: bytes, queue: str, future: concurrent.futures.Future) -> None:
         self._gets[correlation] = future
-        self._io_send(protocol.encode(Command.TASK_GET, correlation, queue.encode()))
+        self._io_request(correlation, protocol.encode(Command.TASK_GET, correlation, queue.encode()))
 
     def _io_task_answer(self, task_id: int, attempt: int, frames: list[bytes], final: bool) -> None:
         if final:
@@ -560,6 +621,11 @@ class ZmqCommunicator(kiwipy.Communicator):
         except KeyError:
             LOGGER.warning('dropped %s: the broker does not send it', command.name)
             return
+        if command in _ANSWERS and args:
+            frames_sent = self._requests.pop(bytes(args[0]), None)
+            if frames_sent is not None and command is Command.ERROR and bytes(args[1]) == ErrorCode.UNKNOWN_CLIENT:
+                # The broker dropped this request because it had no session for us: send it again after WELCOME.
+                self._waiting_welcome.append(frames_sent)
         handler(self, args)
 
     def _io_on_heartbeat(self, args: Sequence[bytes]) -> None:
@@ -692,7 +758,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         if pending is not None:
             self._task_results.pop(correlation, None)
             pending.confirmed.set_exception(exception)
-        for table in (self._rpc_results, self._gets):
+        for table in (self._rpc_results, self._gets, self._admin_calls):
             future = table.pop(correlation, None)
             if future is not None and not future.done():
                 future.set_exception(exception)
@@ -800,8 +866,22 @@ _IO_HANDLERS: dict[Command, Callable[[ZmqCommunicator, Sequence[bytes]], None]] 
     Command.RPC_RESULT: ZmqCommunicator._io_on_rpc_result,
     Command.RPC_UNROUTABLE: ZmqCommunicator._io_on_rpc_unroutable,
     Command.BROADCAST: ZmqCommunicator._io_on_broadcast,
+    Command.ADMIN_REPLY: ZmqCommunicator._io_on_admin_reply,
     Command.ERROR: ZmqCommunicator._io_on_error,
 }
+
+
+# Answers to requests kept in ``_requests``: their first frame is the request's correlation.
+_ANSWERS = frozenset(
+    {
+        Command.RPC_RESULT,
+        Command.RPC_UNROUTABLE,
+        Command.RPC_REGISTERED,
+        Command.TASK_GOT,
+        Command.ADMIN_REPLY,
+        Command.ERROR,
+    }
+)
 
 
 class ZmqTaskQueue:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import kiwipy
 
 __all__ = (
+    'AdminError',
     'BrokerRestarted',
     'BrokerRunning',
     'BrokerUnavailable',
@@ -36,3 +37,7 @@ class TaskNotAccepted(kiwipy.DeliveryFailed):
 
 class BrokerRestarted(kiwipy.DeliveryFailed):
     """The broker restarted while an RPC was in flight: whether the recipient acted on it is unknown."""
+
+
+class AdminError(RuntimeError):
+    """The broker refused an administrative request (unknown operation, bad argument)."""

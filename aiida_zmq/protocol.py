@@ -42,7 +42,7 @@ class Command(enum.IntEnum):
     """Message kinds. Direction: C = client to broker, B = broker to client."""
 
     # Session
-    HELLO = 0x01  # C: name, heartbeat_ms, reclaim: task ids still being processed ("id:attempt,id:attempt")
+    HELLO = 0x01  # C: name, heartbeat_ms, reclaim ("id:attempt,id:attempt" still being processed), pid
     WELCOME = 0x02  # B: epoch, heartbeat_ms, max_message_bytes
     HEARTBEAT = 0x03  # C/B: (none)
     BYE = 0x04  # C: (none); a clean goodbye: held tasks go back without counting as a failed delivery
@@ -75,13 +75,17 @@ class Command(enum.IntEnum):
     UNSUBSCRIBE = 0x31  # C: (none)
     BROADCAST = 0x32  # C->B and B->C: payload
 
+    # Administration (status, peer-gone, dead letters): small JSON documents, never task payloads
+    ADMIN = 0x40  # C: correlation, request (JSON object with an "op" key)
+    ADMIN_REPLY = 0x41  # B: correlation, status ('ok' or 'error'), response (JSON)
+
     # Errors
     ERROR = 0x7F  # B: correlation ('' when not tied to a request), code, text
 
 
 #: Argument names per command; their count is checked on every decoded message.
 ARGUMENTS: dict[Command, tuple[str, ...]] = {
-    Command.HELLO: ('name', 'heartbeat_ms', 'reclaim'),
+    Command.HELLO: ('name', 'heartbeat_ms', 'reclaim', 'pid'),
     Command.WELCOME: ('epoch', 'heartbeat_ms', 'max_message_bytes'),
     Command.HEARTBEAT: (),
     Command.BYE: (),
@@ -107,6 +111,8 @@ ARGUMENTS: dict[Command, tuple[str, ...]] = {
     Command.SUBSCRIBE: (),
     Command.UNSUBSCRIBE: (),
     Command.BROADCAST: ('payload',),
+    Command.ADMIN: ('correlation', 'request'),
+    Command.ADMIN_REPLY: ('correlation', 'status', 'response'),
     Command.ERROR: ('correlation', 'code', 'text'),
 }
 

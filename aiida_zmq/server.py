@@ -21,7 +21,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,7 @@ class Client:
     held: dict[int, StoredTask] = field(default_factory=dict)
     prefetch: dict[str, int] = field(default_factory=dict)  # queue -> prefetch (0 = unlimited)
     held_per_queue: collections.Counter = field(default_factory=collections.Counter)
+    pid: int = 0  # the client's process id, as it said in its HELLO (0 when unknown)
     rpc_identifiers: set[str] = field(default_factory=set)
     calls_in: set[int] = field(default_factory=set)  # RPC calls this client must answer
     subscribed: bool = False
@@ -201,6 +202,7 @@ class Broker:
         self._deliveries: list[tuple[int, int]] = []  # (attempts, task id) to record as delivered
         self._requeues: list[tuple[int, int]] = []  # (attempts, task id) to record as ready
         self._acks: list[int] = []  # task ids to delete
+        self._admin_replies: list[tuple[Client, bytes, bytes]] = []  # wait for the batch's commit
         self._unknown_warned: dict[bytes, float] = {}
         self.stats = collections.Counter[str]()
 
@@ -385,6 +387,9 @@ class Broker:
         for client, correlation, task_id in self._confirms:
             self._send(client, Command.TASK_CONFIRM, correlation, protocol.number(task_id))
         self._confirms.clear()
+        for client, correlation, response in self._admin_replies:
+            self._send(client, Command.ADMIN_REPLY, correlation, b'ok', response)
+        self._admin_replies.clear()
         self._release_delayed(time.monotonic())
         self._dispatch()
         self._commit()
@@ -561,6 +566,12 @@ class Broker:
                     if message.command is Command.TASK_REPLY:
                         self._forward_result(task, message.args[3], final=True)
                 return
+        if message.command in _CORRELATED:
+            # A request: answer it by its correlation, so that the client sends it again after its HELLO.
+            self._send_raw(
+                socket, routing_id, Command.ERROR, message.args[0], ErrorCode.UNKNOWN_CLIENT, b'no session: send HELLO'
+            )
+            return
         now = time.monotonic()
         if now - self._unknown_warned.get(routing_id, 0.0) > 0.5 or message.command is Command.HEARTBEAT:
             self._unknown_warned[routing_id] = now
@@ -578,9 +589,13 @@ class Broker:
                 claimed[int(task_id_text)] = int(attempt_text)
             except ValueError:
                 continue
+        try:
+            pid = int(args[3] or 0)
+        except ValueError:
+            pid = 0
         client = self.clients.get(routing_id)
         if client is None:
-            client = self.clients[routing_id] = Client(routing_id, socket, name, last_seen=time.monotonic())
+            client = self.clients[routing_id] = Client(routing_id, socket, name, last_seen=time.monotonic(), pid=pid)
         else:
             # The same communicator saying hello again (it lost touch with us): keep its session, but tasks we think
             # it holds and it does not (their answers were lost) go back to their queues.
@@ -731,7 +746,10 @@ class Broker:
         if task is None:
             return
         self._release_held(client, task)
-        if args[2] == protocol.FLAG_TRUE:
+        if args[2] == protocol.FLAG_TRUE and task.attempts >= self.config.max_deliveries:
+            self._dead_letter(task)
+            self.stats['tasks_rejected'] += 1
+        elif args[2] == protocol.FLAG_TRUE:
             # Refused by every subscriber: offer it again after a backoff so that a task nobody can take does not
             # spin; the delivery counts toward the dead-letter cap.
             delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
@@ -763,10 +781,13 @@ class Broker:
                 return None
             if task.attempts < self.config.max_deliveries:
                 return task
-            reason = f'delivered {task.attempts} times without an answer (max_deliveries={self.config.max_deliveries})'
-            LOGGER.error('task %d of queue %s moved to the dead-letter queue: %s', task.id, task.queue, reason)
-            self.store.mark_dead(task.id, reason)
-            self.stats['dead_lettered'] += 1
+            self._dead_letter(task)
+
+    def _dead_letter(self, task: StoredTask) -> None:
+        reason = f'delivered {task.attempts} times without an answer (max_deliveries={self.config.max_deliveries})'
+        LOGGER.error('task %d of queue %s moved to the dead-letter queue: %s', task.id, task.queue, reason)
+        self.store.mark_dead(task.id, reason)
+        self.stats['dead_lettered'] += 1
 
     def _dispatch(self) -> None:
         for queue in self.queues.values():
@@ -872,6 +893,75 @@ class Broker:
             if peer.subscribed:
                 self._send(peer, Command.BROADCAST, payload)
 
+    # Administration -----------------------------------------------------------------------------------------------
+
+    def _on_admin(self, client: Client, args: Sequence[bytes]) -> None:
+        correlation, request_bytes = args
+        try:
+            request = json.loads(request_bytes)
+            if not isinstance(request, dict):
+                raise ValueError('the request must be a JSON object')
+            operation = self._admin_operations.get(request.pop('op', None))
+            if operation is None:
+                raise ValueError(f'unknown operation; known: {", ".join(sorted(self._admin_operations))}')
+            response = operation(self, **request)
+        except (ValueError, TypeError) as exception:
+            self._send(client, Command.ADMIN_REPLY, correlation, b'error', json.dumps(str(exception)).encode())
+            return
+        # Operations that change the store answer after the batch's commit, like task confirms.
+        self._admin_replies.append((client, correlation, json.dumps(response).encode()))
+
+    def _admin_status(self) -> dict:
+        status = self.snapshot()
+        status['dead_letters'] = len(self.store.dead_letters())
+        status['store_bytes'] = self.store.size_bytes()
+        status['data_dir'] = str(self.data_dir)
+        status['version'] = __version__
+        return status
+
+    def _admin_peer_gone(self, pid: int) -> dict:
+        """A supervisor (the circus plugin) saw process ``pid`` exit: its clients are dead now, not in a minute."""
+        gone = [client for client in self.clients.values() if client.pid == int(pid)]
+        requeued = 0
+        for client in gone:
+            requeued += len(client.held)
+            LOGGER.warning(
+                'client %s: its process %d exited, %d held task(s) go back to their queues',
+                client.name,
+                client.pid,
+                len(client.held),
+            )
+            self._drop_client(client, released=False)
+        return {'clients': len(gone), 'requeued': requeued}
+
+    def _admin_dead_letters(self, queue: str | None = None) -> dict:
+        rows = self.store.dead_letters(queue)
+        return {'dead_letters': [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in rows]}
+
+    def _admin_dead_letters_requeue(self, ids: list[int] | None = None) -> dict:
+        revived = self.store.revive_dead(ids)
+        for task in self.store.load_tasks(revived):
+            self._queue(task.queue).put_back(task)
+        LOGGER.info('%d dead-lettered task(s) requeued by request', len(revived))
+        return {'requeued': len(revived)}
+
+    def _admin_dead_letters_drop(self, ids: list[int] | None = None) -> dict:
+        dropped = self.store.drop_dead(ids)
+        LOGGER.info('%d dead-lettered task(s) dropped by request', dropped)
+        return {'dropped': dropped}
+
+    def _admin_tasks(self, queue: str | None = None, limit: int = 100) -> dict:
+        return {'tasks': self.store.list_tasks(queue, int(limit))}
+
+    _admin_operations: dict[str, Callable[..., dict]] = {
+        'status': _admin_status,
+        'peer-gone': _admin_peer_gone,
+        'dead-letters': _admin_dead_letters,
+        'dead-letters-requeue': _admin_dead_letters_requeue,
+        'dead-letters-drop': _admin_dead_letters_drop,
+        'tasks': _admin_tasks,
+    }
+
     _handlers = {
         Command.HEARTBEAT: _on_heartbeat,
         Command.BYE: _on_bye,
@@ -889,6 +979,7 @@ class Broker:
         Command.SUBSCRIBE: _on_subscribe,
         Command.UNSUBSCRIBE: _on_unsubscribe,
         Command.BROADCAST: _on_broadcast,
+        Command.ADMIN: _on_admin,
     }
 
     # Introspection ------------------------------------------------------------------------------------------------
@@ -902,7 +993,13 @@ class Broker:
             'endpoints': self.endpoints,
             'queues': {name: {'depth': len(q), 'consumers': len(q.consumers)} for name, q in self.queues.items()},
             'clients': [
-                {'name': c.name, 'held': len(c.held), 'prefetch': dict(c.prefetch), 'subscribed': c.subscribed}
+                {
+                    'name': c.name,
+                    'pid': c.pid,
+                    'held': len(c.held),
+                    'prefetch': dict(c.prefetch),
+                    'subscribed': c.subscribed,
+                }
                 for c in self.clients.values()
             ],
             'orphans': len(self.orphans),
@@ -911,5 +1008,5 @@ class Broker:
 
 
 _CORRELATED = frozenset(
-    {Command.TASK_SEND, Command.TASK_GET, Command.RPC_REGISTER, Command.RPC_CALL},
+    {Command.TASK_SEND, Command.TASK_GET, Command.RPC_REGISTER, Command.RPC_CALL, Command.ADMIN},
 )

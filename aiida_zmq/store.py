@@ -194,20 +194,57 @@ class TaskStore:
             params = (queue,)
         return self._db.execute(sql + ' ORDER BY id', params).fetchall()
 
-    def revive_dead(self, task_ids: Iterable[int] | None = None) -> int:
-        """Put dead-lettered tasks back as ready with a fresh delivery count; returns how many."""
+    def revive_dead(self, task_ids: Iterable[int] | None = None) -> list[int]:
+        """Put dead-lettered tasks back as ready with a fresh delivery count (all when ``task_ids`` is None).
+
+        Returns the ids revived; the caller puts them in its queues.
+        """
         self._begin()
         if task_ids is None:
-            cursor = self._db.execute(
-                f'UPDATE tasks SET state={READY}, attempts=0, dead_reason=NULL WHERE state={DEAD}'
-            )
-            return cursor.rowcount
-        count = 0
-        for task_id in task_ids:
-            count += self._db.execute(
-                f'UPDATE tasks SET state={READY}, attempts=0, dead_reason=NULL WHERE state={DEAD} AND id=?', (task_id,)
-            ).rowcount
-        return count
+            ids = [row[0] for row in self._db.execute(f'SELECT id FROM tasks WHERE state={DEAD} ORDER BY id')]
+        else:
+            wanted = [int(task_id) for task_id in task_ids]
+            ids = [
+                i
+                for i in wanted
+                if self._db.execute(f'SELECT 1 FROM tasks WHERE id=? AND state={DEAD}', (i,)).fetchone()
+            ]
+        self._db.executemany(
+            f'UPDATE tasks SET state={READY}, attempts=0, dead_reason=NULL WHERE id=?', ((i,) for i in ids)
+        )
+        return ids
+
+    def drop_dead(self, task_ids: Iterable[int] | None = None) -> int:
+        """Delete dead-lettered tasks (all when ``task_ids`` is None); returns how many."""
+        self._begin()
+        if task_ids is None:
+            return self._db.execute(f'DELETE FROM tasks WHERE state={DEAD}').rowcount
+        return sum(
+            self._db.execute(f'DELETE FROM tasks WHERE id=? AND state={DEAD}', (int(i),)).rowcount for i in task_ids
+        )
+
+    def load_tasks(self, task_ids: Iterable[int]) -> list[StoredTask]:
+        """The tasks with these ids, oldest first."""
+        tasks = []
+        for task_id in sorted(task_ids):
+            row = self._db.execute(f'SELECT {_COLUMNS} FROM tasks WHERE id=?', (task_id,)).fetchone()
+            if row is not None:
+                tasks.append(_row_to_task(row))
+        return tasks
+
+    def list_tasks(self, queue: str | None, limit: int) -> list[dict]:
+        """A JSON-able listing (no payloads) of stored tasks, oldest first."""
+        sql = 'SELECT id, queue, state, attempts, length(payload), created FROM tasks'
+        params: tuple = ()
+        if queue is not None:
+            sql += ' WHERE queue=?'
+            params = (queue,)
+        names = {READY: 'ready', DELIVERED: 'delivered', DEAD: 'dead'}
+        rows = self._db.execute(sql + ' ORDER BY id LIMIT ?', (*params, limit)).fetchall()
+        return [
+            {'id': i, 'queue': q, 'state': names.get(s, str(s)), 'attempts': a, 'bytes': n, 'created': c}
+            for i, q, s, a, n, c in rows
+        ]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + '*') if p.exists())
