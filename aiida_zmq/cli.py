@@ -74,18 +74,19 @@ def serve(
         sys.exit(2)
 
 
-def _register_optional_commands() -> None:
-    """Commands that need AiiDA live in their own module, registered when it imports."""
-    try:
-        from . import aiida_cli
-    except ImportError:  # pragma: no cover - aiida-core is a dependency, but keep `serve` usable without it
-        return
-    register = getattr(aiida_cli, 'register', None)
-    if register is not None:
-        register(main)
+#: Modules that add commands to the group, each through a ``register(group)`` function. Commands that need AiiDA or
+#: circus import them inside the command, so that ``aiida-zmq serve`` (the broker process) starts fast.
+COMMAND_MODULES = ('aiida_zmq.aiida_cli',)
 
 
-_register_optional_commands()
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(main)
+
+
+_register_commands()
 
 if __name__ == '__main__':
     main()
