@@ -71,6 +71,7 @@ def connect(endpoint: str | None = None, *, data_dir: str | os.PathLike[str] | N
             raise ValueError('give the broker endpoint (e.g. ipc:///path/broker.sock) or its data directory')
         from .discovery import choose_endpoint, read_live_broker_info
 
+        data_dir = os.path.expanduser(data_dir)
         info = read_live_broker_info(data_dir)
         if info is None:
             raise BrokerUnavailable(
