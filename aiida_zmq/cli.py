@@ -42,6 +42,13 @@ def main() -> None:
 )
 @click.option('--max-deliveries', type=int, default=20, show_default=True, help='Deliveries before dead-lettering.')
 @click.option('--max-message-bytes', type=int, default=64 * 1024 * 1024, show_default=True)
+@click.option(
+    '--lock-timeout',
+    type=float,
+    default=30.0,
+    show_default=True,
+    help='Seconds to wait for the data directory lock held by a broker that is still shutting down.',
+)
 @click.option('--fsync', is_flag=True, help='fsync every batch: survives power loss, not only crashes (slower).')
 @click.option('--log-level', default='INFO', show_default=True, type=click.Choice(['DEBUG', 'INFO', 'WARNING']))
 def serve(
@@ -51,6 +58,7 @@ def serve(
     peer_timeout: float,
     max_deliveries: int,
     max_message_bytes: int,
+    lock_timeout: float,
     fsync: bool,
     log_level: str,
 ) -> None:
@@ -65,6 +73,7 @@ def serve(
         max_deliveries=max_deliveries,
         max_message_bytes=max_message_bytes,
         fsync=fsync,
+        lock_timeout=lock_timeout,
     )
     try:
         broker = Broker(data_dir, binds, config)

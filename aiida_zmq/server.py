@@ -58,6 +58,7 @@ class BrokerConfig:
     reclaim_grace: float | None = None  # after a restart, how long holders may reclaim tasks (default: peer_timeout)
     retry_backoff: float = 0.1  # first delay before a rejected task is offered again; doubles per delivery
     retry_backoff_max: float = 10.0
+    lock_timeout: float = 30.0  # how long to wait for the data directory's lock (a previous broker still closing)
 
     @property
     def grace(self) -> float:
@@ -215,7 +216,7 @@ class Broker:
 
     def open(self) -> None:
         """Take the data directory's lock, load the store and bind the sockets."""
-        lock = broker_lock(self.data_dir, blocking=True)
+        lock = broker_lock(self.data_dir, blocking=True, timeout=self.config.lock_timeout)
         lock.__enter__()
         self._lock_context = lock
         try:

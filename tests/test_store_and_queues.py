@@ -1,0 +1,162 @@
+"""Durable store and queue semantics: offline submit, FIFO across the memory window, prefetch, clean shutdown,
+permissions, and the `next_task` / iteration interface that `verdi process repair` uses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import kiwipy
+import pytest
+
+import aiida_zmq
+from aiida_zmq.exceptions import BrokerRunning, StoreError
+from aiida_zmq.server import Broker, BrokerConfig
+from aiida_zmq.store import STORE_FILENAME, submit_offline
+from aiida_zmq.testing import BrokerProcess, wait_until
+
+
+def test_offline_submit_is_delivered_when_the_broker_starts(tmp_path, zmq_broker_factory):
+    data_dir = tmp_path / 'broker'
+    ids = [submit_offline(data_dir, 'work', b'\x00J"task %d"' % number) for number in range(3)]
+    assert ids == sorted(ids)
+    assert oct(data_dir.stat().st_mode & 0o777) == '0o700'
+    assert oct((data_dir / STORE_FILENAME).stat().st_mode & 0o777) == '0o600'
+
+    broker = zmq_broker_factory(data_dir=data_dir)
+    communicator = aiida_zmq.connect(broker.endpoint)
+    seen = [task.body for task in communicator.task_queue('work')]
+    assert seen == ['task 0', 'task 1', 'task 2']
+    communicator.close()
+
+
+def test_offline_submit_refused_while_a_broker_runs(zmq_broker):
+    with pytest.raises(BrokerRunning, match='send tasks through it'):
+        submit_offline(zmq_broker.data_dir, 'work', b'x')
+
+
+def test_fifo_across_the_memory_window_with_tasks_on_disk(tmp_path):
+    """A window of 10 tasks in memory, 250 queued: every task comes out once, in order, paged in from disk."""
+    config = BrokerConfig(window=10, heartbeat=0.2)
+    broker = Broker(tmp_path / 'b', [f'ipc://{tmp_path}/b.sock'], config).start_in_thread()
+    try:
+        producer = aiida_zmq.connect(f'ipc://{tmp_path}/b.sock')
+        queue = producer.task_queue('fifo')
+        for number in range(250):
+            queue.task_send(number, no_reply=True)
+        consumer = aiida_zmq.connect(f'ipc://{tmp_path}/b.sock')
+        received: list[int] = []
+        done = threading.Event()
+
+        def consume(_communicator, number):
+            received.append(number)
+            if len(received) == 250:
+                done.set()
+
+        consumer.task_queue('fifo', prefetch_count=3).add_task_subscriber(consume)
+        assert done.wait(30), f'only {len(received)} of 250 tasks arrived'
+        assert received == list(range(250))
+        consumer.close()
+        producer.close()
+    finally:
+        broker.stop()
+
+
+def test_prefetch_limits_what_one_consumer_holds(zmq_broker):
+    producer = aiida_zmq.connect(zmq_broker.endpoint)
+    holder = aiida_zmq.connect(zmq_broker.endpoint)
+    held: list[kiwipy.Future] = []
+    holder.task_queue('work', prefetch_count=2).add_task_subscriber(
+        lambda _c, _t: held.append(kiwipy.Future()) or held[-1]
+    )
+    futures = [producer.task_queue('work').task_send(number) for number in range(5)]
+    wait_until(lambda: len(held) == 2, timeout=5)
+    status = producer.admin('status')
+    assert status['queues']['work']['depth'] == 3
+    assert [client['held'] for client in status['clients'] if client['prefetch']] == [2]
+    for future in held[:1]:
+        future.set_result('done')
+    wait_until(lambda: len(held) == 3, timeout=5)  # one finished: room for exactly one more
+    assert futures[0].result(timeout=5).result(timeout=5) == 'done'  # a nested future, as kiwipy gives
+    holder.close()
+    producer.close()
+
+
+def test_sigterm_exits_cleanly_and_keeps_everything(zmq_broker):
+    communicator = aiida_zmq.connect(zmq_broker.endpoint)
+    for number in range(20):
+        communicator.task_queue('work').task_send(number, no_reply=True)
+    communicator.close()
+    assert zmq_broker.stop() == 0
+    assert not (zmq_broker.data_dir / 'broker.json').exists()
+    assert 'stopping' in zmq_broker.log()
+    database = sqlite3.connect(zmq_broker.data_dir / STORE_FILENAME)
+    assert database.execute('SELECT count(*) FROM tasks').fetchone() == (20,)
+    assert database.execute('PRAGMA integrity_check').fetchone() == ('ok',)
+    database.close()
+
+
+def test_next_task_and_iteration(zmq_broker, zmq_communicator):
+    queue = zmq_communicator.task_queue('inspect')
+    for number in range(3):
+        queue.task_send(number, no_reply=True)
+    # Look without taking: a task given back with requeue() comes out again, first.
+    with queue.next_task(timeout=5) as task:
+        assert task.body == 0
+        task.requeue()
+    bodies = []
+    for task in queue:
+        bodies.append(task.body)
+        with task.processing() as outcome:
+            outcome.set_result(None)
+    assert bodies == [0, 1, 2]
+    with pytest.raises(kiwipy.exceptions.QueueEmpty), queue.next_task(timeout=0.5):
+        pass
+    assert zmq_communicator.admin('status')['queues']['inspect']['depth'] == 0
+
+
+def _serve(data_dir, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, '-m', 'aiida_zmq.cli', 'serve', '--data-dir', str(data_dir), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)
+    return subprocess.CompletedProcess(command, process.returncode, output)
+
+
+def test_serve_refuses_a_data_dir_open_to_others(tmp_path):
+    data_dir = tmp_path / 'open'
+    data_dir.mkdir(mode=0o755)
+    os.chmod(data_dir, 0o755)
+    result = _serve(data_dir)
+    assert result.returncode == 2
+    assert 'open to other users' in result.stdout and f'chmod 700 {data_dir}' in result.stdout
+
+
+def test_second_broker_on_the_same_data_dir_is_refused(zmq_broker):
+    other = BrokerProcess(zmq_broker.data_dir, endpoint=f'ipc://{zmq_broker.data_dir}/other.sock')
+    command = [sys.executable, '-m', 'aiida_zmq.cli', 'serve', '--data-dir', str(other.data_dir)]
+    command += ['--bind', other.endpoint, '--lock-timeout', '1']
+    # The lock is waited for with a bound; a second broker must not start serving the same store.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2
+    assert 'one broker per data directory' in output
+
+
+def test_store_error_is_a_clear_refusal(tmp_path):
+    data_dir = tmp_path / 'corrupt'
+    data_dir.mkdir(mode=0o700)
+    (data_dir / STORE_FILENAME).write_bytes(b'this is not a database' * 100)
+    with pytest.raises(StoreError):
+        Broker(data_dir, [f'ipc://{tmp_path}/c.sock']).open()
