@@ -21,12 +21,18 @@ from importlib import resources
 from string import Template
 
 __all__ = (
+    'EVENTS_PLUGIN',
+    'HEALTH_PLUGIN',
     'CircusCallError',
     'CircusController',
+    'HealthOptions',
     'WatcherSpec',
+    'attach_broker',
     'attach_watcher',
     'broker_command',
     'broker_watcher_spec',
+    'broker_watchers',
+    'plugin_watcher_spec',
     'render_ini',
     'watcher_name',
 )
@@ -34,6 +40,12 @@ __all__ = (
 LOGGER = logging.getLogger(__name__)
 
 WATCHER_PREFIX = 'aiida-zmq-'
+EVENTS_SUFFIX = '-events'
+HEALTH_SUFFIX = '-health'
+# Fully qualified names of the plugin classes (``circus.plugins.main`` resolves them in the plugin process).
+EVENTS_PLUGIN = 'aiida_zmq.circus_plugins.events.BrokerEventsPlugin'
+HEALTH_PLUGIN = 'aiida_zmq.circus_plugins.health.BrokerHealthPlugin'
+EXTENDED_STATS_HOOK = 'aiida_zmq.circus_plugins.hooks.extended_stats'
 # Seconds the broker gets after SIGTERM to commit and close before circus kills it.
 GRACEFUL_TIMEOUT = 10.0
 # Reasons circus gives when another command holds the arbiter's lock (``circus.util.synchronized``); retry those.
@@ -76,6 +88,8 @@ class WatcherSpec:
     working_dir: str | None = None
     graceful_timeout: float = GRACEFUL_TIMEOUT
     numprocesses: int = 1
+    # Circus hooks, ``{hook name: fully qualified function}``; loaded in the arbiter, failures there ignored.
+    hooks: dict[str, str] = field(default_factory=dict)
 
     @property
     def cmd(self) -> str:
@@ -98,6 +112,9 @@ class WatcherSpec:
         }
         if self.working_dir:
             options['working_dir'] = self.working_dir
+        if self.hooks:
+            # ``[name, ignore_failure]``: a hook that fails to import must not keep the broker from running.
+            options['hooks'] = {hook: [function, True] for hook, function in self.hooks.items()}
         if self.log_file:
             options['stdout_stream'] = self._stream()
             options['stderr_stream'] = self._stream()
@@ -127,8 +144,136 @@ def broker_watcher_spec(
         argv.extend(['--bind', bind])
     argv.extend(extra_args)
     return WatcherSpec(
-        name=watcher_name(profile_name), argv=argv, log_file=log_file, env=dict(env or {}), working_dir=data_dir
+        name=watcher_name(profile_name),
+        argv=argv,
+        log_file=log_file,
+        env=dict(env or {}),
+        working_dir=data_dir,
+        hooks={'extended_stats': EXTENDED_STATS_HOOK},
     )
+
+
+@dataclass
+class HealthOptions:
+    """How the health plugin checks the broker (see ``docs/circus.md``).
+
+    A broker is declared hung after ``max_failures`` checks in a row that got no answer to ``status`` within
+    ``timeout`` seconds, counted only once the process is older than ``start_grace`` (recovering a large store takes a
+    while). The worst-case detection time is about ``max_failures * (interval + timeout)``.
+    """
+
+    interval: float = 5.0
+    timeout: float = 2.0
+    max_failures: int = 3
+    start_grace: float = 30.0
+    # ``kill``: SIGKILL through the arbiter, which respawns the broker at once (the store survives kill -9).
+    # ``restart``: circus ``restart`` of the watcher (SIGTERM, ``graceful_timeout``, then SIGKILL): slower when hung.
+    action: str = 'kill'
+
+    def config(self) -> dict[str, str]:
+        return {
+            'interval': str(self.interval),
+            'timeout': str(self.timeout),
+            'max_failures': str(self.max_failures),
+            'start_grace': str(self.start_grace),
+            'action': self.action,
+        }
+
+
+def plugin_watcher_spec(
+    name: str,
+    plugin: str,
+    *,
+    controller: str,
+    pubsub: str,
+    config: dict[str, str],
+    log_file: str | None,
+    env: dict[str, str] | None = None,
+    python: str | None = None,
+    log_level: str = 'INFO',
+) -> WatcherSpec:
+    """Return a watcher that runs the circus plugin class ``plugin`` (a fully qualified name).
+
+    This is the command circus 0.19 itself builds for a ``[plugin:NAME]`` section (``circus.plugins.get_plugin_cmd``),
+    so a plugin can be added to a running arbiter with ``add`` like any watcher, and written to an ``.ini`` the same
+    way. The plugin's configuration travels as ``key:value:::key:value`` (``circus.plugins._str2cfg``).
+    """
+    for key, value in config.items():
+        if ':::' in key or ':' in key or ':::' in value:
+            raise ValueError(f'plugin option {key}={value!r} cannot be passed to circus (no ":" in keys, no ":::")')
+    serialized = ':::'.join(f'{key}:{value}' for key, value in sorted(config.items()))
+    argv = [python or sys.executable, '-c', 'from circus import plugins; plugins.main()']
+    argv += ['--endpoint', controller, '--pubsub', pubsub, '--log-level', log_level]
+    if serialized:
+        argv += ['--config', serialized]
+    argv.append(plugin)
+    # Plugins hold no state worth a long shutdown: a second is plenty.
+    return WatcherSpec(name=name, argv=argv, log_file=log_file, env=dict(env or {}), graceful_timeout=2.0)
+
+
+def broker_watchers(
+    profile_name: str,
+    data_dir: str,
+    *,
+    controller: str,
+    pubsub: str,
+    log_dir: str | None,
+    env: dict[str, str] | None = None,
+    binds: t.Sequence[str] = (),
+    extra_args: t.Sequence[str] = (),
+    health: HealthOptions | None = None,
+    python: str | None = None,
+    plugins: bool = True,
+) -> list[WatcherSpec]:
+    """Return the watchers of a profile's broker: the broker, its events plugin and its health plugin.
+
+    The same list goes to a running arbiter (:func:`attach_broker`) and into a standalone ``.ini``
+    (``aiida-zmq circus-config``). Logs: ``LOG_DIR/aiida-zmq-<profile>[-events|-health].log``.
+    """
+    broker = watcher_name(profile_name)
+
+    def log(name: str) -> str | None:
+        return os.path.join(log_dir, f'{name}.log') if log_dir else None
+
+    specs = [
+        broker_watcher_spec(
+            profile_name,
+            data_dir,
+            log_file=log(broker),
+            env=env,
+            binds=binds,
+            extra_args=extra_args,
+            python=python,
+        )
+    ]
+    if not plugins:
+        return specs
+    common = {'data_dir': data_dir, 'broker_watcher': broker}
+    specs.append(
+        plugin_watcher_spec(
+            broker + EVENTS_SUFFIX,
+            EVENTS_PLUGIN,
+            controller=controller,
+            pubsub=pubsub,
+            config=common,
+            log_file=log(broker + EVENTS_SUFFIX),
+            env=env,
+            python=python,
+        )
+    )
+    specs.append(
+        plugin_watcher_spec(
+            broker + HEALTH_SUFFIX,
+            HEALTH_PLUGIN,
+            controller=controller,
+            pubsub=pubsub,
+            config={**common, **(health or HealthOptions()).config()},
+            log_file=log(broker + HEALTH_SUFFIX),
+            env=env,
+            python=python,
+        )
+    )
+    return specs
 
 
 class CircusController:
@@ -175,6 +320,10 @@ class CircusController:
 
     def watcher_options(self, name: str) -> dict[str, t.Any]:
         return dict(self.call('options', name=name).get('options', {}))
+
+    def global_options(self) -> dict[str, t.Any]:
+        """Return the arbiter's ``endpoint``, ``pubsub_endpoint``, ``stats_endpoint``, ``check_delay``..."""
+        return dict(self.call('globaloptions').get('options', {}))
 
     def close(self) -> None:
         self._client.stop()
@@ -234,29 +383,108 @@ def _attach_once(controller: CircusController, spec: WatcherSpec) -> str:
     return 'exists'
 
 
-def render_ini(specs: t.Sequence[WatcherSpec], *, controller: str, pubsub: str, stats: str | None = None) -> str:
-    """Render a standalone ``circusd`` configuration with the given watchers (``aiida-zmq circus-config``)."""
-    template = Template(resources.files('aiida_zmq.config').joinpath('circus.ini.tmpl').read_text(encoding='utf-8'))
-    watcher_template = Template(
-        resources.files('aiida_zmq.config').joinpath('watcher.ini.tmpl').read_text(encoding='utf-8')
+def attach_broker(
+    controller_endpoint: str,
+    profile_name: str,
+    data_dir: str,
+    log_dir: str | None,
+    env: dict[str, str] | None = None,
+    *,
+    binds: t.Sequence[str] = (),
+    extra_args: t.Sequence[str] = (),
+    health: HealthOptions | None = None,
+    plugins: bool = True,
+    timeout: float = 30.0,
+    python: str | None = None,
+) -> dict[str, str]:
+    """Attach a profile's broker and its plugins to the running arbiter at ``controller_endpoint``.
+
+    Each watcher goes through :func:`attach_watcher` (idempotent, retried while busy, safe when several processes
+    race), the broker first so that the plugins find it. The plugins need the arbiter's pub/sub endpoint, asked from
+    the arbiter itself (``globaloptions``). Returns ``{watcher name: 'added'|'exists'|'started'}``.
+
+    :raises CircusCallError: when the arbiter cannot be reached or refuses, after retrying until ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    pubsub = ''
+    if plugins:
+        pubsub = _call_retrying(controller_endpoint, lambda c: c.global_options(), deadline).get('pubsub_endpoint', '')
+        if not pubsub:
+            raise CircusCallError(f'the arbiter at {controller_endpoint} has no pub/sub endpoint: cannot run plugins')
+    specs = broker_watchers(
+        profile_name,
+        data_dir,
+        controller=controller_endpoint,
+        pubsub=pubsub,
+        log_dir=log_dir,
+        env=env,
+        binds=binds,
+        extra_args=extra_args,
+        health=health,
+        python=python,
+        plugins=plugins,
     )
+    done: dict[str, str] = {}
+    for spec in specs:
+        done[spec.name] = attach_watcher(
+            controller_endpoint, spec, timeout=max(deadline - time.monotonic(), 1.0), call_timeout=5.0
+        )
+    return done
+
+
+def _call_retrying(
+    endpoint: str, call: t.Callable[[CircusController], dict[str, t.Any]], deadline: float
+) -> dict[str, t.Any]:
+    delay = 0.05
+    while True:
+        try:
+            with CircusController(endpoint) as controller:
+                return call(controller)
+        except CircusCallError as exception:
+            if not _is_busy(exception) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def render_ini(
+    specs: t.Sequence[WatcherSpec],
+    *,
+    controller: str,
+    pubsub: str,
+    stats: str | None = None,
+    circusd_log: str | None = None,
+    generated_for: str = 'aiida-zmq circus-config',
+) -> str:
+    """Render a standalone ``circusd`` configuration with the given watchers (``aiida-zmq circus-config``).
+
+    The templates are package data of ``aiida_zmq.config`` read with :mod:`importlib.resources`, so this works from an
+    installed wheel as well as from a checkout.
+    """
+    package = resources.files('aiida_zmq.config')
+    template = Template(package.joinpath('circus.ini.tmpl').read_text(encoding='utf-8'))
+    watcher_template = Template(package.joinpath('watcher.ini.tmpl').read_text(encoding='utf-8'))
     sections = []
     for spec in specs:
         env_lines = '\n'.join(f'{key} = {value}' for key, value in sorted(spec.env.items()))
+        hook_lines = '\n'.join(f'hooks.{hook} = {function}, true' for hook, function in sorted(spec.hooks.items()))
         sections.append(
             watcher_template.substitute(
                 name=spec.name,
                 cmd=spec.cmd,
-                working_dir=spec.working_dir or '',
+                working_dir=spec.working_dir or os.getcwd(),
                 graceful_timeout=spec.graceful_timeout,
                 log_file=spec.log_file or '/dev/null',
-                env_section=f'\n[env:{spec.name}]\n{env_lines}\n' if env_lines else '',
+                hook_lines=hook_lines,
+                env_section=f'[env:{spec.name}]\n{env_lines}\n' if env_lines else '',
             )
         )
     return template.substitute(
+        generated_for=generated_for,
         controller=controller,
         pubsub=pubsub,
         statsd='true' if stats else 'false',
         stats_line=f'stats_endpoint = {stats}' if stats else '',
+        log_line=f'logoutput = {circusd_log}' if circusd_log else '',
         watchers='\n'.join(sections),
     )

@@ -22,8 +22,11 @@ __all__ = (
     'choose_endpoint',
     'data_dir_from_watcher',
     'default_ipc_bind',
+    'discover_endpoint',
+    'find_broker_via_arbiter',
     'read_broker_info',
     'wait_for_broker_info',
+    'watcher_pids_from_stats',
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -165,3 +168,139 @@ def data_dir_from_watcher(options: dict[str, t.Any]) -> str | None:
         if arg.startswith('--data-dir='):
             return arg.split('=', 1)[1]
     return None
+
+
+def _ipc_missing(endpoint: str) -> bool:
+    """Whether ``endpoint`` is an ``ipc://`` socket that does not exist: no arbiter there, no need to wait for one."""
+    return endpoint.startswith('ipc://') and not os.path.exists(endpoint[len('ipc://') :])
+
+
+def watcher_pids_from_stats(stats_endpoint: str, watcher: str, *, timeout: float = 3.0) -> list[int]:
+    """Return the pids of ``watcher`` as published on an arbiter's stats endpoint (``circusd-stats``).
+
+    ``circusd-stats`` publishes ``stat.<watcher>.<pid>`` for every live process about once a second, so this waits for
+    the next round (on average half a second): slower than asking the controller, but it needs no controller access.
+
+    :raises BrokerNotFound: when nothing about ``watcher`` was published within ``timeout`` seconds.
+    """
+    import zmq
+
+    prefix = f'stat.{watcher}.'.encode()
+    context = zmq.Context()
+    socket = context.socket(zmq.SUB)
+    try:
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SUBSCRIBE, prefix)
+        socket.connect(stats_endpoint)
+        deadline = time.monotonic() + timeout
+        pids: set[int] = set()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not socket.poll(int(remaining * 1000) + 1):
+                break
+            topic = socket.recv_multipart()[0]
+            suffix = topic[len(prefix) :]
+            if suffix.isdigit():
+                pid = int(suffix)
+                if pid in pids:
+                    # A second report of a pid: a whole round went by, every live process has been named.
+                    break
+                pids.add(pid)
+        if not pids:
+            raise BrokerNotFound(
+                f'the stats endpoint {stats_endpoint} reported no process of {watcher} within {timeout}s: '
+                'is the watcher running and the arbiter started with statsd?'
+            )
+        return sorted(pids)
+    finally:
+        socket.close(0)
+        context.term()
+
+
+def find_broker_via_arbiter(
+    controller: str,
+    watcher: str,
+    *,
+    stats_endpoint: str | None = None,
+    timeout: float = 5.0,
+) -> BrokerInfo:
+    """Find the broker run by the watcher ``watcher`` of the arbiter at ``controller``; return its ``broker.json``.
+
+    The arbiter says whether the watcher is active and with which pid (its controller, or its stats endpoint if
+    given), and where the broker keeps its data (``--data-dir`` of the watcher's command); the broker's own
+    ``broker.json`` there gives the endpoints. The pid must match: a ``broker.json`` left by a killed broker or written
+    by a broker outside this arbiter is not this watcher's broker.
+
+    :raises BrokerNotFound: when the arbiter has no such active watcher, or its broker is not up (yet).
+    :raises aiida_zmq.circus.CircusCallError: when the arbiter does not answer within ``timeout``.
+    """
+    from .circus import CircusCallError, CircusController
+
+    if _ipc_missing(controller):
+        raise CircusCallError(f'no circus arbiter at {controller} (the socket does not exist)')
+    with CircusController(controller, timeout=timeout) as client:
+        status = client.watcher_status(watcher)
+        if status is None:
+            raise BrokerNotFound(
+                f'the arbiter at {controller} has no watcher {watcher}: start the daemon (`verdi daemon start`) or '
+                'run `circusd` with the file of `aiida-zmq circus-config`'
+            )
+        if status != 'active':
+            raise BrokerNotFound(
+                f'the broker watcher {watcher} at {controller} is {status}: `circusctl start {watcher}`'
+            )
+        options = client.watcher_options(watcher)
+        pids = client.watcher_pids(watcher) if stats_endpoint is None else []
+    if stats_endpoint is not None:
+        pids = watcher_pids_from_stats(stats_endpoint, watcher, timeout=timeout)
+    data_dir = data_dir_from_watcher(options) or options.get('working_dir')
+    if not data_dir:
+        raise BrokerNotFound(f'the watcher {watcher} at {controller} does not run `aiida-zmq serve --data-dir DIR`')
+    info = read_broker_info(data_dir)
+    if info is None or info.get('pid') not in pids:
+        raise BrokerNotFound(
+            f'the broker of {watcher} (pid {", ".join(map(str, pids)) or "none"}) has not written '
+            f'{Path(data_dir) / BROKER_INFO_FILENAME} yet: it is starting, or failing (see its log)'
+        )
+    info = dict(info)
+    info.setdefault('data_dir', data_dir)
+    return info
+
+
+def discover_endpoint(
+    *,
+    controller: str | None = None,
+    watcher: str | None = None,
+    stats_endpoint: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    endpoint: str | None = None,
+    timeout: float = 5.0,
+) -> str:
+    """Return a broker's endpoint: through an arbiter first, then ``data_dir``'s ``broker.json``, then ``endpoint``.
+
+    The explicit ``endpoint`` is the fallback when there is no circus (no arbiter socket, or it does not answer) and
+    no live broker announced itself in ``data_dir``.
+
+    :raises BrokerNotFound: when none of the given ways leads to a broker; the message says what each one found.
+    """
+    from .circus import CircusCallError
+
+    reasons = []
+    if controller and watcher:
+        try:
+            return choose_endpoint(
+                find_broker_via_arbiter(controller, watcher, stats_endpoint=stats_endpoint, timeout=timeout)
+            )
+        except (BrokerNotFound, CircusCallError) as exception:
+            LOGGER.debug('no broker through the arbiter at %s: %s', controller, exception)
+            reasons.append(str(exception))
+    if data_dir is not None:
+        info = read_live_broker_info(data_dir)
+        if info is not None:
+            return choose_endpoint(info)
+        reasons.append(f'no live broker announced itself in {Path(data_dir) / BROKER_INFO_FILENAME}')
+    if endpoint:
+        return endpoint
+    raise BrokerNotFound(
+        '; '.join(reasons) or 'give an arbiter (controller and watcher), a data directory or an endpoint'
+    )

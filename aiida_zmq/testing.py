@@ -25,7 +25,7 @@ import pytest
 
 from .discovery import read_broker_info
 
-__all__ = ('BrokerProcess', 'wait_until')
+__all__ = ('ArbiterProcess', 'BrokerProcess', 'wait_until')
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = '') -> Any:
@@ -144,5 +144,253 @@ def zmq_communicator(zmq_broker: BrokerProcess) -> Iterator[Any]:
     from .communicator import connect
 
     communicator = connect(zmq_broker.endpoint, heartbeat=0.2, broker_timeout=2.0)
+    yield communicator
+    communicator.close()
+
+
+# --- circus arbiter fixtures ---------------------------------------------------------------------------------------
+
+
+class ArbiterProcess:
+    """A real ``circusd`` running a profile's broker and its plugins (events, health) on temporary paths.
+
+    Built from the same watcher definitions as ``aiida-zmq circus-config`` (``via='ini'``, the default) or attached
+    to a bare arbiter with ``add`` as the AiiDA daemon does (``via='add'``). Everything lives in ``base``: sockets
+    (``c.sock``, ``p.sock``, ``s.sock``), the broker's data directory ``data/`` and the logs ``logs/``.
+    """
+
+    def __init__(
+        self,
+        base: Path,
+        *,
+        profile: str = 'test',
+        broker_args: tuple[str, ...] = ('--heartbeat', '0.2', '--peer-timeout', '5'),
+        health: Any = None,
+        plugins: bool = True,
+        stats: bool = False,
+        via: str = 'ini',
+    ) -> None:
+        from .circus import HealthOptions, watcher_name
+
+        self.base = Path(base)
+        self.profile = profile
+        self.broker_args = broker_args
+        # Quick checks by default, so that tests of a hung broker finish in seconds.
+        self.health = health or HealthOptions(interval=0.5, timeout=1.0, max_failures=2, start_grace=1.0)
+        self.plugins = plugins
+        self.via = via
+        self.controller = f'ipc://{self.base}/c.sock'
+        self.pubsub = f'ipc://{self.base}/p.sock'
+        self.stats = f'ipc://{self.base}/s.sock' if stats else None
+        self.data_dir = self.base / 'data'
+        self.log_dir = self.base / 'logs'
+        self.broker_watcher = watcher_name(profile)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def broker_endpoint(self) -> str:
+        return f'ipc://{self.data_dir}/broker.sock'
+
+    def specs(self) -> list[Any]:
+        from .circus import broker_watchers
+
+        return broker_watchers(
+            self.profile,
+            str(self.data_dir),
+            controller=self.controller,
+            pubsub=self.pubsub,
+            log_dir=str(self.log_dir),
+            binds=[self.broker_endpoint],
+            extra_args=self.broker_args,
+            health=self.health,
+            plugins=self.plugins,
+        )
+
+    def start(self, timeout: float = 30.0) -> ArbiterProcess:
+        from .circus import attach_broker, render_ini
+
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        specs = self.specs() if self.via == 'ini' else []
+        ini = self.base / 'circus.ini'
+        ini.write_text(render_ini(specs, controller=self.controller, pubsub=self.pubsub, stats=self.stats))
+        circusd = Path(sys.executable).parent / 'circusd'
+        command = (
+            [str(circusd)] if circusd.exists() else [sys.executable, '-c', 'from circus.circusd import main; main()']
+        )
+        self.process = subprocess.Popen(
+            [*command, '--log-output', str(self.log_dir / 'circusd.log'), str(ini)],
+            cwd=self.base,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        process = self.process
+        wait_until(lambda: process.poll() is not None or self._answers(), timeout, what='circusd to answer')
+        if process.poll() is not None:
+            raise RuntimeError(f'circusd exited with {process.returncode}; see {self.log_dir / "circusd.log"}')
+        if self.via == 'add':
+            attach_broker(
+                self.controller,
+                self.profile,
+                str(self.data_dir),
+                str(self.log_dir),
+                binds=[self.broker_endpoint],
+                extra_args=self.broker_args,
+                health=self.health,
+                plugins=self.plugins,
+            )
+        self.wait_for_broker(timeout)
+        return self
+
+    def _answers(self) -> bool:
+        from .circus import CircusCallError
+
+        try:
+            self.call('list')
+        except CircusCallError:
+            return False
+        return True
+
+    def call(self, command: str, **properties: Any) -> dict[str, Any]:
+        """Send a command to the arbiter's controller (``circusctl`` equivalent)."""
+        from .circus import CircusController
+
+        with CircusController(self.controller, timeout=5.0) as controller:
+            return controller.call(command, **properties)
+
+    def pids(self, name: str) -> list[int]:
+        return [int(pid) for pid in self.call('list', name=name).get('pids', [])]
+
+    def broker_pid(self) -> int | None:
+        pids = self.pids(self.broker_watcher)
+        return pids[0] if pids else None
+
+    def wait_for_broker(self, timeout: float = 30.0, *, not_pid: int | None = None) -> dict[str, Any]:
+        """Wait until the broker watcher's process wrote ``broker.json`` (a new one if ``not_pid``); return it."""
+
+        def ready() -> dict[str, Any] | None:
+            info = read_broker_info(self.data_dir)
+            pid = self.broker_pid()
+            if info is not None and pid is not None and info.get('pid') == pid and pid != not_pid:
+                return info
+            return None
+
+        return wait_until(ready, timeout, interval=0.05, what=f'the broker of {self.base} to come up')
+
+    def connect(self, **options: Any) -> Any:
+        """Return a communicator connected to this arbiter's broker (the caller closes it)."""
+        from .communicator import connect
+
+        options.setdefault('heartbeat', 0.2)
+        options.setdefault('broker_timeout', 2.0)
+        return connect(self.broker_endpoint, **options)
+
+    def log(self, name: str | None = None) -> str:
+        """Return the log of a watcher (default: the broker's); ``circusd`` for the arbiter's own."""
+        path = self.log_dir / f'{name or self.broker_watcher}.log'
+        try:
+            return path.read_text(errors='replace')
+        except OSError:
+            return ''
+
+    def all_pids(self) -> list[int]:
+        import psutil
+
+        if self.process is None:
+            return []
+        try:
+            return [child.pid for child in psutil.Process(self.process.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """``quit`` the arbiter (retried while busy); kill whatever is left at the deadline. Leaves nothing running."""
+        import psutil
+
+        from .circus import CircusCallError
+
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        children = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(process.pid).children(recursive=True)
+        for child in children:
+            # A SIGSTOPped child would hold the arbiter's graceful shutdown for its whole timeout.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.resume()
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                from .circus import CircusController
+
+                with CircusController(self.controller, timeout=5.0) as controller:
+                    controller.call('quit', waiting=True)
+                break
+            except CircusCallError as exception:
+                if 'already running' not in str(exception):
+                    break
+                time.sleep(0.1)
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 1.0))
+        except subprocess.TimeoutExpired:
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+        # circus gives its children sessions of their own: make sure none outlived the arbiter.
+        _gone, alive = psutil.wait_procs(children, timeout=5)
+        for child in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        if alive:
+            raise RuntimeError(f'processes outlived the arbiter: {[child.pid for child in alive]}')
+
+
+@pytest.fixture
+def zmq_arbiter_factory() -> Iterator[Callable[..., ArbiterProcess]]:
+    """Boot real ``circusd`` arbiters running the broker and its plugins; all are stopped after the test.
+
+    Keyword arguments go to :class:`ArbiterProcess` (``profile``, ``broker_args``, ``health``, ``plugins``, ``stats``,
+    ``via``). Sockets live in a short private directory under ``/tmp`` (unix socket paths are limited to ~100 bytes).
+    """
+    import shutil
+
+    started: list[ArbiterProcess] = []
+    bases: list[Path] = []
+
+    def factory(**options: Any) -> ArbiterProcess:
+        base = Path(tempfile.mkdtemp(prefix='azarb-'))
+        bases.append(base)
+        arbiter = ArbiterProcess(base, **options)
+        started.append(arbiter)
+        return arbiter.start()
+
+    yield factory
+    errors = []
+    for arbiter in started:
+        try:
+            arbiter.stop()
+        except Exception as exception:
+            errors.append(exception)
+    for base in bases:
+        shutil.rmtree(base, ignore_errors=True)
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def zmq_arbiter(zmq_arbiter_factory: Callable[..., ArbiterProcess]) -> ArbiterProcess:
+    """A real ``circusd`` with the broker, events and health watchers of profile ``test``, on temporary paths."""
+    return zmq_arbiter_factory()
+
+
+@pytest.fixture
+def zmq_arbiter_communicator(zmq_arbiter: ArbiterProcess) -> Iterator[Any]:
+    """A communicator connected to ``zmq_arbiter``'s broker, closed afterwards."""
+    communicator = zmq_arbiter.connect()
     yield communicator
     communicator.close()
