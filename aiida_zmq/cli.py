@@ -85,7 +85,10 @@ def serve(
 
 #: Modules that add commands to the group, each through a ``register(group)`` function. Commands that need AiiDA or
 #: circus import them inside the command, so that ``aiida-zmq serve`` (the broker process) starts fast.
-COMMAND_MODULES = ('aiida_zmq.aiida_cli',)
+COMMAND_MODULES = (
+    'aiida_zmq.aiida_cli',
+    'aiida_zmq.admin_cli',
+)
 
 
 def _register_commands() -> None:

@@ -954,6 +954,20 @@ class Broker:
     def _admin_tasks(self, queue: str | None = None, limit: int = 100) -> dict:
         return {'tasks': self.store.list_tasks(queue, int(limit))}
 
+    def _admin_tasks_purge(self, queue: str) -> dict:
+        """Drop the waiting tasks of a queue (held ones stay with their consumers)."""
+        self._flush_writes()  # requeues of this batch first, so that the purge sees every waiting task
+        purged = self.store.purge_ready(queue)
+        state = self.queues.get(queue)
+        if state is not None:
+            state.ready.clear()
+            state.ready_bytes = 0
+            state.backlog = 0
+        self._delayed = [entry for entry in self._delayed if entry[2].queue != queue]
+        heapq.heapify(self._delayed)
+        LOGGER.warning('%d waiting task(s) of queue %s purged by request', purged, queue)
+        return {'purged': purged}
+
     _admin_operations: dict[str, Callable[..., dict]] = {
         'status': _admin_status,
         'peer-gone': _admin_peer_gone,
@@ -961,6 +975,7 @@ class Broker:
         'dead-letters-requeue': _admin_dead_letters_requeue,
         'dead-letters-drop': _admin_dead_letters_drop,
         'tasks': _admin_tasks,
+        'tasks-purge': _admin_tasks_purge,
     }
 
     _handlers = {

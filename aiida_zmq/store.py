@@ -223,6 +223,11 @@ class TaskStore:
             self._db.execute(f'DELETE FROM tasks WHERE id=? AND state={DEAD}', (int(i),)).rowcount for i in task_ids
         )
 
+    def purge_ready(self, queue: str) -> int:
+        """Delete the waiting (ready) tasks of a queue; tasks held by consumers stay. Returns how many."""
+        self._begin()
+        return self._db.execute(f'DELETE FROM tasks WHERE queue=? AND state={READY}', (queue,)).rowcount
+
     def load_tasks(self, task_ids: Iterable[int]) -> list[StoredTask]:
         """The tasks with these ids, oldest first."""
         tasks = []

@@ -1,0 +1,338 @@
+"""``aiida-zmq status``, ``tasks ...`` and ``dead-letter ...``: look at a running broker and act on it.
+
+Every command finds its broker the same way (:func:`broker_options`): ``--endpoint``, else ``--data-dir``, else the
+AiiDA profile given with ``--profile`` (default: the default profile). They talk to the broker through ADMIN requests
+(``docs/protocol.md``), so they see what the broker sees and change nothing behind its back.
+
+Exit codes: 0 done, 1 the broker refused or failed, 2 bad usage (click), 3 no broker is running.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sqlite3
+import sys
+import time
+import typing as t
+from pathlib import Path
+
+import click
+
+__all__ = ('register',)
+
+EXIT_REFUSED = 1
+EXIT_NOT_RUNNING = 3
+# The name of this command's own session: left out of the client list it shows.
+CLIENT_NAME = 'aiida-zmq-cli'
+
+
+def register(group: click.Group) -> None:
+    group.add_command(status)
+    group.add_command(tasks)
+    group.add_command(dead_letter)
+
+
+class Target(t.NamedTuple):
+    """Where a broker is, and how to name it in messages."""
+
+    endpoint: str | None
+    data_dir: Path | None
+    label: str
+    start_hint: str
+
+
+def broker_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+    """Add ``--endpoint``, ``--data-dir`` and ``--profile``, resolved into a ``target`` argument."""
+
+    @click.option('--endpoint', metavar='ENDPOINT', help='The broker endpoint, e.g. ipc:///path/broker.sock.')
+    @click.option(
+        '--data-dir', type=click.Path(file_okay=False), help='The broker data directory (`serve --data-dir`).'
+    )
+    @click.option('-p', '--profile', 'profile_name', metavar='PROFILE', help='An AiiDA profile using this broker.')
+    @functools.wraps(command)
+    def wrapper(endpoint: str | None, data_dir: str | None, profile_name: str | None, **kwargs: t.Any) -> t.Any:
+        return command(target=_resolve(endpoint, data_dir, profile_name), **kwargs)
+
+    return wrapper
+
+
+def _resolve(endpoint: str | None, data_dir: str | None, profile_name: str | None) -> Target:
+    if endpoint:
+        return Target(endpoint, None, endpoint, f'start the broker that should listen at {endpoint}')
+    if data_dir:
+        path = Path(os.path.expanduser(data_dir)).absolute()
+        return Target(None, path, str(path), f'start it with `aiida-zmq serve --data-dir {path}`')
+    return _profile_target(profile_name)
+
+
+def _profile_target(profile_name: str | None) -> Target:
+    try:
+        from aiida.manage.configuration import get_config
+
+        config = get_config(create=False)
+        profile = config.get_profile(profile_name) if profile_name else config.get_profile(config.default_profile_name)
+    except Exception as exception:
+        raise click.UsageError(
+            f'cannot find the AiiDA profile{" " + profile_name if profile_name else ""} ({exception}). '
+            'Give --profile, --data-dir or --endpoint.'
+        ) from None
+    if profile.process_control_backend != 'zmq':
+        raise click.UsageError(
+            f'profile `{profile.name}` uses the broker `{profile.process_control_backend}`, not aiida-zmq: '
+            f'switch it with `aiida-zmq configure {profile.name}`.'
+        )
+    from .aiida.broker import broker_data_dir
+
+    return Target(
+        None,
+        broker_data_dir(profile),
+        f'profile {profile.name}',
+        'start it with `verdi daemon start` (it starts the broker)',
+    )
+
+
+def _open(target: Target) -> t.Any:
+    """Connect to the broker; raises ``BrokerUnavailable`` (or ``ValueError`` for a bad endpoint)."""
+    import aiida_zmq
+
+    if target.endpoint:
+        return aiida_zmq.connect(target.endpoint, connect_timeout=3.0, name=CLIENT_NAME)
+    return aiida_zmq.connect(data_dir=target.data_dir, connect_timeout=3.0, name=CLIENT_NAME)
+
+
+def _connect(target: Target) -> t.Any:
+    """Connect to the broker, or exit with code 3 and a line saying what to run."""
+    from aiida_zmq.exceptions import BrokerUnavailable
+
+    try:
+        return _open(target)
+    except (BrokerUnavailable, ValueError) as exception:
+        click.echo(f'aiida-zmq: no broker is running for {target.label}: {target.start_hint}.', err=True)
+        click.echo(f'  ({exception})', err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+
+
+def _admin(target: Target, op: str, **arguments: t.Any) -> dict[str, t.Any]:
+    from aiida_zmq.exceptions import AdminError
+
+    communicator = _connect(target)
+    try:
+        return communicator.admin(op, timeout=30.0, **arguments)
+    except (AdminError, TimeoutError) as exception:
+        click.echo(f'aiida-zmq: the broker refused `{op}`: {exception}', err=True)
+        sys.exit(EXIT_REFUSED)
+    finally:
+        communicator.close()
+
+
+def _emit_json(value: t.Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _size(count: float) -> str:
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if count < 1024 or unit == 'GiB':
+            return f'{count:.0f} {unit}' if unit == 'B' else f'{count:.1f} {unit}'
+        count /= 1024
+    return f'{count:.1f} GiB'
+
+
+def _offline_depths(data_dir: Path | None) -> dict[str, int] | None:
+    """Queue depths read straight from the store of a broker that is not running (read-only), if there is one."""
+    from .store import DEAD, STORE_FILENAME
+
+    if data_dir is None or not (data_dir / STORE_FILENAME).exists():
+        return None
+    try:
+        database = sqlite3.connect(f'file:{data_dir / STORE_FILENAME}?mode=ro', uri=True, timeout=2.0)
+        try:
+            rows = database.execute(f'SELECT queue, count(*) FROM tasks WHERE state!={DEAD} GROUP BY queue').fetchall()
+        finally:
+            database.close()
+    except sqlite3.Error:
+        return None
+    return dict(rows)
+
+
+# status -----------------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@broker_options
+@click.option('--json', 'as_json', is_flag=True, help='Print the full status as JSON.')
+def status(target: Target, as_json: bool) -> None:
+    """Show whether the broker runs, and its queues, consumers, dead letters and store.
+
+    Exit code 3 when no broker is running (the queues stored on disk are shown all the same).
+    """
+    from aiida_zmq.exceptions import BrokerUnavailable
+
+    try:
+        communicator = _open(target)
+    except (BrokerUnavailable, ValueError) as exception:
+        depths = _offline_depths(target.data_dir)
+        if as_json:
+            _emit_json({'running': False, 'target': target.label, 'error': str(exception), 'stored': depths})
+        else:
+            click.secho(f'aiida-zmq broker for {target.label}: not running', fg='red', bold=True)
+            click.echo(f'  {target.start_hint}')
+            if depths:
+                click.echo('  tasks waiting in its store: ' + ', '.join(f'{q} {n}' for q, n in sorted(depths.items())))
+        sys.exit(EXIT_NOT_RUNNING)
+    try:
+        started = time.perf_counter()
+        answer = communicator.admin('status', timeout=10.0)
+        answer['round_trip_ms'] = round((time.perf_counter() - started) * 1000, 3)
+    finally:
+        communicator.close()
+    answer['running'] = True
+    # This command's own session is part of the broker's answer; it is not a user of the broker.
+    answer['clients'] = [client for client in answer['clients'] if client['name'] != CLIENT_NAME]
+    if as_json:
+        _emit_json(answer)
+        return
+    _print_status(answer)
+
+
+def _print_status(answer: dict[str, t.Any]) -> None:
+    uptime = int(answer['uptime'])
+    click.secho(f'aiida-zmq broker {answer["version"]}: running', fg='green', bold=True)
+    up = f'{uptime // 3600}h{uptime // 60 % 60:02d}m{uptime % 60:02d}s'
+    click.echo(f'  pid {answer["pid"]}, up {up}, epoch {answer["epoch"]}')
+    click.echo(f'  endpoints  {", ".join(answer["endpoints"])}')
+    click.echo(f'  data dir   {answer["data_dir"]} (store {_size(answer["store_bytes"])})')
+    click.echo(f'  round trip {answer["round_trip_ms"]:.2f} ms')
+    queues = answer['queues']
+    click.echo(f'  queues     {len(queues)}' + ('' if queues else ' (none yet)'))
+    for name, queue in sorted(queues.items()):
+        click.echo(f'    {name}: {queue["depth"]} waiting, {queue["consumers"]} consumer(s)')
+    clients = answer['clients']
+    click.echo(f'  clients    {len(clients)}')
+    for client in clients:
+        prefetch = ', '.join(f'{q} prefetch {p or "unlimited"}' for q, p in client['prefetch'].items()) or 'no queue'
+        click.echo(f'    {client["name"]} (pid {client["pid"]}): {client["held"]} task(s) in flight; {prefetch}')
+    stats = answer.get('stats', {})
+    if stats:
+        click.echo('  counters   ' + ', '.join(f'{key} {value}' for key, value in sorted(stats.items())))
+    dead = answer['dead_letters']
+    line = f'  dead letters {dead}'
+    click.secho(line + ('  (see `aiida-zmq dead-letter list`)' if dead else ''), fg='yellow' if dead else None)
+
+
+# tasks ------------------------------------------------------------------------------------------------------------
+
+
+@click.group()
+def tasks() -> None:
+    """List the stored tasks, purge a queue, or take tasks back from a hung process."""
+
+
+@tasks.command('list')
+@broker_options
+@click.option('--queue', help='Only this queue.')
+@click.option('--limit', type=int, default=100, show_default=True)
+@click.option('--json', 'as_json', is_flag=True)
+def tasks_list(target: Target, queue: str | None, limit: int, as_json: bool) -> None:
+    """List stored tasks, oldest first (id, queue, state, deliveries, size; never the payload)."""
+    rows = _admin(target, 'tasks', queue=queue, limit=limit)['tasks']
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        click.echo('no stored tasks')
+        return
+    click.echo(f'{"id":>8}  {"state":<9} {"deliveries":>10} {"bytes":>8}  {"age":>8}  queue')
+    now = time.time()
+    for row in rows:
+        age = f'{now - row["created"]:.0f}s'
+        click.echo(
+            f'{row["id"]:>8}  {row["state"]:<9} {row["attempts"]:>10} {row["bytes"]:>8}  {age:>8}  {row["queue"]}'
+        )
+
+
+@tasks.command('purge')
+@broker_options
+@click.argument('queue')
+@click.option('--yes', is_flag=True, help='Do not ask for confirmation.')
+@click.option('--json', 'as_json', is_flag=True)
+def tasks_purge(target: Target, queue: str, yes: bool, as_json: bool) -> None:
+    """Delete the waiting tasks of QUEUE (tasks a consumer holds stay). This cannot be undone."""
+    if not yes:
+        click.confirm(f'Delete every waiting task of queue {queue}?', abort=True)
+    answer = _admin(target, 'tasks-purge', queue=queue)
+    _emit_json(answer) if as_json else click.echo(f'purged {answer["purged"]} waiting task(s) of {queue}')
+
+
+@tasks.command('requeue')
+@broker_options
+@click.option('--pid', type=int, required=True, help='The process whose held tasks go back to their queues.')
+@click.option('--json', 'as_json', is_flag=True)
+def tasks_requeue(target: Target, pid: int, as_json: bool) -> None:
+    """Give the tasks held by process PID to other consumers now (e.g. a hung worker you are about to kill).
+
+    The process's sessions end; if it is still alive its communicator reconnects, and its late answers are refused.
+    """
+    answer = _admin(target, 'peer-gone', pid=pid)
+    if as_json:
+        _emit_json(answer)
+    else:
+        click.echo(f'{answer["requeued"]} task(s) requeued from {answer["clients"]} session(s) of pid {pid}')
+
+
+# dead letters -----------------------------------------------------------------------------------------------------
+
+
+@click.group('dead-letter')
+def dead_letter() -> None:
+    """Tasks delivered too often without an answer: list them, send them again, or drop them."""
+
+
+@dead_letter.command('list')
+@broker_options
+@click.option('--queue', help='Only this queue.')
+@click.option('--json', 'as_json', is_flag=True)
+def dead_letter_list(target: Target, queue: str | None, as_json: bool) -> None:
+    """List dead-lettered tasks with the reason."""
+    letters = _admin(target, 'dead-letters', queue=queue)['dead_letters']
+    if as_json:
+        _emit_json(letters)
+        return
+    if not letters:
+        click.echo('no dead letters')
+        return
+    for letter in letters:
+        click.echo(f'{letter["id"]:>8}  {letter["queue"]}  {letter["reason"]}')
+
+
+def _ids(ids: tuple[int, ...], all_: bool) -> list[int] | None:
+    if bool(ids) == all_:
+        raise click.UsageError('give task ids, or --all')
+    return None if all_ else list(ids)
+
+
+@dead_letter.command('requeue')
+@broker_options
+@click.argument('ids', nargs=-1, type=int)
+@click.option('--all', 'all_', is_flag=True, help='Every dead letter.')
+@click.option('--json', 'as_json', is_flag=True)
+def dead_letter_requeue(target: Target, ids: tuple[int, ...], all_: bool, as_json: bool) -> None:
+    """Put dead-lettered tasks back in their queues with a fresh delivery count."""
+    answer = _admin(target, 'dead-letters-requeue', ids=_ids(ids, all_))
+    _emit_json(answer) if as_json else click.echo(f'requeued {answer["requeued"]} task(s)')
+
+
+@dead_letter.command('drop')
+@broker_options
+@click.argument('ids', nargs=-1, type=int)
+@click.option('--all', 'all_', is_flag=True, help='Every dead letter.')
+@click.option('--yes', is_flag=True, help='Do not ask for confirmation.')
+@click.option('--json', 'as_json', is_flag=True)
+def dead_letter_drop(target: Target, ids: tuple[int, ...], all_: bool, yes: bool, as_json: bool) -> None:
+    """Delete dead-lettered tasks for good."""
+    selection = _ids(ids, all_)
+    if not yes:
+        click.confirm(f'Delete {"every" if selection is None else len(selection)} dead-lettered task(s)?', abort=True)
+    answer = _admin(target, 'dead-letters-drop', ids=selection)
+    _emit_json(answer) if as_json else click.echo(f'dropped {answer["dropped"]} task(s)')
