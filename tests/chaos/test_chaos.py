@@ -1,0 +1,328 @@
+"""Chaos with a ledger: several producer and consumer processes, faults injected under load, every task counted.
+
+Each test fails on any confirmed task that was not delivered, on any corrupt delivery, and on duplicates beyond a
+bound derived from the faults it injected (delivery is at-least-once: a task whose answer was in flight when its
+holder or the broker died is delivered again). The seed of the random fault schedule is printed and written to the
+ledger summary; ``AZMQ_CHAOS_SEED=N`` replays a run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aiida_zmq.testing import BrokerProcess, wait_until
+
+from .harness import Actor, Books, ledger_out, stored_tasks, undecodable, write_summary
+
+BROKER_ARGS = ('--heartbeat', '0.2', '--peer-timeout', '2')
+
+
+def seeded(request: pytest.FixtureRequest) -> tuple[int, random.Random]:
+    seed = int(os.environ.get('AZMQ_CHAOS_SEED') or random.SystemRandom().randrange(1 << 30))
+    print(f'{request.node.name}: AZMQ_CHAOS_SEED={seed}')
+    return seed, random.Random(seed)
+
+
+@pytest.fixture
+def chaos_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / 'ledgers'
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def actors() -> list[Actor]:
+    started: list[Actor] = []
+    yield started
+    for actor in started:
+        actor.stop()
+
+
+def remaining(broker: BrokerProcess, queue: str) -> int:
+    return sum(1 for row in stored_tasks(broker.data_dir) if row[1] == queue)
+
+
+def run_broker_kills(
+    request: pytest.FixtureRequest,
+    zmq_broker_factory: Callable[..., BrokerProcess],
+    chaos_dir: Path,
+    actors: list[Actor],
+    *,
+    name: str,
+    producers: int,
+    consumers: int,
+    per_producer: int,
+    rate: float,
+    kills: int,
+    restart: Callable[[BrokerProcess], None] | None = None,
+    up_between: tuple[float, float] = (1.0, 3.0),
+) -> dict:
+    """kill -9 the broker ``kills`` times at random moments while producers send and consumers work."""
+    seed, rng = seeded(request)
+    broker = zmq_broker_factory(*BROKER_ARGS)
+    queue = f'chaos-{uuid.uuid4().hex[:8]}'
+    prefetch = 20
+    for index in range(consumers):
+        ledger = chaos_dir / f'consumer{index}.log'
+        actors.append(Actor('consumer', broker.endpoint, queue, ledger, prefetch=prefetch, work_ms=2).wait_ready())
+    sending = []
+    for index in range(producers):
+        ledger = chaos_dir / f'producer{index}.log'
+        actor = Actor('producer', broker.endpoint, queue, ledger, count=per_producer, rate=rate, prefix=f'p{index}')
+        actors.append(actor)
+        sending.append(actor)
+    ledgers = [actor.ledger for actor in actors]
+    wait_until(lambda: Books.read(ledgers).confirmed, 30, what='the first confirmed task')
+
+    outages = []
+    for _ in range(kills):
+        time.sleep(rng.uniform(*up_between))  # a random moment under load is the point of the test
+        killed_at = time.time()
+        broker.kill()
+        (restart or (lambda b: b.start()))(broker)
+        ready_at = time.time()
+        resumed = wait_until(
+            lambda ready=ready_at: Books.read(ledgers).first_after('confirmed', ready), 60, what='sends to resume'
+        )
+        outages.append({'down_s': round(ready_at - killed_at, 3), 'resume_s': round(resumed - killed_at, 3)})
+
+    for actor in sending:
+        actor.wait_done(180)
+    wait_until(lambda: not Books.read(ledgers).lost, 90, interval=0.2, what='every confirmed task delivered')
+    books = Books.read(ledgers)
+    wait_until(lambda: remaining(broker, queue) == 0, 60, interval=0.2, what='every task acknowledged')
+    books = Books.read(ledgers)
+    # Bound: each kill may redeliver what consumers held (prefetch each) and replay what producers had unconfirmed.
+    bound = kills * (consumers * prefetch + producers)
+    record = write_summary(
+        ledger_out(chaos_dir),
+        name,
+        books,
+        seed=seed,
+        fault='broker kill -9 under load',
+        injected=f'{kills} kills, {up_between[0]}-{up_between[1]} s apart',
+        producers=producers,
+        consumers=consumers,
+        outages=outages,
+        down_s_max=max(o['down_s'] for o in outages),
+        resume_s_max=max(o['resume_s'] for o in outages),
+        duplicate_bound=bound,
+        acknowledged=len(books.confirmed),  # the store holds none of them any more
+    )
+    print(record)
+    assert books.corrupt == 0
+    assert not books.lost
+    assert books.confirmed == {f'p{i}-{n}' for i in range(producers) for n in range(per_producer)}
+    assert not books.failed  # sends wait through the outage instead of failing
+    assert books.duplicates <= bound
+    return record
+
+
+def test_broker_kill9_under_load(request, zmq_broker_factory, chaos_dir, actors):
+    """Three producers, two consumers, three kill -9 of the broker at random moments, restarted by hand."""
+    run_broker_kills(
+        request,
+        zmq_broker_factory,
+        chaos_dir,
+        actors,
+        name='broker_kill9',
+        producers=3,
+        consumers=2,
+        per_producer=700,
+        rate=80,
+        kills=3,
+    )
+
+
+@pytest.mark.slow
+def test_broker_kill9_under_load_long(request, zmq_broker_factory, chaos_dir, actors):
+    """The same for five minutes: twenty kills, some in quick succession."""
+    run_broker_kills(
+        request,
+        zmq_broker_factory,
+        chaos_dir,
+        actors,
+        name='broker_kill9_long',
+        producers=4,
+        consumers=3,
+        per_producer=6000,
+        rate=50,
+        kills=20,
+        up_between=(0.3, 10.0),
+    )
+
+
+def test_consumer_kill9_holding_tasks(request, zmq_broker_factory, chaos_dir, actors):
+    """kill -9 of consumers that hold tasks: what they held goes to the other consumers; nothing is lost."""
+    seed, rng = seeded(request)
+    broker = zmq_broker_factory(*BROKER_ARGS)
+    queue = f'chaos-{uuid.uuid4().hex[:8]}'
+    prefetch, kills = 10, 3
+    serial = iter(range(100))
+
+    def new_consumer() -> Actor:
+        ledger = chaos_dir / f'consumer{next(serial)}.log'
+        return Actor('consumer', broker.endpoint, queue, ledger, prefetch=prefetch, work_ms=200).wait_ready()
+
+    consumers = [new_consumer() for _ in range(3)]
+    actors.extend(consumers)
+    producer = Actor('producer', broker.endpoint, queue, chaos_dir / 'producer.log', count=900, rate=120, prefix='p')
+    actors.append(producer)
+    killed: list[Actor] = []
+    for _ in range(kills):
+        time.sleep(rng.uniform(1.0, 2.5))  # a random moment under load
+        # Kill the consumer holding the most tasks right now (delivered but not processed).
+        victim = max(consumers, key=lambda a: a.count('delivered') - a.count('processed'))
+        victim.kill()
+        killed.append(victim)
+        consumers.remove(victim)
+        replacement = new_consumer()
+        consumers.append(replacement)
+        actors.append(replacement)
+    producer.wait_done(120)
+    ledgers = [actor.ledger for actor in actors]
+    started = time.time()
+    wait_until(lambda: not Books.read(ledgers).lost, 60, interval=0.2, what='every confirmed task delivered')
+    wait_until(lambda: remaining(broker, queue) == 0, 30, interval=0.2, what='every task acknowledged')
+    books = Books.read(ledgers)
+
+    # What each victim held when it died was delivered again, to someone else.
+    held_at_death = 0
+    for victim in killed:
+        victim_books = Books.read([victim.ledger])
+        held = victim_books.delivered - victim_books.processed
+        held_at_death += len(held)
+        others = Books.read([actor.ledger for actor in actors if actor is not victim])
+        assert held <= others.delivered
+    record = write_summary(
+        ledger_out(chaos_dir),
+        'consumer_kill9',
+        books,
+        seed=seed,
+        fault='consumer kill -9 holding tasks',
+        injected=f'{kills} kills, 1-2.5 s apart, peer timeout 2 s',
+        held_at_death=held_at_death,
+        drain_s=round(time.time() - started, 3),
+        duplicate_bound=kills * prefetch,
+        acknowledged=len(books.confirmed),
+    )
+    print(record)
+    assert held_at_death > 0  # the test did kill consumers holding tasks
+    assert books.corrupt == 0 and not books.lost and not books.failed
+    assert books.duplicates <= kills * prefetch
+
+
+def test_producer_kill9_mid_send(request, zmq_broker_factory, chaos_dir, actors):
+    """kill -9 of producers while they send large tasks: no half-written task is stored, every confirmed one is."""
+    seed, rng = seeded(request)
+    broker = zmq_broker_factory(*BROKER_ARGS)
+    queue = f'chaos-{uuid.uuid4().hex[:8]}'
+    kills = 0
+    for round_ in range(3):
+        producers = [
+            Actor(
+                'producer',
+                broker.endpoint,
+                queue,
+                chaos_dir / f'producer{round_}-{index}.log',
+                count=100_000,
+                payload_bytes=256 * 1024,
+                prefix=f'r{round_}p{index}',
+            )
+            for index in range(2)
+        ]
+        actors.extend(producers)
+        wait_until(
+            lambda group=producers: all(p.count('confirmed') >= 3 for p in group), 30, what='producers under way'
+        )
+        for producer in producers:
+            time.sleep(rng.uniform(0.0, 0.4))  # a random moment inside the stream of sends
+            producer.kill()
+            kills += 1
+    ledgers = [actor.ledger for actor in actors]
+    books = Books.read(ledgers)
+    assert broker.stop() == 0
+    rows = stored_tasks(broker.data_dir)
+    decode_failures = undecodable(rows)
+    stored_ids = {row[0] for row in rows}
+    assert not decode_failures, f'half-written tasks in the store: {decode_failures}'
+    from aiida_zmq.codec import default_codec
+
+    stored_names = {default_codec().decode(row[2])['id'] for row in rows}
+    assert books.confirmed <= stored_names  # every confirmed task is on disk
+    assert stored_names <= books.sent
+    in_doubt = books.sent - books.confirmed  # the producer died inside task_send: stored or not, never half
+    assert stored_names - books.confirmed <= in_doubt
+
+    # And they are all delivered once a consumer comes.
+    broker.start()
+    consumer = Actor('consumer', broker.endpoint, queue, chaos_dir / 'consumer.log', prefetch=50).wait_ready()
+    actors.append(consumer)
+    wait_until(lambda: Books.read([consumer.ledger]).delivered >= stored_names, 60, what='stored tasks delivered')
+    books = Books.read([*ledgers, consumer.ledger])
+    record = write_summary(
+        ledger_out(chaos_dir),
+        'producer_kill9',
+        books,
+        seed=seed,
+        fault='producer kill -9 mid-send (256 KiB tasks)',
+        injected=f'{kills} kills',
+        stored=len(stored_ids),
+        half_written=len(decode_failures),
+        acknowledged=len(books.confirmed),
+    )
+    print(record)
+    assert books.corrupt == 0 and not books.lost
+
+
+def test_consumer_sigstop_tasks_taken_over(request, zmq_broker_factory, chaos_dir, actors):
+    """A consumer frozen (SIGSTOP) holding tasks: the others keep going, its tasks go to them after the peer timeout."""
+    seed, _ = seeded(request)
+    broker = zmq_broker_factory(*BROKER_ARGS)
+    queue = f'chaos-{uuid.uuid4().hex[:8]}'
+    frozen = Actor('consumer', broker.endpoint, queue, chaos_dir / 'frozen.log', prefetch=10, work_ms=50).wait_ready()
+    worker = Actor('consumer', broker.endpoint, queue, chaos_dir / 'worker.log', prefetch=10, work_ms=5).wait_ready()
+    actors.extend([frozen, worker])
+    producer = Actor('producer', broker.endpoint, queue, chaos_dir / 'producer.log', count=600, rate=100, prefix='p')
+    actors.append(producer)
+    wait_until(lambda: frozen.count('delivered') - frozen.count('processed') >= 5, 30, what='the victim to hold tasks')
+    os.kill(frozen.pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        held = Books.read([frozen.ledger])
+        held_ids = held.delivered - held.processed
+        wait_until(
+            lambda: held_ids <= Books.read([worker.ledger]).delivered, 30, interval=0.1, what='held tasks taken over'
+        )
+        takeover = time.time() - stopped_at
+        producer.wait_done(60)
+        ledgers = [frozen.ledger, worker.ledger, producer.ledger]
+        wait_until(lambda: not Books.read(ledgers).lost, 30, interval=0.2, what='every confirmed task delivered')
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    # Thawed, its late answers are refused (logged), never applied to tasks the worker now holds.
+    wait_until(lambda: remaining(broker, queue) == 0, 30, interval=0.2, what='every task acknowledged')
+    books = Books.read(ledgers)
+    record = write_summary(
+        ledger_out(chaos_dir),
+        'consumer_sigstop',
+        books,
+        seed=seed,
+        fault='consumer SIGSTOP holding tasks',
+        injected='1 stop until takeover, peer timeout 2 s',
+        held_when_stopped=len(held_ids),
+        takeover_s=round(takeover, 3),
+        acknowledged=len(books.confirmed),
+    )
+    print(record)
+    assert books.corrupt == 0 and not books.lost
+    assert 1.5 <= takeover <= 10  # after the peer timeout (2 s), not before, and promptly
+    assert books.duplicates <= 10 + len(held_ids)
