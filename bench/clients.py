@@ -59,7 +59,7 @@ def preload(spec: ClientSpec) -> None:
     """Import what :func:`connect` needs, so that timing a connection does not time imports."""
     codec(spec.codec)
     if spec.kind == 'aiida-zmq':
-        import aiida_zmq  # noqa: F401
+        import aiida_zmq.communicator  # noqa: F401  (kiwipy and its imports, as for the others)
     elif spec.kind == 'core.zeromq':
         import aiida.brokers.zeromq.communicator  # noqa: F401
     else:

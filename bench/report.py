@@ -21,6 +21,8 @@ ROWS: list[tuple[str, str, str, bool, str]] = [
     ('broadcast', 'broadcasts_per_s', 'broadcasts/s to all subscribers', True, '{:,.0f}'),
     ('connect', 'connect_ms', 'connect (ms)', False, '{:,.1f}'),
     ('connect', 'connect_first_rpc_ms', 'connect + first RPC (ms)', False, '{:,.1f}'),
+    ('e2e', 'chains_per_s', 'AiiDA daemon (2 workers): work chains/s', True, '{:,.1f}'),
+    ('e2e', 'parents_per_s', 'AiiDA daemon: parent+child work chains/s', True, '{:,.2f}'),
 ]
 FLOOR_ROWS: list[tuple[str, str, str]] = [
     ('floor_hop', 'hop_p50_us', 'bare pyzmq DEALER->ROUTER->DEALER round trip p50 (us)'),

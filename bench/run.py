@@ -23,12 +23,12 @@ from typing import Any
 if __package__ in (None, ''):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import procs, report, scale
+from bench import e2e, procs, report, scale
 from bench.floors import FLOORS
 from bench.servers import BROKERS, AiidaZmqServer, BrokerServer, CoreZeromqServer, RabbitMQ, make_spec
 from bench.workloads import WORKLOADS, Sizes
 
-ALL = [*WORKLOADS, *FLOORS, 'scale']
+ALL = [*WORKLOADS, *FLOORS, 'e2e', 'scale']
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'latest.json'
 
 
@@ -140,6 +140,11 @@ def run_all(args: argparse.Namespace, root: Path, rmq: RabbitMQ, result: dict[st
                 server.stop()
         for floor in [w for w in args.workloads if w in FLOORS]:
             records.append(measure(floor, 'floor', rep, lambda f=floor: FLOORS[f](sizes)))
+        if 'e2e' in args.workloads:
+            # One AiiDA profile per broker kind, with the codec AiiDA gives it; its daemon starts its own broker.
+            for name in [b for b in order if b in e2e.PROFILES]:
+                run_e2e = lambda b=name: e2e.run(b, sizes.e2e_chains, sizes.e2e_parents, sizes.timeout)  # noqa: E731
+                records.append(measure('e2e', name, rep, run_e2e))
     if 'scale' in args.workloads:
         if 'aiida-zmq' in skipped or not any(b.startswith('aiida-zmq') for b in brokers):
             print('skipping scale: aiida-zmq is not available', flush=True)

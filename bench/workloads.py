@@ -27,11 +27,22 @@ class Sizes:
     subscribers: int = 10
     broadcasts: int = 500
     connects: int = 5
+    e2e_chains: int = 100
+    e2e_parents: int = 50
     timeout: float = 120.0
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(tasks=1000, rpc_calls=300, rpc_warmup=20, broadcasts=100, connects=3, timeout=60.0)
+        return cls(
+            tasks=1000,
+            rpc_calls=300,
+            rpc_warmup=20,
+            broadcasts=100,
+            connects=3,
+            e2e_chains=20,
+            e2e_parents=10,
+            timeout=60.0,
+        )
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -1,0 +1,81 @@
+"""End-to-end AiiDA: a real profile per broker (``core.sqlite_dos`` storage), ``verdi daemon start 2``, then
+``N`` work chains, then ``M`` parent work chains that each submit a child and wait for it.
+
+Profiles are created once per harness run in its private ``AIIDA_PATH``: ``aiida-zmq presto`` for aiida-zmq,
+``verdi presto --use-zeromq`` for core.zeromq and ``verdi presto`` (which picks the local RabbitMQ) for RabbitMQ.
+Each measurement starts the daemon (with it the broker, for the two ZeroMQ brokers), runs the driver
+(``bench/e2e_driver.py``) in its own process and stops the daemon. A work chain not finished ok in time fails the run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .procs import BenchError, child_env
+
+REPO = Path(__file__).resolve().parent.parent
+# harness broker name -> (profile name, command that creates it, broker entry point it must end up with)
+PROFILES: dict[str, tuple[str, list[str], str]] = {
+    'aiida-zmq': ('bench-aiida-zmq', ['aiida-zmq', 'presto', '--no-computer', '--no-set-default'], 'zmq'),
+    'core.zeromq': ('bench-core-zeromq', ['verdi', 'presto', '--use-zeromq'], 'core.zeromq'),
+    'rabbitmq-yaml': ('bench-rabbitmq', ['verdi', 'presto'], 'core.rabbitmq'),
+}
+WORKERS = 2
+
+
+def _script(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _run(args: list[str], timeout: float, what: str) -> str:
+    # AiiDA's daemon looks for `verdi` on PATH: the venv's, as when it is activated.
+    env = child_env(PYTHONPATH=str(REPO))
+    env['PATH'] = f'{Path(sys.executable).parent}:{env.get("PATH", "")}'
+    try:
+        proc = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f'{what}: no answer within {timeout:.0f} s ({" ".join(args)})')
+    if proc.returncode != 0:
+        raise BenchError(f'{what} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-600:]}')
+    return proc.stdout
+
+
+def ensure_profile(broker: str) -> str:
+    """Create the profile for ``broker`` unless it exists; return its name."""
+    name, command, entry_point = PROFILES[broker]
+    listed = _run([_script('verdi'), 'profile', 'list'], 120, 'verdi profile list')
+    if name not in listed.split():
+        _run([_script(command[0]), *command[1:], '--profile-name', name], 300, f'creating profile {name}')
+    shown = _run([_script('verdi'), 'profile', 'show', name], 120, f'verdi profile show {name}')
+    if entry_point not in shown:
+        raise BenchError(f'profile {name} does not use the {entry_point} broker:\n{shown[-400:]}')
+    return name
+
+
+def run(broker: str, n_chains: int, n_parents: int, timeout: float) -> dict[str, float]:
+    profile = ensure_profile(broker)
+    verdi = _script('verdi')
+    _run([verdi, '-p', profile, 'daemon', 'start', str(WORKERS)], 180, f'verdi -p {profile} daemon start')
+    try:
+        out = _run(
+            [sys.executable, '-m', 'bench.e2e_driver', profile, str(n_chains), str(n_parents), str(timeout)],
+            2 * timeout + 120,
+            'the end-to-end driver',
+        )
+    finally:
+        _run([verdi, '-p', profile, 'daemon', 'stop'], 180, f'verdi -p {profile} daemon stop')
+    lines = [line for line in out.splitlines() if line.startswith('E2E ')]
+    if not lines:
+        raise BenchError(f'the end-to-end driver printed no result: {out[-400:]}')
+    result = json.loads(lines[-1][4:])
+    if 'error' in result:
+        raise BenchError(f'end-to-end: {result["error"]}')
+    return {
+        'chains_per_s': n_chains / result['chains_s'],
+        'parents_per_s': n_parents / result['parents_s'],
+        'chains_s': result['chains_s'],
+        'parents_s': result['parents_s'],
+    }

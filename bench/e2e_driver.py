@@ -1,0 +1,69 @@
+"""Driver of the end-to-end workload, run in its own process with a profile: ``python -m bench.e2e_driver PROFILE
+N_CHAINS N_PARENTS TIMEOUT``. Prints one JSON line: times, or the failure (a work chain not finished ok in time)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _wait(pks: list[int], timeout: float) -> tuple[float, list[str]]:
+    """Wait until every node is terminated; return the time it took and what did not finish ok."""
+    from aiida import orm
+
+    t0 = time.perf_counter()
+    pending = set(pks)
+    while pending:
+        if time.perf_counter() - t0 > timeout:
+            return time.perf_counter() - t0, [f'{len(pending)} of {len(pks)} not terminated after {timeout:.0f} s']
+        query = orm.QueryBuilder().append(
+            orm.ProcessNode, filters={'id': {'in': list(pending)}}, project=['id', 'attributes.process_state']
+        )
+        rows = query.all()
+        pending -= {pk for pk, state in rows if state in ('finished', 'excepted', 'killed')}
+        if pending:
+            time.sleep(0.05)
+    nodes = [orm.load_node(pk) for pk in pks]
+    failed = [f'{node.pk}: {node.process_state} {node.exit_status}' for node in nodes if not node.is_finished_ok]
+    return time.perf_counter() - t0, failed
+
+
+def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
+    from aiida import load_profile, orm
+    from aiida.engine import submit
+
+    sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent.parent))
+    from bench.e2e_workchains import BenchChain, BenchParentChain
+
+    load_profile(profile)
+    out: dict = {}
+    # Warm-up: `verdi daemon start` returns before its workers listen; time only a running daemon.
+    _, failed = _wait([submit(BenchChain, x=orm.Int(-1), y=orm.Int(1)).pk for _ in range(2)], timeout)
+    if failed:
+        return {'error': f'warm-up work chains: {failed[:5]}'}
+    t0 = time.perf_counter()
+    pks = [submit(BenchChain, x=orm.Int(i), y=orm.Int(1)).pk for i in range(n_chains)]
+    t_submitted = time.perf_counter()
+    _, failed = _wait(pks, timeout)
+    if failed:
+        return {'error': f'work chains: {failed[:5]}'}
+    out['chains_submit_s'] = t_submitted - t0
+    out['chains_s'] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    parents = [submit(BenchParentChain, x=orm.Int(i)).pk for i in range(n_parents)]
+    _, failed = _wait(parents, timeout)
+    if failed:
+        return {'error': f'parent work chains: {failed[:5]}'}
+    out['parents_s'] = time.perf_counter() - t0
+    return out
+
+
+if __name__ == '__main__':
+    try:
+        result = main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    except Exception as exception:  # reported to the harness as a failed run
+        import traceback
+
+        result = {'error': f'{type(exception).__name__}: {exception}\n{traceback.format_exc(limit=5)}'}
+    print('E2E ' + json.dumps(result), flush=True)
