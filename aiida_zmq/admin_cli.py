@@ -32,6 +32,7 @@ def register(group: click.Group) -> None:
     group.add_command(status)
     group.add_command(tasks)
     group.add_command(dead_letter)
+    group.add_command(migrate)
 
 
 class Target(t.NamedTuple):
@@ -41,6 +42,7 @@ class Target(t.NamedTuple):
     data_dir: Path | None
     label: str
     start_hint: str
+    profile: t.Any = None  # the AiiDA profile, when the target was given as one
 
 
 def broker_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
@@ -93,21 +95,22 @@ def _profile_target(profile_name: str | None) -> Target:
     )
 
 
-def _open(target: Target) -> t.Any:
+def _open(target: Target, **options: t.Any) -> t.Any:
     """Connect to the broker; raises ``BrokerUnavailable`` (or ``ValueError`` for a bad endpoint)."""
     import aiida_zmq
 
+    options = {'connect_timeout': 3.0, 'name': CLIENT_NAME, **options}
     if target.endpoint:
-        return aiida_zmq.connect(target.endpoint, connect_timeout=3.0, name=CLIENT_NAME)
-    return aiida_zmq.connect(data_dir=target.data_dir, connect_timeout=3.0, name=CLIENT_NAME)
+        return aiida_zmq.connect(target.endpoint, **options)
+    return aiida_zmq.connect(data_dir=target.data_dir, **options)
 
 
-def _connect(target: Target) -> t.Any:
+def _connect(target: Target, **options: t.Any) -> t.Any:
     """Connect to the broker, or exit with code 3 and a line saying what to run."""
     from aiida_zmq.exceptions import BrokerUnavailable
 
     try:
-        return _open(target)
+        return _open(target, **options)
     except (BrokerUnavailable, ValueError) as exception:
         click.echo(f'aiida-zmq: no broker is running for {target.label}: {target.start_hint}.', err=True)
         click.echo(f'  ({exception})', err=True)
@@ -336,3 +339,136 @@ def dead_letter_drop(target: Target, ids: tuple[int, ...], all_: bool, yes: bool
         click.confirm(f'Delete {"every" if selection is None else len(selection)} dead-lettered task(s)?', abort=True)
     answer = _admin(target, 'dead-letters-drop', ids=selection)
     _emit_json(answer) if as_json else click.echo(f'dropped {answer["dropped"]} task(s)')
+
+
+# migrate ----------------------------------------------------------------------------------------------------------
+
+DEFAULT_RABBITMQ_URL = 'amqp://guest:guest@127.0.0.1:5672/'
+
+
+@click.command()
+@broker_options
+@click.option('--to', 'direction', flag_value='to', help='Move tasks from this broker to RabbitMQ.')
+@click.option('--from', 'direction', flag_value='from', help='Move tasks from RabbitMQ to this broker.')
+@click.argument('server', type=click.Choice(['rabbitmq']), required=False, default='rabbitmq')
+@click.option(
+    '--rabbitmq-url', default=None, help=f'AMQP URL of the RabbitMQ server (default: {DEFAULT_RABBITMQ_URL}).'
+)
+@click.option('--prefix', help="RabbitMQ exchange prefix (default for a profile: AiiDA's `aiida-<profile uuid>`).")
+@click.option(
+    '--queue', 'queues', multiple=True, help='Queue to move, repeatable (default for a profile: its launch queue).'
+)
+@click.option('--dry-run', is_flag=True, help='Show what would move, move nothing.')
+@click.option('--json', 'as_json', is_flag=True)
+def migrate(
+    target: Target,
+    direction: str | None,
+    server: str,
+    rabbitmq_url: str | None,
+    prefix: str | None,
+    queues: tuple[str, ...],
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Move queued tasks to RabbitMQ (`--to rabbitmq`) or back (`--from rabbitmq`), with the queues AiiDA uses.
+
+    Stop the daemon first, so that no worker takes tasks during the move. Safe to interrupt: a task is always on at
+    least one side (see docs/operations.md).
+    """
+    from . import migrate as migration
+
+    if direction is None:
+        raise click.UsageError('say which way: `--to rabbitmq` or `--from rabbitmq`')
+    profile_queue, profile_prefix = _profile_migration_defaults(target)
+    prefix = prefix or profile_prefix
+    if prefix is None:
+        raise click.UsageError('give --prefix (the RabbitMQ exchange prefix) or use --profile')
+    queues = queues or ((profile_queue,) if profile_queue else ())
+    url = rabbitmq_url or DEFAULT_RABBITMQ_URL
+    codec = _profile_codec(target)
+    zmq_side = _connect(target, **codec)
+    try:
+        if not queues:
+            queues = tuple(sorted(zmq_side.admin('status')['queues'])) if direction == 'to' else ()
+        if not queues:
+            raise click.UsageError('give the queues to move with --queue')
+        try:
+            rabbit = migration.rabbitmq_communicator(url, prefix, **codec)
+        except Exception as exception:
+            click.echo(f'aiida-zmq: cannot connect to RabbitMQ at {url}: {exception}. Is it running?', err=True)
+            sys.exit(EXIT_NOT_RUNNING)
+        try:
+            source, destination = (zmq_side, rabbit) if direction == 'to' else (rabbit, zmq_side)
+            if dry_run:
+                counts = {queue: _depth(zmq_side, rabbit, queue, direction) for queue in queues}
+                report = {'dry_run': True, 'would_move': counts, 'total': sum(counts.values())}
+                if as_json:
+                    _emit_json(report)
+                else:
+                    for queue, count in counts.items():
+                        click.echo(f'would move {count} task(s) of {queue} {direction} RabbitMQ')
+                return
+            moved: dict[str, int] = {}
+            for queue in queues:
+                total = _depth(zmq_side, rabbit, queue, direction)
+                with click.progressbar(length=total, label=f'{queue}', file=sys.stderr) as bar:
+                    moved[queue] = migration.move_queue(source, destination, queue, on_moved=lambda _n: bar.update(1))
+        finally:
+            rabbit.close()
+    finally:
+        zmq_side.close()
+    if as_json:
+        _emit_json({'dry_run': False, 'moved': moved, 'total': sum(moved.values())})
+    else:
+        for queue, count in moved.items():
+            click.echo(f'moved {count} task(s) of {queue} {direction} RabbitMQ')
+
+
+def _profile_codec(target: Target) -> dict[str, t.Any]:
+    """AiiDA's codec for a profile's tasks (as both of its brokers use it), else nothing: each side's default."""
+    if target.profile is None:
+        return {}
+    import functools
+
+    from aiida.orm.utils import serialize
+
+    return {
+        'encoder': functools.partial(serialize.serialize, encoding='utf-8'),
+        'decoder': serialize.deserialize_unsafe,
+    }
+
+
+def _depth(zmq_side: t.Any, rabbit: t.Any, queue: str, direction: str) -> int:
+    """Tasks waiting in ``queue`` on the source side."""
+    if direction == 'to':
+        return int(zmq_side.admin('status')['queues'].get(queue, {}).get('depth', 0))
+    return _rabbitmq_depth(rabbit, queue)
+
+
+def _rabbitmq_depth(rabbit: t.Any, queue: str) -> int:
+    """Messages ready in a RabbitMQ queue (a passive declare, through kiwipy's own connection)."""
+
+    async def depth() -> int:
+        communicator = rabbit._communicator  # kiwipy.rmq.RmqCommunicator behind the thread wrapper
+        channel = communicator._connection.channel()
+        await channel.__aenter__()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+        finally:
+            await channel.close()
+
+    try:
+        return rabbit._loop_scheduler.await_(depth())
+    except Exception:  # no such queue yet: nothing to move
+        return 0
+
+
+def _profile_migration_defaults(target: Target) -> tuple[str | None, str | None]:
+    """(launch queue, exchange prefix) of the profile the target names, as AiiDA names them for RabbitMQ."""
+    if target.profile is None:
+        return None, None
+    from aiida.brokers.rabbitmq.utils import get_launch_queue_name
+
+    prefix = f'aiida-{target.profile.uuid}'
+    return get_launch_queue_name(prefix), prefix

@@ -1,0 +1,68 @@
+"""Move queued tasks between an aiida-zmq broker and a RabbitMQ server: the way out for users who outgrow one machine.
+
+The two brokers wrap a task differently (kiwipy's RabbitMQ publisher encodes ``(task, no_reply)``, aiida-zmq encodes
+the task alone), so each task is decoded from the source and encoded for the destination with the codec its users
+use: AiiDA's YAML codec for a profile, each side's default otherwise. One task at a time, the order of each queue kept:
+
+1. take the next task from the source queue (it is now held by this process, not gone);
+2. publish it to the destination and wait for the destination's confirm (RabbitMQ's publisher confirm, or aiida-zmq's
+   commit confirm);
+3. acknowledge it at the source, which deletes it there.
+
+Interrupted at any point (Ctrl-C, a crash, a broker going away), a task is in the source, in the destination, or, only
+for the one task between steps 2 and 3, in both: never in neither. A held task that was not acknowledged goes back
+to the source queue when this process's session ends. Results of moved tasks do not reach their original senders
+(AiiDA sends its tasks with ``no_reply``).
+
+No AiiDA import here: the CLI maps a profile to queue and exchange names and to AiiDA's codec.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing as t
+from collections.abc import Callable
+
+import kiwipy
+
+__all__ = ('move_queue', 'rabbitmq_communicator')
+
+LOGGER = logging.getLogger(__name__)
+
+
+def rabbitmq_communicator(url: str, prefix: str, **codec: t.Any) -> kiwipy.Communicator:
+    """A RabbitMQ communicator with AiiDA's exchange names for ``prefix`` (``aiida-<profile uuid>``).
+
+    ``codec``: ``encoder`` and ``decoder`` as AiiDA passes them, or nothing for kiwipy's defaults.
+    """
+    from aiida.brokers.rabbitmq.utils import get_message_exchange_name, get_task_exchange_name
+    from kiwipy.rmq import RmqThreadCommunicator
+
+    return RmqThreadCommunicator.connect(
+        connection_params={'url': url},
+        message_exchange=get_message_exchange_name(prefix),
+        task_exchange=get_task_exchange_name(prefix),
+        **codec,
+    )
+
+
+def move_queue(
+    source: kiwipy.Communicator,
+    destination: kiwipy.Communicator,
+    queue: str,
+    *,
+    on_moved: Callable[[int], None] | None = None,
+) -> int:
+    """Move the tasks of ``queue`` from ``source`` to the queue of the same name at ``destination``; return how many."""
+    target = destination.task_queue(queue)
+    moved = 0
+    for task in source.task_queue(queue):
+        with task.processing() as outcome:
+            # Published and confirmed before the source forgets it: an interruption here leaves a copy on each side.
+            target.task_send(task.body, no_reply=True)
+            outcome.set_result(None)
+        moved += 1
+        if on_moved is not None:
+            on_moved(moved)
+    LOGGER.info('moved %d task(s) of queue %s', moved, queue)
+    return moved
