@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from aiida_zmq.testing import BrokerProcess, wait_until
+from aiida_zmq.testing import ArbiterProcess, BrokerProcess, wait_until
 
 from .harness import Actor, Books, ledger_out, stored_tasks, undecodable, write_summary
 
@@ -46,13 +46,41 @@ def actors() -> list[Actor]:
         actor.stop()
 
 
-def remaining(broker: BrokerProcess, queue: str) -> int:
-    return sum(1 for row in stored_tasks(broker.data_dir) if row[1] == queue)
+def remaining(data_dir: Path, queue: str) -> int:
+    return sum(1 for row in stored_tasks(data_dir) if row[1] == queue)
 
 
-def run_broker_kills(
+class Target:
+    """The broker under test and how to crash it: ``crash()`` injects the fault and returns once a new broker is up."""
+
+    def __init__(self, endpoint: str, data_dir: Path, crash: Callable[[], None], fault: str) -> None:
+        self.endpoint, self.data_dir, self.crash, self.fault = endpoint, data_dir, crash, fault
+
+
+def by_hand(broker: BrokerProcess) -> Target:
+    def crash() -> None:
+        broker.kill()
+        broker.start()
+
+    return Target(broker.endpoint, broker.data_dir, crash, 'broker kill -9 under load, restarted by hand')
+
+
+def by_circus(arbiter: ArbiterProcess, signum: int) -> Target:
+    """Signal the broker watcher's process; circus (kill -9) or the health plugin (SIGSTOP) brings a new one up."""
+
+    def crash() -> None:
+        pid = arbiter.broker_pid()
+        assert pid is not None
+        os.kill(pid, signum)
+        arbiter.wait_for_broker(60, not_pid=pid)
+
+    how = 'kill -9, restarted by circus' if signum == signal.SIGKILL else 'SIGSTOP, recovered by the health plugin'
+    return Target(arbiter.broker_endpoint, arbiter.data_dir, crash, f'broker {how}')
+
+
+def run_broker_faults(
     request: pytest.FixtureRequest,
-    zmq_broker_factory: Callable[..., BrokerProcess],
+    target: Target,
     chaos_dir: Path,
     actors: list[Actor],
     *,
@@ -62,21 +90,19 @@ def run_broker_kills(
     per_producer: int,
     rate: float,
     kills: int,
-    restart: Callable[[BrokerProcess], None] | None = None,
     up_between: tuple[float, float] = (1.0, 3.0),
 ) -> dict:
-    """kill -9 the broker ``kills`` times at random moments while producers send and consumers work."""
+    """Crash the broker ``kills`` times at random moments while producers send and consumers work; check the books."""
     seed, rng = seeded(request)
-    broker = zmq_broker_factory(*BROKER_ARGS)
     queue = f'chaos-{uuid.uuid4().hex[:8]}'
     prefetch = 20
     for index in range(consumers):
         ledger = chaos_dir / f'consumer{index}.log'
-        actors.append(Actor('consumer', broker.endpoint, queue, ledger, prefetch=prefetch, work_ms=2).wait_ready())
+        actors.append(Actor('consumer', target.endpoint, queue, ledger, prefetch=prefetch, work_ms=2).wait_ready())
     sending = []
     for index in range(producers):
         ledger = chaos_dir / f'producer{index}.log'
-        actor = Actor('producer', broker.endpoint, queue, ledger, count=per_producer, rate=rate, prefix=f'p{index}')
+        actor = Actor('producer', target.endpoint, queue, ledger, count=per_producer, rate=rate, prefix=f'p{index}')
         actors.append(actor)
         sending.append(actor)
     ledgers = [actor.ledger for actor in actors]
@@ -86,9 +112,10 @@ def run_broker_kills(
     for _ in range(kills):
         time.sleep(rng.uniform(*up_between))  # a random moment under load is the point of the test
         killed_at = time.time()
-        broker.kill()
-        (restart or (lambda b: b.start()))(broker)
+        target.crash()
         ready_at = time.time()
+        if all(actor.count('done') for actor in sending):
+            raise AssertionError('the producers finished before the fault: give them more tasks to send')
         resumed = wait_until(
             lambda ready=ready_at: Books.read(ledgers).first_after('confirmed', ready), 60, what='sends to resume'
         )
@@ -97,20 +124,20 @@ def run_broker_kills(
     for actor in sending:
         actor.wait_done(180)
     wait_until(lambda: not Books.read(ledgers).lost, 90, interval=0.2, what='every confirmed task delivered')
+    wait_until(lambda: remaining(target.data_dir, queue) == 0, 60, interval=0.2, what='every task acknowledged')
     books = Books.read(ledgers)
-    wait_until(lambda: remaining(broker, queue) == 0, 60, interval=0.2, what='every task acknowledged')
-    books = Books.read(ledgers)
-    # Bound: each kill may redeliver what consumers held (prefetch each) and replay what producers had unconfirmed.
+    # Bound: each crash may redeliver what consumers held (prefetch each) and replay what producers had unconfirmed.
     bound = kills * (consumers * prefetch + producers)
     record = write_summary(
         ledger_out(chaos_dir),
         name,
         books,
         seed=seed,
-        fault='broker kill -9 under load',
-        injected=f'{kills} kills, {up_between[0]}-{up_between[1]} s apart',
+        fault=target.fault,
+        injected=f'{kills} times, {up_between[0]}-{up_between[1]} s apart',
         producers=producers,
         consumers=consumers,
+        rate_per_s=rate * producers,
         outages=outages,
         down_s_max=max(o['down_s'] for o in outages),
         resume_s_max=max(o['resume_s'] for o in outages),
@@ -128,36 +155,40 @@ def run_broker_kills(
 
 def test_broker_kill9_under_load(request, zmq_broker_factory, chaos_dir, actors):
     """Three producers, two consumers, three kill -9 of the broker at random moments, restarted by hand."""
-    run_broker_kills(
-        request,
-        zmq_broker_factory,
-        chaos_dir,
-        actors,
-        name='broker_kill9',
-        producers=3,
-        consumers=2,
-        per_producer=700,
-        rate=80,
+    target = by_hand(zmq_broker_factory(*BROKER_ARGS))
+    run_broker_faults(
+        request, target, chaos_dir, actors, name='broker_kill9', producers=3, consumers=2, per_producer=700, rate=80,
         kills=3,
-    )
+    )  # fmt: skip
+
+
+def test_broker_kill9_restarted_by_circus(request, zmq_arbiter, chaos_dir, actors):
+    """The same with the broker as a circus watcher: circus notices the death and starts a new broker."""
+    target = by_circus(zmq_arbiter, signal.SIGKILL)
+    run_broker_faults(
+        request, target, chaos_dir, actors, name='broker_kill9_circus', producers=2, consumers=2, per_producer=1000,
+        rate=80, kills=2,
+    )  # fmt: skip
+
+
+def test_broker_sigstop_recovered_by_health_plugin(request, zmq_arbiter, chaos_dir, actors):
+    """A hung broker (SIGSTOP) under load: the health plugin's round trip fails, it kills the broker, circus restarts
+    it, and the books still balance."""
+    target = by_circus(zmq_arbiter, signal.SIGSTOP)
+    run_broker_faults(
+        request, target, chaos_dir, actors, name='broker_sigstop_circus', producers=2, consumers=2, per_producer=800,
+        rate=60, kills=1,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_broker_kill9_under_load_long(request, zmq_broker_factory, chaos_dir, actors):
-    """The same for five minutes: twenty kills, some in quick succession."""
-    run_broker_kills(
-        request,
-        zmq_broker_factory,
-        chaos_dir,
-        actors,
-        name='broker_kill9_long',
-        producers=4,
-        consumers=3,
-        per_producer=6000,
-        rate=50,
-        kills=20,
-        up_between=(0.3, 10.0),
-    )
+    """Five minutes: twenty kills, some in quick succession."""
+    target = by_hand(zmq_broker_factory(*BROKER_ARGS))
+    run_broker_faults(
+        request, target, chaos_dir, actors, name='broker_kill9_long', producers=4, consumers=3, per_producer=6000,
+        rate=50, kills=20, up_between=(0.3, 10.0),
+    )  # fmt: skip
 
 
 def test_consumer_kill9_holding_tasks(request, zmq_broker_factory, chaos_dir, actors):
@@ -191,7 +222,7 @@ def test_consumer_kill9_holding_tasks(request, zmq_broker_factory, chaos_dir, ac
     ledgers = [actor.ledger for actor in actors]
     started = time.time()
     wait_until(lambda: not Books.read(ledgers).lost, 60, interval=0.2, what='every confirmed task delivered')
-    wait_until(lambda: remaining(broker, queue) == 0, 30, interval=0.2, what='every task acknowledged')
+    wait_until(lambda: remaining(broker.data_dir, queue) == 0, 30, interval=0.2, what='every task acknowledged')
     books = Books.read(ledgers)
 
     # What each victim held when it died was delivered again, to someone else.
@@ -309,7 +340,7 @@ def test_consumer_sigstop_tasks_taken_over(request, zmq_broker_factory, chaos_di
     finally:
         os.kill(frozen.pid, signal.SIGCONT)
     # Thawed, its late answers are refused (logged), never applied to tasks the worker now holds.
-    wait_until(lambda: remaining(broker, queue) == 0, 30, interval=0.2, what='every task acknowledged')
+    wait_until(lambda: remaining(broker.data_dir, queue) == 0, 30, interval=0.2, what='every task acknowledged')
     books = Books.read(ledgers)
     record = write_summary(
         ledger_out(chaos_dir),
@@ -326,3 +357,82 @@ def test_consumer_sigstop_tasks_taken_over(request, zmq_broker_factory, chaos_di
     assert books.corrupt == 0 and not books.lost
     assert 1.5 <= takeover <= 10  # after the peer timeout (2 s), not before, and promptly
     assert books.duplicates <= 10 + len(held_ids)
+
+
+def _rss_and_fds(pid: int) -> tuple[int, int]:
+    """Resident memory (bytes) and open file descriptors of a process, from /proc."""
+    with open(f'/proc/{pid}/status') as status:
+        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith('VmRSS:'))
+    return rss, len(os.listdir(f'/proc/{pid}/fd'))
+
+
+def _flat(samples: list[int], slack: int) -> bool:
+    """The median of the last quarter is within ``slack`` (plus 20%) of the median of the second quarter."""
+    quarter = max(1, len(samples) // 4)
+    early = sorted(samples[quarter : 2 * quarter])[len(samples[quarter : 2 * quarter]) // 2]
+    late = sorted(samples[-quarter:])[quarter // 2]
+    return late <= early * 1.2 + slack
+
+
+@pytest.mark.slow
+def test_soak(request, zmq_broker_factory, chaos_dir, actors):
+    """One hour (``AZMQ_SOAK_SECONDS``) at a steady rate with a broker kill -9 every ``AZMQ_SOAK_KILL_EVERY`` s:
+    nothing lost, and memory and file descriptors flat in the broker and in the long-lived clients."""
+    seed, rng = seeded(request)
+    duration = float(os.environ.get('AZMQ_SOAK_SECONDS', '3600'))
+    kill_every = float(os.environ.get('AZMQ_SOAK_KILL_EVERY', '300'))
+    rate, producers, prefetch = 20, 2, 20
+    broker = zmq_broker_factory(*BROKER_ARGS)
+    queue = f'soak-{uuid.uuid4().hex[:8]}'
+    for index in range(2):
+        ledger = chaos_dir / f'consumer{index}.log'
+        actors.append(Actor('consumer', broker.endpoint, queue, ledger, prefetch=prefetch, work_ms=5).wait_ready())
+    count = int(rate * duration)
+    for index in range(producers):
+        ledger = chaos_dir / f'producer{index}.log'
+        actors.append(Actor('producer', broker.endpoint, queue, ledger, count=count, rate=rate, prefix=f'p{index}'))
+    clients = list(actors)
+    samples: dict[str, tuple[list[int], list[int]]] = {'broker': ([], [])}
+    samples.update({f'client{i}': ([], []) for i in range(len(clients))})
+    started = time.monotonic()
+    next_kill = started + kill_every * rng.uniform(0.5, 1.0)
+    kills = 0
+    while time.monotonic() - started < duration:
+        time.sleep(10)  # the sampling period of a soak
+        for key, pid in [('broker', broker.pid), *((f'client{i}', a.pid) for i, a in enumerate(clients))]:
+            rss, fds = _rss_and_fds(pid)
+            samples[key][0].append(rss)
+            samples[key][1].append(fds)
+        if time.monotonic() >= next_kill:
+            broker.kill()
+            broker.start()
+            kills += 1
+            next_kill = time.monotonic() + kill_every * rng.uniform(0.5, 1.5)
+    for actor in clients[2:]:
+        actor.wait_done(300)
+    ledgers = [actor.ledger for actor in clients]
+    wait_until(lambda: not Books.read(ledgers).lost, 120, interval=0.5, what='every confirmed task delivered')
+    wait_until(lambda: remaining(broker.data_dir, queue) == 0, 120, interval=0.5, what='every task acknowledged')
+    books = Books.read(ledgers)
+    flat = {key: (_flat(rss, 16 << 20), _flat(fds, 8)) for key, (rss, fds) in samples.items()}
+    record = write_summary(
+        ledger_out(chaos_dir),
+        'soak',
+        books,
+        seed=seed,
+        fault='soak with periodic broker kill -9',
+        injected=f'{kills} kills in {duration:.0f} s',
+        duration_s=duration,
+        rss_mib={
+            key: [round(v / 2**20, 1) for v in rss[:: max(1, len(rss) // 12)]] for key, (rss, _) in samples.items()
+        },
+        fds={key: fds[:: max(1, len(fds) // 12)] for key, (_, fds) in samples.items()},
+        flat=flat,
+        duplicate_bound=kills * (2 * prefetch + producers),
+        acknowledged=len(books.confirmed),
+    )
+    print(record)
+    assert books.corrupt == 0 and not books.lost and not books.failed
+    assert books.confirmed == {f'p{i}-{n}' for i in range(producers) for n in range(count)}
+    assert books.duplicates <= kills * (2 * prefetch + producers)
+    assert all(rss_flat and fds_flat for rss_flat, fds_flat in flat.values()), flat
