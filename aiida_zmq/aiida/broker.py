@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import typing as t
 import weakref
 from pathlib import Path
 
-from aiida.brokers.broker import Broker, BrokerConfigField, BrokerServiceStatus, JsonValue
+from aiida.brokers.broker import Broker, BrokerConfigField, BrokerServiceStatus
 
 from aiida_zmq import discovery
 
@@ -78,6 +79,10 @@ def _finalize_broker(resources: _BrokerResources, broker_repr: str) -> None:
         resources.release()
 
 
+#: The broker watcher's ``before_stop`` hook: it stops after the workers (see :mod:`aiida_zmq.aiida.circus_hooks`).
+STOP_HOOK = 'aiida_zmq.aiida.circus_hooks.wait_for_stopping_workers'
+
+
 class ZmqBroker(Broker):
     """AiiDA broker backed by ``aiida-zmq``: a broker process per profile, supervised by the daemon's arbiter."""
 
@@ -103,6 +108,22 @@ class ZmqBroker(Broker):
             help='Seconds a client waits for the broker to come up (e.g. a daemon worker booting before it).',
             default=DEFAULT_START_TIMEOUT,
             param_type='int',
+        ),
+        BrokerConfigField(
+            name='codec',
+            prompt='Message codec',
+            help='`hybrid`: JSON for plain messages, AiiDA YAML for the rest (faster); `yaml`: AiiDA YAML only.',
+            default='hybrid',
+            param_type='string',
+            choices=('hybrid', 'yaml'),
+        ),
+        BrokerConfigField(
+            name='circus_plugins',
+            prompt='Run the circus plugins',
+            help='Also attach the events plugin (requeue at once when a worker dies) and the health plugin.',
+            default=True,
+            param_type='bool',
+            expose_cli=False,
         ),
         BrokerConfigField(
             name='attach_to_daemon',
@@ -165,42 +186,67 @@ class ZmqBroker(Broker):
 
     # --- the broker process ----------------------------------------------------------------------------------------
 
-    def watcher_spec(self, client: DaemonClient | None = None) -> t.Any:
-        """Return the circus watcher that runs this profile's broker (:class:`aiida_zmq.circus.WatcherSpec`)."""
-        from aiida_zmq.circus import broker_watcher_spec
+    def watcher_specs(self, client: DaemonClient | None = None, pubsub: str = '') -> list[t.Any]:
+        """Return the circus watchers of this profile's broker (:class:`aiida_zmq.circus.WatcherSpec`).
+
+        The broker first, then (with a ``pubsub`` endpoint) its events and health plugins. The broker watcher gets
+        the ``before_stop`` hook of :mod:`aiida_zmq.aiida.circus_hooks`, so that it outlives the workers on a daemon
+        stop. That relies on circus stopping watchers of equal priority (circus ``add`` takes no priority) in the
+        order they were added: AiiDA's workers first, the broker added later after them.
+        """
+        from aiida_zmq.circus import broker_watchers
 
         client = client or self._daemon_client()
-        log_file = str(Path(client.daemon_log_file).parent / f'{self.watcher_name}.log')
         bind = discovery.default_ipc_bind(self._data_dir, str(self._profile.uuid).replace('-', ''))
-        extra_args = ['--heartbeat', str(float(self._option('heartbeat')))]
-        return broker_watcher_spec(
+        specs = broker_watchers(
             self._profile.name,
             str(self._data_dir),
-            log_file=log_file,
+            controller=client.get_controller_endpoint() if pubsub else '',
+            pubsub=pubsub,
+            log_dir=str(Path(client.daemon_log_file).parent),
             env=client.get_env(),
             binds=[bind] if bind else [],
-            extra_args=extra_args,
+            extra_args=['--heartbeat', str(float(self._option('heartbeat')))],
+            plugins=bool(pubsub),
         )
+        specs[0].hooks['before_stop'] = STOP_HOOK
+        return specs
 
-    def ensure_broker(self, client: DaemonClient | None = None) -> str:
-        """Attach the broker watcher to the profile's running daemon; return what ``attach_watcher`` did.
+    def watcher_spec(self, client: DaemonClient | None = None) -> t.Any:
+        """Return the circus watcher that runs this profile's broker (:class:`aiida_zmq.circus.WatcherSpec`)."""
+        return self.watcher_specs(client)[0]
+
+    def ensure_broker(self, client: DaemonClient | None = None) -> dict[str, str]:
+        """Attach the broker (and its circus plugins) to the profile's running daemon; return what was done.
+
+        Idempotent and safe when several workers race (see :func:`aiida_zmq.circus.attach_watcher`).
 
         :raises ConnectionError: when the daemon is not running or its arbiter refuses.
         """
-        from aiida_zmq.circus import CircusCallError, attach_watcher
+        from aiida_zmq.circus import CircusCallError, CircusController, attach_watcher
 
         client = client or self._running_daemon_client()
         if client is None:
             raise ConnectionError(f'the daemon of profile `{self._profile.name}` is not running')
         self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        endpoint = client.get_controller_endpoint()
+        timeout = float(self._option('start_timeout'))
+        deadline = time.monotonic() + timeout
         try:
-            return attach_watcher(
-                client.get_controller_endpoint(),
-                self.watcher_spec(client),
-                timeout=float(self._option('start_timeout')),
-            )
+            pubsub = ''
+            if self._option('circus_plugins'):
+                with CircusController(endpoint, timeout=5.0) as controller:
+                    pubsub = str(controller.global_options().get('pubsub_endpoint') or '')
+            done = {}
+            for spec in self.watcher_specs(client, pubsub):
+                remaining = max(deadline - time.monotonic(), 1.0)
+                done[spec.name] = attach_watcher(endpoint, spec, timeout=remaining)
+            return done
         except CircusCallError as exception:
-            raise ConnectionError(f'could not attach the broker to the daemon: {exception}') from exception
+            raise ConnectionError(
+                f'could not attach the broker to the daemon of `{self._profile.name}`: {exception}. Restart the daemon '
+                f'(`verdi -p {self._profile.name} daemon restart`); the circus log is beside {client.daemon_log_file}.'
+            ) from exception
 
     def _watcher_active(self, client: DaemonClient) -> bool:
         from aiida_zmq.circus import CircusCallError, CircusController
@@ -231,78 +277,219 @@ class ZmqBroker(Broker):
                 'start the daemon (`verdi daemon start`), which starts the broker, or run `aiida-zmq serve`'
             )
         action = self.ensure_broker(client)
-        LOGGER.info('broker watcher %s: %s; waiting for the broker to come up', self.watcher_name, action)
-        return discovery.wait_for_broker_info(
-            self._data_dir,
-            float(self._option('start_timeout')),
-            still_starting=lambda: self._watcher_active(client),
-        )
+        LOGGER.info('broker watchers %s; waiting for the broker to come up', action)
+        try:
+            return discovery.wait_for_broker_info(
+                self._data_dir,
+                float(self._option('start_timeout')),
+                still_starting=lambda: self._watcher_active(client),
+            )
+        except discovery.BrokerNotFound as exception:
+            log = Path(client.daemon_log_file).parent / f'{self.watcher_name}.log'
+            raise discovery.BrokerNotFound(
+                f'{exception}. The broker of `{self._profile.name}` did not come up in the daemon: see {log}, then '
+                f'`verdi -p {self._profile.name} daemon restart`.'
+            ) from exception
 
     # --- Broker interface ------------------------------------------------------------------------------------------
 
     def get_communicator(self) -> Communicator:
+        """Return the profile's communicator: connected to its broker, or offline when neither broker nor daemon runs.
+
+        With the daemon running but no broker yet, the broker is attached to the daemon and waited for (bounded by
+        ``start_timeout``). With neither running, the communicator is an :class:`OfflineCommunicator`: ``submit()``
+        stores the task for when the daemon starts, and ``run()`` works without a broker.
+
+        :raises ConnectionError: when the daemon runs but its broker did not come up in time (the message says why and
+            what to do).
+        """
         if self._resources.communicator is None:
             self._resources.communicator = self._create_communicator()
         return self._resources.communicator
 
-    def _create_communicator(self) -> Communicator:
-        from aiida.manage.configuration import get_config_option
+    def codec(self) -> tuple[t.Callable[[t.Any], bytes], t.Callable[[bytes], t.Any]]:
+        """Return the (encoder, decoder) of the profile's messages.
+
+        ``hybrid`` (default): JSON for messages that are plain JSON (AiiDA's process tasks, RPCs and broadcasts are),
+        AiiDA's own YAML (``aiida.orm.utils.serialize``, as ``RabbitmqBroker`` uses) for the rest; tagged, so a decoder
+        reads both. ``yaml``: AiiDA's YAML for everything, exactly as with RabbitMQ.
+        """
         from aiida.orm.utils import serialize
+
+        # With an encoding, PyYAML returns bytes (aiida-core annotates ``str``); the decoder takes either.
+        encode_yaml = t.cast(t.Callable[[t.Any], bytes], functools.partial(serialize.serialize, encoding='utf-8'))
+        decode_yaml = t.cast(t.Callable[[t.Any], t.Any], serialize.deserialize_unsafe)
+        if self._option('codec') == 'yaml':
+            return encode_yaml, decode_yaml
+        from aiida_zmq.codec import HybridCodec
+
+        codec = HybridCodec(fallback_encoder=encode_yaml, fallback_decoder=decode_yaml)
+        return codec.encode, codec.decode
+
+    def _create_communicator(self) -> Communicator:
+        info = discovery.read_live_broker_info(self._data_dir)
+        if info is None:
+            client = self._running_daemon_client() if self._option('attach_to_daemon') else None
+            if client is None:
+                LOGGER.info('neither broker nor daemon runs for `%s`: offline communicator', self._profile.name)
+                return self._offline_communicator()
+            info = self.find_broker()
+        return self._connect(info)
+
+    def _connect(self, info: dict[str, t.Any] | None = None) -> Communicator:
+        from aiida.manage.configuration import get_config_option
 
         import aiida_zmq
 
-        info = self.find_broker()
+        info = info or self.find_broker(wait=False)
         endpoint = discovery.choose_endpoint(info)
+        encoder, decoder = self.codec()
         LOGGER.debug('connecting to the broker of %s at %s (pid %s)', self._profile.name, endpoint, info.get('pid'))
         return aiida_zmq.connect(
             endpoint,
-            encoder=functools.partial(serialize.serialize, encoding='utf-8'),
-            decoder=serialize.deserialize_unsafe,
+            encoder=encoder,
+            decoder=decoder,
             task_queue=self.queue_name,
             task_prefetch_count=get_config_option('daemon.worker_process_slots'),
             heartbeat=float(self._option('heartbeat')),
             name=f'aiida-{self._profile.name}-{os.getpid()}',
         )
 
+    def _offline_communicator(self) -> Communicator:
+        from aiida_zmq.aiida.offline import OfflineCommunicator
+
+        encoder, decoder = self.codec()
+        return OfflineCommunicator(
+            data_dir=str(self._data_dir),
+            profile_name=self._profile.name,
+            task_queue=self.queue_name,
+            encoder=encoder,
+            decoder=decoder,
+            connect=self._connect,
+        )
+
+    def is_offline(self) -> bool:
+        """Whether this broker's communicator (if any) works without a broker process."""
+        from aiida_zmq.aiida.offline import OfflineCommunicator
+
+        return isinstance(self._resources.communicator, OfflineCommunicator)
+
     def iterate_tasks(self) -> Iterator[t.Any]:
-        """Iterate over the tasks of the launch queue (``verdi process repair``)."""
-        yield from self.get_communicator().task_queue(self.queue_name)
+        """Iterate over the tasks of the launch queue (``verdi process repair``).
+
+        With the broker running, through it; with the broker stopped (``verdi process repair`` wants the daemon
+        stopped, and the broker stops with it), straight from the store, under the broker's lock.
+        """
+        from aiida_zmq.aiida.offline import OfflineCommunicator
+
+        communicator = self.get_communicator()
+        if isinstance(communicator, OfflineCommunicator):
+            communicator = communicator.online(wait=False) or communicator
+        yield from t.cast(t.Any, communicator).task_queue(self.queue_name)
 
     def check_service_reachable(self) -> bool:
-        had_communicator = self._resources.communicator is not None
-        try:
-            self.get_communicator()
-        except Exception:
+        """Whether a broker process answers; ``False`` while the broker is not running (even though submit works)."""
+        if discovery.read_live_broker_info(self._data_dir) is None:
             return False
-        finally:
-            if not had_communicator:
-                self.close()
+        try:
+            self._admin_status(timeout=5.0)
+        except Exception as exception:
+            LOGGER.debug('broker of %s not reachable: %s', self._profile.name, exception)
+            return False
         return True
 
-    def probe_service_status(self) -> BrokerServiceStatus:
-        status: BrokerServiceStatus = {'data_dir': str(self._data_dir), 'watcher': self.watcher_name}
-        info = discovery.read_broker_info(self._data_dir)
-        if info is None:
-            status.update(
-                {'connected': False, 'error': f'no broker.json in {self._data_dir}: the broker is not running'}
-            )
-            return status
-        status.update({key: t.cast(JsonValue, value) for key, value in info.items()})
-        if not discovery.broker_info_alive(info):
-            status.update({'connected': False, 'error': f'stale broker.json: process {info.get("pid")} is gone'})
-            return status
-        had_communicator = self._resources.communicator is not None
+    def _admin_status(self, timeout: float) -> dict[str, t.Any]:
+        """Ask the running broker for its status, through this broker's communicator or a short-lived one."""
+        from aiida_zmq.aiida.offline import OfflineCommunicator
+        from aiida_zmq.communicator import ZmqCommunicator
+
+        communicator = self._resources.communicator
+        if isinstance(communicator, OfflineCommunicator):
+            communicator = communicator.online(wait=False)
+        if isinstance(communicator, ZmqCommunicator) and not communicator.is_closed():
+            return communicator.admin('status', timeout=timeout)
+        temporary = t.cast(ZmqCommunicator, self._connect())
         try:
-            self.get_communicator()
+            return temporary.admin('status', timeout=timeout)
+        finally:
+            temporary.close()
+
+    def _stored_counts(self) -> dict[str, int] | None:
+        """Tasks waiting in the store of a stopped broker, by queue; ``None`` if a broker holds the store."""
+        from aiida_zmq import store
+        from aiida_zmq.exceptions import BrokerRunning
+
+        path = self._data_dir / store.STORE_FILENAME
+        if not path.exists():
+            return {}
+        try:
+            with store.broker_lock(self._data_dir, blocking=False):
+                task_store = store.TaskStore(path)
+                try:
+                    counts = task_store.ready_counts()
+                    for task in task_store.load_delivered():
+                        counts[task.queue] = counts.get(task.queue, 0) + 1
+                    return counts
+                finally:
+                    task_store.close()
+        except BrokerRunning:
+            return None
+
+    def probe_service_status(self) -> BrokerServiceStatus:
+        """Return the status: endpoint, pid, uptime, queue depth, consumers, in-flight, dead letters, store size.
+
+        Never raises: a failure is in ``error`` (with ``connected: False``), and says what to do.
+        """
+        status: BrokerServiceStatus = {
+            'backend': ENTRY_POINT_NAME,
+            'data_dir': str(self._data_dir),
+            'watcher': self.watcher_name,
+            'queue': self.queue_name,
+        }
+        try:
+            info = discovery.read_broker_info(self._data_dir)
+            if info is None or not discovery.broker_info_alive(info):
+                status['connected'] = False
+                status['running'] = False
+                counts = self._stored_counts()
+                if counts is not None:
+                    status['queue_depth'] = counts.get(self.queue_name, 0)
+                reason = 'not running' if info is None else f'not running (stale broker.json: pid {info.get("pid")})'
+                status['error'] = (
+                    f'the broker is {reason}; it starts with the daemon: `verdi -p {self._profile.name} daemon start`'
+                )
+                return status
+            status['running'] = True
+            status['pid'] = info.get('pid')
+            status['endpoint'] = discovery.choose_endpoint(info)
+            admin = self._admin_status(timeout=10.0)
         except Exception as exception:
             error = f'{type(exception).__name__}: {exception}'
-            LOGGER.error('Failed to probe broker status: %s', error)
+            LOGGER.warning('Failed to probe the broker status of %s: %s', self._profile.name, error)
             status.update({'connected': False, 'error': error})
-        else:
-            status.update({'connected': True, 'error': None})
-        finally:
-            if not had_communicator:
-                self.close()
+            return status
+
+        queue = admin.get('queues', {}).get(self.queue_name, {})
+        clients = admin.get('clients', [])
+        consumers = [client for client in clients if self.queue_name in (client.get('prefetch') or {})]
+        status.update(
+            {
+                'connected': True,
+                'error': None,
+                'version': admin.get('version'),
+                'uptime': admin.get('uptime'),
+                'queue_depth': queue.get('depth', 0),
+                'consumers': queue.get('consumers', len(consumers)),
+                'prefetch': sum(int((client.get('prefetch') or {}).get(self.queue_name, 0)) for client in consumers),
+                'in_flight': sum(int(client.get('held', 0)) for client in clients),
+                'clients': len(clients),
+                'dead_letters': admin.get('dead_letters'),
+                'store_bytes': admin.get('store_bytes'),
+                # The names ``verdi status`` reads for aiida-core's own ZeroMQ broker.
+                'pending_tasks': queue.get('depth', 0),
+                'processing_tasks': sum(int(client.get('held', 0)) for client in clients),
+            }
+        )
         return status
 
     def close(self) -> None:
@@ -311,7 +498,10 @@ class ZmqBroker(Broker):
     def __str__(self) -> str:
         info = discovery.read_live_broker_info(self._data_dir)
         if info is None:
-            return f'aiida-zmq @ {self._data_dir} <not running>'
+            return (
+                f'aiida-zmq broker not running; it starts with the daemon: `verdi -p {self._profile.name} daemon '
+                f'start`. Submitted processes wait in {self._data_dir} until then.'
+            )
         return f'aiida-zmq v{info.get("version", "?")} (PID {info.get("pid")}) @ {discovery.choose_endpoint(info)}'
 
     def __enter__(self) -> ZmqBroker:
