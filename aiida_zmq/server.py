@@ -541,7 +541,7 @@ class Broker:
             return
         try:
             handler(self, client, message.args)
-        except protocol.ProtocolError as exception:
+        except (protocol.ProtocolError, UnicodeDecodeError) as exception:  # a queue or identifier that is not UTF-8
             self.stats['malformed'] += 1
             LOGGER.warning('dropped a malformed %s from %s: %s', message.command.name, client.name, exception)
         except StoreError:
