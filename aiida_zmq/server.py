@@ -27,7 +27,7 @@ from pathlib import Path
 
 import zmq
 
-from . import __version__, protocol
+from . import __version__, protocol, security
 from .exceptions import StoreError
 from .protocol import Command, ErrorCode
 from .store import DELIVERED, STORE_FILENAME, StoredTask, TaskStore, broker_lock, ensure_private_dir
@@ -59,6 +59,8 @@ class BrokerConfig:
     retry_backoff: float = 0.1  # first delay before a rejected task is offered again; doubles per delivery
     retry_backoff_max: float = 10.0
     lock_timeout: float = 30.0  # how long to wait for the data directory's lock (a previous broker still closing)
+    curve: bool = False  # CURVE on tcp:// endpoints (keys in DATA_DIR/curve); TCP is refused without it
+    insecure_tcp: bool = False  # plain TCP on loopback only (any local user can connect): for tests
 
     @property
     def grace(self) -> float:
@@ -184,6 +186,7 @@ class Broker:
         self.epoch = secrets.token_hex(8)
         self.started = time.time()
         self._context = zmq.Context()
+        self._curve: security.CurveServer | None = None
         self._sockets: list[zmq.Socket] = []
         self._store: TaskStore | None = None
         self._lock_context: object | None = None
@@ -222,7 +225,8 @@ class Broker:
         try:
             store_path = self.data_dir / STORE_FILENAME
             self._store = TaskStore(store_path, fsync=self.config.fsync)
-            os.chmod(store_path, 0o600)
+            for path in self.data_dir.glob(STORE_FILENAME + '*'):  # the store and SQLite's -wal and -shm beside it
+                os.chmod(path, 0o600)
             for queue, count in self.store.ready_counts().items():
                 self.queues[queue] = QueueState(queue, backlog=count)
             for task in self.store.load_delivered():
@@ -247,12 +251,7 @@ class Broker:
 
     def _bind(self, endpoint: str) -> None:
         if endpoint.startswith('tcp://'):
-            host = endpoint[len('tcp://') :].rsplit(':', 1)[0]
-            if host not in ('127.0.0.1', 'localhost', '[::1]'):
-                raise ValueError(
-                    f'refusing to bind {endpoint}: only loopback TCP is supported until CURVE authentication is '
-                    'configured; use an ipc:// endpoint or tcp://127.0.0.1:PORT'
-                )
+            security.check_tcp_bind(endpoint, curve=self.config.curve, insecure_tcp=self.config.insecure_tcp)
         elif endpoint.startswith('ipc://'):
             path = Path(endpoint[len('ipc://') :])
             ensure_private_dir(path.parent)  # only the user may reach the socket
@@ -263,6 +262,10 @@ class Broker:
         else:
             raise ValueError(f'unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT')
         socket = self._context.socket(zmq.ROUTER)
+        if endpoint.startswith('tcp://') and self.config.curve:
+            if self._curve is None:
+                self._curve = security.CurveServer(self._context, self.data_dir)
+            self._curve.apply(socket)  # before bind: only authorized client keys get through the handshake
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
         socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
         socket.setsockopt(zmq.SNDHWM, 100_000)
@@ -317,6 +320,9 @@ class Broker:
         if self._lock_context is not None:
             self._lock_context.__exit__(None, None, None)  # type: ignore[attr-defined]
             self._lock_context = None
+        if self._curve is not None:
+            self._curve.stop()
+            self._curve = None
         self._context.term()
 
     def stop(self, timeout: float = 10.0) -> None:
