@@ -30,8 +30,10 @@ def main() -> None:
     'binds',
     multiple=True,
     metavar='ENDPOINT',
-    help='Endpoint to bind, repeatable: ipc://PATH or tcp://127.0.0.1:PORT. Default: ipc://DATA_DIR/broker.sock.',
+    help='Endpoint to bind, repeatable: ipc://PATH or tcp://HOST:PORT (needs --curve). Default: ipc://DATA_DIR/broker.sock.',
 )
+@click.option('--curve', is_flag=True, help='CURVE-encrypt and authenticate tcp:// endpoints (keys in DATA_DIR/curve).')
+@click.option('--insecure-tcp', is_flag=True, help='Allow plain tcp:// on 127.0.0.1 without CURVE (tests only).')
 @click.option('--heartbeat', type=float, default=1.0, show_default=True, help='Heartbeat interval in seconds.')
 @click.option(
     '--peer-timeout',
@@ -61,6 +63,8 @@ def serve(
     lock_timeout: float,
     fsync: bool,
     log_level: str,
+    curve: bool = False,
+    insecure_tcp: bool = False,
 ) -> None:
     """Run the broker in the foreground until SIGTERM or SIGINT."""
     from .exceptions import StoreError
@@ -74,13 +78,29 @@ def serve(
         max_message_bytes=max_message_bytes,
         fsync=fsync,
         lock_timeout=lock_timeout,
+        curve=curve,
+        insecure_tcp=insecure_tcp,
     )
     try:
         broker = Broker(data_dir, binds, config)
         broker.serve_forever(install_signal_handlers=True)
     except (StoreError, OSError, ValueError) as exception:
-        click.echo(f'aiida-zmq serve: {exception}', err=True)
+        click.echo(f'aiida-zmq serve: {exception}{_os_error_hint(exception)}', err=True)
         sys.exit(2)
+
+
+def _os_error_hint(exception: BaseException) -> str:
+    """What to do about a file-system error at start (the broker refuses to start rather than lose tasks)."""
+    import errno
+
+    hints = {
+        errno.EROFS: 'the data directory is on a read-only file system: remount it read-write or choose another '
+        '--data-dir (the stored tasks are kept as they are)',
+        errno.EACCES: 'this user cannot write there: fix the ownership or mode of the data directory (chmod 700)',
+        errno.ENOSPC: 'the disk is full: free space on it (`df -h DATA_DIR`) and start again (stored tasks are kept)',
+    }
+    hint = hints.get(getattr(exception, 'errno', None) or -1)
+    return f'. {hint[0].upper()}{hint[1:]}' if hint else ''
 
 
 #: Modules that add commands to the group, each through a ``register(group)`` function. Commands that need AiiDA or
@@ -88,6 +108,7 @@ def serve(
 COMMAND_MODULES = (
     'aiida_zmq.aiida_cli',
     'aiida_zmq.admin_cli',
+    'aiida_zmq.security',
 )
 
 

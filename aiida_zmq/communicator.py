@@ -48,6 +48,7 @@ from . import protocol
 from .codec import Decoder, Encoder, default_codec
 from .exceptions import AdminError, BrokerRestarted, BrokerUnavailable, MessageTooLarge, TaskNotAccepted
 from .protocol import Command, ErrorCode
+from .security import CurveKeys
 
 __all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect')
 
@@ -110,6 +111,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         request_timeout: float = 60.0,
         name: str | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        curve: CurveKeys | None = None,
     ) -> None:
         if not endpoint.startswith(('ipc://', 'tcp://', 'inproc://')):
             raise ValueError(f'unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT')
@@ -124,6 +126,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._confirm_timeout = confirm_timeout
         self._request_timeout = request_timeout
         self._max_message_bytes = max_message_bytes
+        self._curve = curve  # keys for a broker's tcp:// endpoint with CURVE (aiida_zmq.security.client_keys)
         self._routing_id = b'c' + uuid.uuid4().hex.encode()
         self._correlations = itertools.count(1)
         self._closed = False
@@ -180,6 +183,8 @@ class ZmqCommunicator(kiwipy.Communicator):
         socket.setsockopt(zmq.RCVHWM, 100_000)
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._curve is not None:
+            self._curve.apply(socket)
         try:
             socket.connect(self.endpoint)
         except zmq.ZMQError as exception:

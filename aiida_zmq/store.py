@@ -71,6 +71,26 @@ def _row_to_task(row: tuple) -> StoredTask:
     return StoredTask(row[0], row[1], row[2], bool(row[3]), row[4], row[5], row[6], row[7])
 
 
+def _open_advice(path: Path, exception: sqlite3.DatabaseError) -> str:
+    """What to do when the store cannot be opened. A full or read-only disk is not corruption: moving the file aside
+    there would hide good tasks, so each cause gets its own advice."""
+    text = str(exception).lower()
+    if 'full' in text or 'disk i/o' in text:
+        return (
+            f'The disk holding {path.parent} is probably full (check `df -h {path.parent}`): free space and start '
+            'again; the tasks in the store are kept'
+        )
+    if 'readonly' in text or 'read-only' in text or 'unable to open' in text:
+        return (
+            f'{path.parent} is not writable (read-only file system or wrong owner): remount it read-write or fix its '
+            'owner, then start again; the tasks in the store are kept'
+        )
+    return (
+        'If the file is corrupt, stop the broker, move the file aside (tasks in it are not delivered until it is '
+        'repaired, e.g. with sqlite3 .recover) and start again'
+    )
+
+
 class TaskStore:
     """Durable tasks in SQLite (WAL). Not thread-safe: the broker uses it from its one poll-loop thread."""
 
@@ -91,13 +111,13 @@ class TaskStore:
                     f'{self.path} has store schema {version}, this aiida-zmq reads schema {SCHEMA_VERSION}: '
                     'use the aiida-zmq version that wrote it, or move the file away to start empty'
                 )
-            self._db.execute('PRAGMA quick_check(1)').fetchone()
+            check = self._db.execute('PRAGMA quick_check(1)').fetchone()[0]
+            if check != 'ok':  # the pragma reports corruption as a row, it does not raise
+                raise sqlite3.DatabaseError(f'database disk image is malformed ({check})')
         except sqlite3.DatabaseError as exception:
             raise StoreError(
-                f'cannot open the task store {self.path}: {exception}. If the file is corrupt, stop the broker, '
-                'move the file aside (tasks in it are not delivered until it is repaired, e.g. with sqlite3 .recover) '
-                'and start again'
-            ) from exception
+                f'cannot open the task store {self.path}: {exception}. {_open_advice(self.path, exception)}'
+            )
         self._in_transaction = False
 
     # Transactions -------------------------------------------------------------------------------------------------
