@@ -30,7 +30,7 @@ import zmq
 from . import __version__, protocol, security
 from .exceptions import StoreError
 from .protocol import Command, ErrorCode
-from .store import DELIVERED, STORE_FILENAME, StoredTask, TaskStore, broker_lock, ensure_private_dir
+from .store import DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock, ensure_private_dir
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
 
@@ -204,6 +204,7 @@ class Broker:
         self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): rejected tasks backing off
         self._confirms: list[tuple[Client, bytes, int]] = []  # wait for the batch's commit
         self._deliveries: list[tuple[int, int]] = []  # (attempts, task id) to record as delivered
+        self._outgoing: list[tuple[Client, StoredTask, Command, bytes]] = []  # deliveries sent after the commit
         self._requeues: list[tuple[int, int]] = []  # (attempts, task id) to record as ready
         self._acks: list[int] = []  # task ids to delete
         self._admin_replies: list[tuple[Client, bytes, bytes]] = []  # wait for the batch's commit
@@ -388,7 +389,10 @@ class Broker:
                 next_tick = now + heartbeat
 
     def _end_of_batch(self) -> None:
-        """Commit the batch, confirm what it stored, then hand out ready tasks and commit those deliveries."""
+        """Hand out ready tasks, commit the batch (stores and deliveries in one transaction), then confirm what it
+        stored and send the deliveries: nothing leaves before the commit that records it."""
+        self._release_delayed(time.monotonic())
+        self._dispatch()
         if not self._commit():
             return
         for client, correlation, task_id in self._confirms:
@@ -397,9 +401,9 @@ class Broker:
         for client, correlation, response in self._admin_replies:
             self._send(client, Command.ADMIN_REPLY, correlation, b'ok', response)
         self._admin_replies.clear()
-        self._release_delayed(time.monotonic())
-        self._dispatch()
-        self._commit()
+        for client, task, command, first in self._outgoing:
+            self._send_delivery(client, task, command, first)
+        self._outgoing.clear()
         self._flush_outbound()
 
     def _commit(self) -> bool:
@@ -412,8 +416,20 @@ class Broker:
             for client, correlation, _ in self._confirms:
                 self._send(client, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
             self._confirms.clear()
+            self._undo_outgoing()
             self._forget_uncommitted()
             return False
+
+    def _undo_outgoing(self) -> None:
+        """Deliveries of a batch that did not commit were never sent: their tasks are no longer held."""
+        for client, task, command, first in self._outgoing:
+            if client.held.get(task.id) is task:
+                self._release_held(client, task)
+            task.attempts -= 1
+            task.state = READY
+            if command is Command.TASK_GOT:
+                self._send(client, Command.TASK_GOT, first, b'', b'0', b'0', b'')
+        self._outgoing.clear()
 
     def _flush_writes(self) -> None:
         store = self.store
@@ -817,11 +833,17 @@ class Broker:
                 self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode())
 
     def _deliver(self, client: Client, task: StoredTask, command: Command, first: bytes) -> None:
+        """Hand ``task`` to ``client``; the message goes out after the batch's commit (see :meth:`_end_of_batch`)."""
         task.attempts += 1
         task.state = DELIVERED
         self._hold(client, task)
         self._deliveries.append((task.attempts, task.id))
         self.stats['deliveries'] += 1
+        self._outgoing.append((client, task, command, first))
+
+    def _send_delivery(self, client: Client, task: StoredTask, command: Command, first: bytes) -> None:
+        if client.held.get(task.id) is not task:
+            return  # taken back before the commit (the client left or released it in the same batch)
         self._send(
             client,
             command,
@@ -919,6 +941,7 @@ class Broker:
         self._admin_replies.append((client, correlation, json.dumps(response).encode()))
 
     def _admin_status(self) -> dict:
+        """Queues, clients, counters, dead letters and store size: what `aiida-zmq status` shows."""
         status = self.snapshot()
         status['dead_letters'] = len(self.store.dead_letters())
         status['store_bytes'] = self.store.size_bytes()
@@ -942,10 +965,12 @@ class Broker:
         return {'clients': len(gone), 'requeued': requeued}
 
     def _admin_dead_letters(self, queue: str | None = None) -> dict:
+        """List dead-lettered tasks (id, queue, deliveries, reason)."""
         rows = self.store.dead_letters(queue)
         return {'dead_letters': [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in rows]}
 
     def _admin_dead_letters_requeue(self, ids: list[int] | None = None) -> dict:
+        """Put dead-lettered tasks (all when `ids` is null) back in their queues with a fresh delivery count."""
         revived = self.store.revive_dead(ids)
         for task in self.store.load_tasks(revived):
             self._queue(task.queue).put_back(task)
@@ -953,11 +978,13 @@ class Broker:
         return {'requeued': len(revived)}
 
     def _admin_dead_letters_drop(self, ids: list[int] | None = None) -> dict:
+        """Delete dead-lettered tasks (all when `ids` is null)."""
         dropped = self.store.drop_dead(ids)
         LOGGER.info('%d dead-lettered task(s) dropped by request', dropped)
         return {'dropped': dropped}
 
     def _admin_tasks(self, queue: str | None = None, limit: int = 100) -> dict:
+        """List stored tasks, oldest first, without payloads."""
         return {'tasks': self.store.list_tasks(queue, int(limit))}
 
     def _admin_tasks_purge(self, queue: str) -> dict:

@@ -34,6 +34,8 @@ echo '== ruff'
 .venv/bin/ruff format --check .
 echo '== mypy'
 .venv/bin/mypy
+echo '== docs'
+.venv/bin/mkdocs build --strict --quiet
 echo '== pytest'
 set +e
 .venv/bin/python -m pytest -ra -q -p no:cacheprovider "$@"
