@@ -454,6 +454,7 @@ def render_ini(
     pubsub: str,
     stats: str | None = None,
     circusd_log: str | None = None,
+    check_delay: float = 1.0,
     generated_for: str = 'aiida-zmq circus-config',
 ) -> str:
     """Render a standalone ``circusd`` configuration with the given watchers (``aiida-zmq circus-config``).
@@ -481,6 +482,7 @@ def render_ini(
         )
     return template.substitute(
         generated_for=generated_for,
+        check_delay=check_delay,
         controller=controller,
         pubsub=pubsub,
         statsd='true' if stats else 'false',

@@ -1,0 +1,201 @@
+"""The broker's circus plugins against a real ``circusd`` (the ``zmq_arbiter`` fixtures of ``aiida_zmq.testing``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from aiida_zmq.circus_plugins.events import parse_topic
+from aiida_zmq.circus_plugins.health import read_health
+
+from aiida_zmq.circus import HealthOptions, WatcherSpec, attach_watcher
+from aiida_zmq.testing import ArbiterProcess, wait_until
+
+HOLDER = str(Path(__file__).with_name('holder.py'))
+
+
+class Received:
+    """Tasks a test consumer got, with the time each arrived."""
+
+    def __init__(self) -> None:
+        self.tasks: list[object] = []
+        self.times: list[float] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, _communicator: object, task: object) -> object:
+        with self.changed:
+            self.tasks.append(task)
+            self.times.append(time.monotonic())
+            self.changed.notify_all()
+        return f'done {task}'
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(self.tasks) >= count, timeout):
+                raise AssertionError(f'got {len(self.tasks)} of {count} tasks within {timeout}s: {self.tasks}')
+
+
+def status_answers(communicator: object) -> bool:
+    try:
+        communicator.admin('status', timeout=1.0)  # type: ignore[attr-defined]
+    except Exception:
+        return False
+    return True
+
+
+def test_parse_topic() -> None:
+    assert parse_topic(b'watcher.aiida-workers.reap') == ('aiida-workers', 'reap')
+    assert parse_topic('watcher.my.profile.reap') == ('my.profile', 'reap')
+    assert parse_topic(b'stat.x.1') is None
+
+
+def test_reaped_worker_tasks_requeued_at_once(zmq_arbiter_factory) -> None:
+    """A worker holding a task is killed: the task reaches another consumer long before the peer timeout (60 s)."""
+    arbiter: ArbiterProcess = zmq_arbiter_factory(broker_args=('--heartbeat', '0.2', '--peer-timeout', '60'))
+    holder = WatcherSpec(
+        name='workers',
+        argv=[sys.executable, HOLDER, arbiter.broker_endpoint],
+        log_file=str(arbiter.log_dir / 'workers.log'),
+    )
+    attach_watcher(arbiter.controller, holder)
+    wait_until(lambda: 'ready' in arbiter.log('workers'), 20, what='the holding worker to subscribe')
+    worker_pid = arbiter.pids('workers')[0]
+
+    producer = arbiter.connect()
+    consumer = arbiter.connect()
+    try:
+        producer.task_send('task-held', no_reply=True)
+        wait_until(lambda: 'holding task-held' in arbiter.log('workers'), 10, what='the worker to take the task')
+        received = Received()
+        consumer.add_task_subscriber(received)
+
+        killed = time.monotonic()
+        os.kill(worker_pid, signal.SIGKILL)
+        received.wait_for(1, timeout=15)
+        requeue_seconds = received.times[0] - killed
+    finally:
+        producer.close()
+        consumer.close()
+
+    assert received.tasks == ['task-held']
+    # The peer timeout is 60 s: only the arbiter's reap event can explain a redelivery within seconds.
+    assert requeue_seconds < 10, requeue_seconds
+    events_log = wait_until(
+        lambda: 'requeued' in (log := arbiter.log(f'{arbiter.broker_watcher}-events')) and log, 5, what='the events log'
+    )
+    assert (
+        f'process {worker_pid} of workers reaped: the broker dropped 1 session(s) and requeued 1 task(s)' in events_log
+    )
+    print(f'\nrequeue after a reaped worker: {requeue_seconds * 1000:.0f} ms (peer timeout 60 s)')
+
+
+def test_sigstopped_broker_killed_by_health_plugin_and_clients_carry_on(zmq_arbiter: ArbiterProcess) -> None:
+    arbiter = zmq_arbiter
+    client = arbiter.connect()
+    try:
+        for index in range(5):
+            client.task_send(f'stored-{index}', no_reply=True)
+        frozen_pid = arbiter.broker_pid()
+        assert frozen_pid is not None
+
+        frozen = time.monotonic()
+        os.kill(frozen_pid, signal.SIGSTOP)
+        arbiter.wait_for_broker(30, not_pid=frozen_pid)
+        respawned = time.monotonic()
+        wait_until(lambda: status_answers(client), 30, interval=0.05, what='the client to reach the new broker')
+        answering = time.monotonic()
+
+        received = Received()
+        client.add_task_subscriber(received)
+        future = client.task_send('after-recovery')
+        assert future.result(timeout=20) == 'done after-recovery'
+        received.wait_for(6, timeout=20)
+    finally:
+        client.close()
+
+    assert sorted(map(str, received.tasks)) == ['after-recovery', *(f'stored-{index}' for index in range(5))]
+    health_log = arbiter.log(f'{arbiter.broker_watcher}-health')
+    assert f'broker pid {frozen_pid} failed its check (1/2 in a row)' in health_log
+    assert 'asked the arbiter to kill it' in health_log
+    health = wait_until(
+        lambda: (read_health(arbiter.data_dir) or {}).get('verdict') == 'ok' and read_health(arbiter.data_dir), 10
+    )
+    assert health['actions'] == 1 and health['last_action'] == f'kill pid {frozen_pid}'
+    # ``circusctl stats --extended <broker>`` shows the verdict (the broker watcher's extended_stats hook).
+    stats = arbiter.call('stats', name=arbiter.broker_watcher, extended=True)['info']
+    (process_stats,) = stats.values()
+    assert process_stats['health']['actions'] == 1
+    assert '[health: ok' in process_stats['cmdline']
+    print(
+        f'\nSIGSTOP recovery: new broker up after {respawned - frozen:.2f} s, '
+        f'existing client answered after {answering - frozen:.2f} s '
+        f'(checks every {arbiter.health.interval} s, timeout {arbiter.health.timeout} s, '
+        f'{arbiter.health.max_failures} failures)'
+    )
+
+
+def test_sigkilled_broker_respawned_with_stored_tasks(zmq_arbiter: ArbiterProcess) -> None:
+    arbiter = zmq_arbiter
+    client = arbiter.connect()
+    try:
+        for index in range(20):
+            client.task_send(f'stored-{index}', no_reply=True)
+        pid = arbiter.broker_pid()
+        assert pid is not None
+
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        arbiter.wait_for_broker(30, not_pid=pid)
+        respawned = time.monotonic()
+        wait_until(lambda: status_answers(client), 30, interval=0.05, what='the client to reach the new broker')
+        answering = time.monotonic()
+
+        received = Received()
+        client.add_task_subscriber(received)
+        received.wait_for(20, timeout=20)
+        delivered = time.monotonic()
+    finally:
+        client.close()
+
+    assert sorted(received.tasks) == sorted(f'stored-{index}' for index in range(20))
+    # circus, not the health plugin, brought it back.
+    assert (read_health(arbiter.data_dir) or {}).get('actions', 0) == 0
+    print(
+        f'\nSIGKILL recovery: respawned after {respawned - killed:.2f} s, client answered after '
+        f'{answering - killed:.2f} s, 20 stored tasks delivered after {delivered - killed:.2f} s'
+    )
+
+
+def test_health_plugin_leaves_a_stopped_broker_alone(zmq_arbiter_factory) -> None:
+    """``circusctl stop`` of the broker is an operator's decision: no verdict of "hung", no action."""
+    arbiter: ArbiterProcess = zmq_arbiter_factory(
+        health=HealthOptions(interval=0.2, timeout=0.5, max_failures=1, start_grace=1)
+    )
+    wait_until(lambda: (read_health(arbiter.data_dir) or {}).get('verdict') == 'ok', 10, what='a first good check')
+    arbiter.call('stop', name=arbiter.broker_watcher, waiting=True)
+    wait_until(
+        lambda: (read_health(arbiter.data_dir) or {}).get('verdict') == 'not-running', 10, what='a not-running verdict'
+    )
+    health = read_health(arbiter.data_dir) or {}
+    assert health['actions'] == 0
+    assert arbiter.pids(arbiter.broker_watcher) == []
+
+
+def test_arbiter_fixture_leaves_nothing_running(zmq_arbiter_factory) -> None:
+    arbiter: ArbiterProcess = zmq_arbiter_factory(via='add')
+    statuses = arbiter.call('status')['statuses']
+    assert statuses == {
+        arbiter.broker_watcher: 'active',
+        f'{arbiter.broker_watcher}-events': 'active',
+        f'{arbiter.broker_watcher}-health': 'active',
+    }
+    children = arbiter.all_pids()
+    assert len(children) == 3
+    arbiter.stop()
+    assert not [pid for pid in children if Path(f'/proc/{pid}').exists()]
+    assert not (arbiter.data_dir / 'broker.json').exists()
+    assert not (arbiter.data_dir / 'broker.sock').exists()
