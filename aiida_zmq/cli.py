@@ -103,6 +103,27 @@ def _os_error_hint(exception: BaseException) -> str:
     return f'. {hint[0].upper()}{hint[1:]}' if hint else ''
 
 
+@main.command(context_settings={'ignore_unknown_options': True, 'allow_extra_args': True})
+@click.pass_context
+def bench(context: click.Context) -> None:
+    """Run the side-by-side benchmarks (aiida-zmq, core.zeromq, RabbitMQ); options as `python -m bench.run --help`.
+
+    The harness lives in the source checkout (`bench/`), next to this package when it is installed from one.
+    """
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / 'bench' / 'run.py').exists():
+        click.echo(
+            'aiida-zmq bench: the benchmark harness is in the source checkout, not in the wheel: '
+            "clone the repository, `pip install '.[bench]'` there, and run `aiida-zmq bench` from that install.",
+            err=True,
+        )
+        sys.exit(2)
+    sys.exit(subprocess.call([sys.executable, '-m', 'bench.run', *context.args], cwd=root))
+
+
 #: Modules that add commands to the group, each through a ``register(group)`` function. Commands that need AiiDA or
 #: circus import them inside the command, so that ``aiida-zmq serve`` (the broker process) starts fast.
 COMMAND_MODULES = (
