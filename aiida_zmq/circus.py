@@ -191,6 +191,7 @@ def plugin_watcher_spec(
     env: dict[str, str] | None = None,
     python: str | None = None,
     log_level: str = 'INFO',
+    working_dir: str | None = None,
 ) -> WatcherSpec:
     """Return a watcher that runs the circus plugin class ``plugin`` (a fully qualified name).
 
@@ -208,7 +209,14 @@ def plugin_watcher_spec(
         argv += ['--config', serialized]
     argv.append(plugin)
     # Plugins hold no state worth a long shutdown: a second is plenty.
-    return WatcherSpec(name=name, argv=argv, log_file=log_file, env=dict(env or {}), graceful_timeout=2.0)
+    return WatcherSpec(
+        name=name,
+        argv=argv,
+        log_file=log_file,
+        env=dict(env or {}),
+        graceful_timeout=2.0,
+        working_dir=working_dir,
+    )
 
 
 def broker_watchers(
@@ -259,6 +267,7 @@ def broker_watchers(
             log_file=log(broker + EVENTS_SUFFIX),
             env=env,
             python=python,
+            working_dir=data_dir,
         )
     )
     specs.append(
@@ -271,6 +280,7 @@ def broker_watchers(
             log_file=log(broker + HEALTH_SUFFIX),
             env=env,
             python=python,
+            working_dir=data_dir,
         )
     )
     return specs

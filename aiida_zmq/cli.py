@@ -130,6 +130,7 @@ COMMAND_MODULES = (
     'aiida_zmq.aiida_cli',
     'aiida_zmq.admin_cli',
     'aiida_zmq.security',
+    'aiida_zmq.circus_cli',
 )
 
 

@@ -175,11 +175,15 @@ def _ipc_missing(endpoint: str) -> bool:
     return endpoint.startswith('ipc://') and not os.path.exists(endpoint[len('ipc://') :])
 
 
-def watcher_pids_from_stats(stats_endpoint: str, watcher: str, *, timeout: float = 3.0) -> list[int]:
+def watcher_pids_from_stats(
+    stats_endpoint: str, watcher: str, *, timeout: float = 3.0, wait_all: bool = False
+) -> list[int]:
     """Return the pids of ``watcher`` as published on an arbiter's stats endpoint (``circusd-stats``).
 
     ``circusd-stats`` publishes ``stat.<watcher>.<pid>`` for every live process about once a second, so this waits for
-    the next round (on average half a second): slower than asking the controller, but it needs no controller access.
+    the next report (half a second on average): slower than asking the controller, but it needs no controller access.
+    The first pid reported is returned (the broker watcher is a singleton); ``wait_all`` waits for a whole round
+    instead, to name every process of a watcher with several.
 
     :raises BrokerNotFound: when nothing about ``watcher`` was published within ``timeout`` seconds.
     """
@@ -198,14 +202,16 @@ def watcher_pids_from_stats(stats_endpoint: str, watcher: str, *, timeout: float
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not socket.poll(int(remaining * 1000) + 1):
                 break
-            topic = socket.recv_multipart()[0]
-            suffix = topic[len(prefix) :]
-            if suffix.isdigit():
-                pid = int(suffix)
-                if pid in pids:
-                    # A second report of a pid: a whole round went by, every live process has been named.
-                    break
-                pids.add(pid)
+            suffix = socket.recv_multipart()[0][len(prefix) :]
+            if not suffix.isdigit():
+                continue
+            pid = int(suffix)
+            if pid in pids:
+                # A second report of a pid: a whole round went by, every live process has been named.
+                break
+            pids.add(pid)
+            if not wait_all:
+                break
         if not pids:
             raise BrokerNotFound(
                 f'the stats endpoint {stats_endpoint} reported no process of {watcher} within {timeout}s: '

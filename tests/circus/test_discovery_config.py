@@ -1,0 +1,258 @@
+"""Finding the broker through an arbiter, and ``aiida-zmq circus-config`` files run by a real ``circusd``."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from circusd_helpers import CIRCUSD, stop_circusd, wait_until_up
+
+from aiida_zmq import connect
+from aiida_zmq.circus import CircusController, watcher_name
+from aiida_zmq.discovery import BrokerNotFound, discover_endpoint, find_broker_via_arbiter
+from aiida_zmq.testing import ArbiterProcess, BrokerProcess, wait_until
+
+AIIDA_ZMQ = [sys.executable, '-m', 'aiida_zmq.cli']
+
+
+def first_rpc_seconds(find_endpoint: Callable[[], str], rounds: int = 15) -> float:
+    """Median seconds from nothing to the answer of a first request (``status``) on a fresh communicator."""
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        communicator = connect(find_endpoint())
+        try:
+            communicator.admin('status')
+            samples.append(time.perf_counter() - started)
+        finally:
+            communicator.close()
+    return statistics.median(samples)
+
+
+def test_discovery_through_arbiter(zmq_arbiter_factory) -> None:
+    arbiter: ArbiterProcess = zmq_arbiter_factory(stats=True)
+    pid = arbiter.broker_pid()
+
+    info = find_broker_via_arbiter(arbiter.controller, arbiter.broker_watcher)
+    assert info['pid'] == pid
+    assert info['endpoints'] == [arbiter.broker_endpoint]
+    assert Path(info['data_dir']) == arbiter.data_dir
+    # circusd-stats publishes the watcher's pids: the same broker without asking the controller for them.
+    assert arbiter.stats is not None
+    assert find_broker_via_arbiter(arbiter.controller, arbiter.broker_watcher, stats_endpoint=arbiter.stats) == info
+
+    explicit = first_rpc_seconds(lambda: arbiter.broker_endpoint)
+    controller = first_rpc_seconds(
+        lambda: discover_endpoint(controller=arbiter.controller, watcher=arbiter.broker_watcher)
+    )
+    stats = first_rpc_seconds(
+        lambda: discover_endpoint(
+            controller=arbiter.controller, watcher=arbiter.broker_watcher, stats_endpoint=arbiter.stats
+        ),
+        rounds=3,
+    )
+    print(
+        f'\nconnect + first RPC (median): explicit endpoint {explicit * 1000:.1f} ms, through the controller '
+        f'{controller * 1000:.1f} ms, through the stats endpoint {stats * 1000:.1f} ms'
+    )
+
+
+def test_discovery_reports_a_stopped_broker(zmq_arbiter: ArbiterProcess) -> None:
+    zmq_arbiter.call('stop', name=zmq_arbiter.broker_watcher, waiting=True)
+    with pytest.raises(BrokerNotFound, match='is stopped: `circusctl start'):
+        find_broker_via_arbiter(zmq_arbiter.controller, zmq_arbiter.broker_watcher)
+    with pytest.raises(BrokerNotFound, match='has no watcher aiida-zmq-other'):
+        find_broker_via_arbiter(zmq_arbiter.controller, 'aiida-zmq-other')
+
+
+def test_discovery_falls_back_to_the_explicit_endpoint(zmq_broker: BrokerProcess, tmp_path: Path) -> None:
+    """No circus at all: the explicit endpoint is used, without waiting for an arbiter that is not there."""
+    started = time.monotonic()
+    endpoint = discover_endpoint(
+        controller=f'ipc://{tmp_path}/no-arbiter.sock', watcher=watcher_name('x'), endpoint=zmq_broker.endpoint
+    )
+    assert endpoint == zmq_broker.endpoint
+    assert time.monotonic() - started < 0.5
+    with pytest.raises(BrokerNotFound, match='no circus arbiter'):
+        discover_endpoint(controller=f'ipc://{tmp_path}/no-arbiter.sock', watcher=watcher_name('x'))
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A private directory with a short path (unix socket paths are limited to ~100 bytes)."""
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix='azcc-'))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_generated(ini: Path, controller: str) -> subprocess.Popen[bytes]:
+    """``circusd FILE``, exactly as the generated file says to run it (its own log output setting included)."""
+    process = subprocess.Popen(
+        [CIRCUSD, str(ini)],
+        cwd=ini.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_until_up(controller, process)
+    return process
+
+
+def test_circus_config_standalone_runs_and_is_found(short_dir: Path) -> None:
+    data_dir, ini = short_dir / 'data', short_dir / 'broker.ini'
+    result = subprocess.run(
+        [*AIIDA_ZMQ, 'circus-config', '--data-dir', str(data_dir), '--name', 'solo', '-o', str(ini)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    controller = f'ipc://{data_dir}/circus-c.sock'
+    assert f'circusctl --endpoint {controller} status' in result.stderr
+    process = run_generated(ini, controller)
+    children: list[psutil.Process] = []
+    try:
+        info = wait_until(
+            lambda: _found(controller, 'aiida-zmq-solo'), 30, interval=0.05, what='the broker through the arbiter'
+        )
+        children = psutil.Process(process.pid).children(recursive=True)
+        with CircusController(controller) as client:
+            assert client.call('status')['statuses'] == {
+                'aiida-zmq-solo': 'active',
+                'aiida-zmq-solo-events': 'active',
+                'aiida-zmq-solo-health': 'active',
+            }
+        communicator = connect(discover_endpoint(controller=controller, watcher='aiida-zmq-solo'))
+        try:
+            communicator.add_task_subscriber(lambda _communicator, task: f'{task} done')
+            assert communicator.task_send('job').result(timeout=10) == 'job done'
+            assert communicator.admin('status')['pid'] == info['pid']
+        finally:
+            communicator.close()
+        assert (data_dir / 'log' / 'aiida-zmq-solo.log').exists()
+        assert (data_dir / 'log' / 'circusd.log').exists()
+    finally:
+        stop_circusd(process, controller)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive
+
+
+def _found(controller: str, watcher: str) -> dict | None:
+    try:
+        return find_broker_via_arbiter(controller, watcher)
+    except BrokerNotFound:
+        return None
+
+
+AIIDA_CLIENT = """
+import sys
+from aiida import load_profile
+from aiida.manage import get_manager
+
+load_profile(sys.argv[1], allow_switch=True)
+communicator = get_manager().get_communicator()
+print(communicator.admin('status')['pid'])
+"""
+
+
+def test_circus_config_profile_serves_aiida_clients(short_dir: Path) -> None:
+    """``circus-config --profile``: circusd runs the profile's broker and an AiiDA process uses it."""
+    env = {**os.environ, 'AIIDA_PATH': str(short_dir / 'aiida')}
+    data_dir, ini = short_dir / 'data', short_dir / 'p.ini'
+    subprocess.run(
+        [*AIIDA_ZMQ, 'presto', '-p', 'circ', '--no-computer', '--data-dir', str(data_dir)],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    subprocess.run([*AIIDA_ZMQ, 'circus-config', '--profile', 'circ', '-o', str(ini)], env=env, timeout=60, check=True)
+    controller = f'ipc://{data_dir}/circus-c.sock'
+    assert f'--data-dir {data_dir}' in ini.read_text()
+    process = run_generated(ini, controller)
+    try:
+        info = wait_until(lambda: _found(controller, 'aiida-zmq-circ'), 30, interval=0.05, what='the broker')
+        answer = subprocess.run(
+            [sys.executable, '-c', AIIDA_CLIENT, 'circ'],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert answer.returncode == 0, answer.stderr
+        assert int(answer.stdout.split()[-1]) == info['pid']
+    finally:
+        stop_circusd(process, controller)
+
+
+def test_circus_config_needs_a_broker(short_dir: Path) -> None:
+    result = subprocess.run([*AIIDA_ZMQ, 'circus-config'], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert 'give --profile PROFILE' in result.stderr
+
+
+def test_wheel_ships_templates_and_plugins(short_dir: Path) -> None:
+    """From an installed wheel, not only a checkout: templates are package data, the plugins a package."""
+    import shutil
+
+    # Build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout others work in.
+    source = short_dir / 'src'
+    shutil.copytree(
+        Path(__file__).resolve().parents[2],
+        source,
+        ignore=shutil.ignore_patterns('.venv*', '.git', 'build', 'dist', '*.egg-info', '__pycache__', '.*_cache'),
+    )
+    # pip's isolated build fetches the build backend named in pyproject.toml (setuptools>=68), as users' pip does.
+    build = subprocess.run(
+        [sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '-w', str(short_dir), str(source)],
+        check=False,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    if build.returncode != 0 and any(
+        marker in build.stderr
+        for marker in ('NewConnectionError', 'No matching distribution', 'Could not find a version')
+    ):
+        pytest.skip(f'cannot fetch the build backend to build a wheel (offline?): {build.stderr[-300:]}')
+    assert build.returncode == 0, build.stderr
+    (wheel,) = short_dir.glob('aiida_zmq-*.whl')
+    site = short_dir / 'site'
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(site)
+    for name in ('circus.ini.tmpl', 'watcher.ini.tmpl'):
+        assert f'aiida_zmq/config/{name}' in names
+    for name in ('events', 'health', 'hooks'):
+        assert f'aiida_zmq/circus_plugins/{name}.py' in names
+    code = (
+        'import aiida_zmq, sys; from circus.util import resolve_name; '
+        'from aiida_zmq.circus_cli import render_config; from pathlib import Path; '
+        f'assert aiida_zmq.__file__.startswith({str(site)!r}), aiida_zmq.__file__; '
+        "resolve_name('aiida_zmq.circus_plugins.events.BrokerEventsPlugin'); "
+        "resolve_name('aiida_zmq.circus_plugins.health.BrokerHealthPlugin'); "
+        "print(render_config('w', Path('/tmp/w'), key='w')[0])"
+    )
+    result = subprocess.run(
+        [sys.executable, '-c', code],
+        check=False,
+        env={**os.environ, 'PYTHONPATH': str(site)},
+        cwd=short_dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '[watcher:aiida-zmq-w-health]' in result.stdout
