@@ -17,7 +17,8 @@ HOP_PAYLOAD = b'x' * 128
 
 
 def hop_router(endpoint: str, q: Any, stop: Any) -> None:
-    """Forward ``[src, dst, payload]`` to ``dst`` as ``[src, payload]``: the minimum a broker does."""
+    """Forward ``[src, dst, payload]`` to ``dst`` as ``[src, payload]``: the minimum a broker does. A message
+    addressed to ``router`` goes straight back to its sender (the minimum of a confirmed send)."""
     import zmq
 
     ctx = zmq.Context()
@@ -27,7 +28,7 @@ def hop_router(endpoint: str, q: Any, stop: Any) -> None:
     while not stop.is_set():
         if router.poll(100):
             src, dst, payload = router.recv_multipart()
-            router.send_multipart([dst, src, payload])
+            router.send_multipart([src if dst == b'router' else dst, src, payload])
     router.close(0)
     ctx.term()
 
@@ -49,17 +50,18 @@ def hop_echo(endpoint: str, q: Any, stop: Any) -> None:
     ctx.term()
 
 
-def hop_client(endpoint: str, q: Any, n: int, warmup: int, timeout: float) -> None:
-    """Round trips client -> router -> echo -> router -> client, one at a time; latencies in us."""
+def hop_client(endpoint: str, q: Any, n: int, warmup: int, timeout: float, to: bytes = b'echo') -> None:
+    """Round trips client -> router -> echo -> router -> client, one at a time; latencies in us. With
+    ``to=b'router'``: client -> router -> client."""
     import zmq
 
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, b'client')
+    dealer.setsockopt(zmq.IDENTITY, b'client-' + to)
     dealer.connect(endpoint)
     deadline = time.monotonic() + timeout
     while True:  # the router drops messages to an echo it has not seen yet: retry the first one
-        dealer.send_multipart([b'echo', b'hello'])
+        dealer.send_multipart([to, b'hello'])
         if dealer.poll(100):
             dealer.recv_multipart()
             break
@@ -71,7 +73,7 @@ def hop_client(endpoint: str, q: Any, n: int, warmup: int, timeout: float) -> No
     latencies = []
     for i in range(warmup + n):
         t0 = time.perf_counter()
-        dealer.send_multipart([b'echo', HOP_PAYLOAD])
+        dealer.send_multipart([to, HOP_PAYLOAD])
         if not dealer.poll(int(timeout * 1000)):
             q.put(('error', 'bare pyzmq hop: round trip timed out'))
             return
@@ -84,7 +86,7 @@ def hop_client(endpoint: str, q: Any, n: int, warmup: int, timeout: float) -> No
 
 
 def floor_hop(sizes: Sizes) -> dict[str, float]:
-    """p50/p99 of a DEALER -> ROUTER -> DEALER round trip (3 processes, IPC)."""
+    """p50/p99 of a DEALER -> ROUTER -> DEALER round trip (3 processes, IPC), and of DEALER -> ROUTER -> back."""
     with tempfile.TemporaryDirectory(prefix='hop-') as tmp, session() as (inbox, stop):
         endpoint = f'ipc://{tmp}/hop.sock'
         inbox.procs.append(start_actor(hop_router, endpoint, inbox.q, stop))
@@ -95,7 +97,19 @@ def floor_hop(sizes: Sizes) -> dict[str, float]:
         inbox.procs.append(client)
         latencies = inbox.get('rpc', 120)[1]
         stop_actor(client)
-    return {'hop_p50_us': percentile(latencies, 50), 'hop_p99_us': percentile(latencies, 99)}
+        inbox.procs.remove(client)
+        client = start_actor(hop_client, endpoint, inbox.q, sizes.rpc_calls, sizes.rpc_warmup, 30.0, b'router')
+        inbox.procs.append(client)
+        one_hop = inbox.get('rpc', 120)[1]
+        stop_actor(client)
+        inbox.procs.remove(client)
+    return {
+        'hop_p50_us': percentile(latencies, 50),
+        'hop_p99_us': percentile(latencies, 99),
+        'one_hop_p50_us': percentile(one_hop, 50),
+        # A sender that waits for each confirm cannot go faster than one client -> router -> client round trip.
+        'confirmed_sends_per_s': 1e6 / percentile(one_hop, 50),
+    }
 
 
 def _sqlite_rate(path: Path, synchronous: str, n: int, batch: int) -> float:

@@ -58,11 +58,23 @@ def summarize(path: Path, top: int) -> str:
     return '\n'.join(lines)
 
 
+def _cpu_split(pid: int) -> tuple[float, float, int]:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    switches = 0
+    for status in Path(f'/proc/{pid}/task').glob('*/status'):  # every thread, libzmq's I/O threads included
+        for line in status.read_text().splitlines():
+            if line.endswith('ctxt_switches:') or 'ctxt_switches:' in line:
+                switches += int(line.split(':')[1])
+    return times.user, times.system, switches
+
+
 def _cpu_seconds(pid: int) -> float:
     import psutil
 
     times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    return times.user + times.system  # user and kernel: context switches and syscalls are kernel time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--rate', type=int, default=250, help='py-spy samples per second')
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--out', type=Path, default=None, help='keep the collapsed stacks here')
+    parser.add_argument('--native', dest='spy_args', action='append_const', const='--native', default=[],
+                        help='py-spy --native: C frames too (where inside pyzmq and SQLite)')  # fmt: skip
+    parser.add_argument('--no-spy', action='store_true', help='only CPU seconds per process, no sampling')
     args = parser.parse_args(argv)
-    pyspy = _pyspy()
+    pyspy = '' if args.no_spy else _pyspy()
     root = Path(tempfile.mkdtemp(prefix='azp-'))
     out = args.out or root / 'profile'
     out.mkdir(parents=True, exist_ok=True)
@@ -91,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             inbox.procs.append(producer)
             pids = {'broker': server.pid(), 'consumer': inbox.procs[0].pid, 'producer': producer.pid}
             cpu0 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-            for name, pid in pids.items():
+            split0 = {name: _cpu_split(pid) for name, pid in pids.items()}
+            for name, pid in pids.items() if pyspy else ():
                 path = out / f'{name}.txt'
-                cmd = [pyspy, 'record', '--pid', str(pid), '--format', 'raw', '--rate', str(args.rate)]
+                cmd = [pyspy, 'record', '--pid', str(pid), '--format', 'raw', '--rate', str(args.rate), *args.spy_args]
                 cmd += ['--output', str(path), '--nonblocking']
                 spies.append(
                     (name, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), path, pid)
@@ -101,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             _, t0, _t_sent, t_end, answered, n_errors, errors = inbox.get('sent', 600)
             t_done = inbox.get('done', 600)[1]
             cpu1 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+            split1 = {name: _cpu_split(pid) for name, pid in pids.items()}
             elapsed = max(t_end, t_done) - t0
             for _name, spy, _path, _pid in spies:
                 spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
@@ -108,12 +125,17 @@ def main(argv: list[str] | None = None) -> int:
                 spy.wait(60)
         print(f'{n} tasks ({"no_reply" if args.no_reply else "with replies"}, codec {args.codec}) in {elapsed:.2f} s: '
               f'{n / elapsed:,.0f} tasks/s; {answered} answered, {n_errors} errors {errors}')  # fmt: skip
-        for name, _spy, path, _pid in spies:
+        for name in pids:
             cpu = cpu1[name] - cpu0[name]
-            print(f'\n{name}: {cpu:.2f} CPU s including warm-up, {1e6 * cpu / n:,.0f} CPU us per task')
-            if path.exists():
+            user, system, switches = (b - a for a, b in zip(split0[name], split1[name], strict=True))
+            print(
+                f'\n{name}: {cpu:.2f} CPU s, {1e6 * cpu / n:,.0f} CPU us per task ({1e6 * user / n:,.0f} user, '
+                f'{1e6 * system / n:,.0f} kernel), {switches / n:.1f} context switches per task'
+            )
+            path = out / f'{name}.txt'
+            if pyspy and path.exists():
                 print(summarize(path, args.top))
-            else:
+            elif pyspy:
                 print('  (no py-spy output)')
         print(f'\ncollapsed stacks in {out}')
     finally:

@@ -27,6 +27,8 @@ ROWS: list[tuple[str, str, str, bool, str]] = [
 FLOOR_ROWS: list[tuple[str, str, str]] = [
     ('floor_hop', 'hop_p50_us', 'bare pyzmq DEALER->ROUTER->DEALER round trip p50 (us)'),
     ('floor_hop', 'hop_p99_us', 'bare pyzmq DEALER->ROUTER->DEALER round trip p99 (us)'),
+    ('floor_hop', 'one_hop_p50_us', 'bare pyzmq DEALER->ROUTER->back round trip p50 (us)'),
+    ('floor_hop', 'confirmed_sends_per_s', 'most sends/s of one sender that waits for each answer (1 / the above)'),
     ('floor_sqlite', 'sqlite_commits_per_s', 'SQLite WAL commits/s, 1 KiB row each (synchronous=NORMAL)'),
     ('floor_sqlite', 'sqlite_fsync_commits_per_s', 'SQLite WAL commits/s with fsync (synchronous=FULL)'),
     ('floor_sqlite', 'sqlite_batched_rows_per_s', 'SQLite WAL rows/s, 100 rows per commit'),
@@ -162,28 +164,80 @@ def scale_markdown(scale: dict[str, Any]) -> str:
     )
 
 
+# One PNG per group of figures: (file name, title, [(workload, metric, label)], unit, higher is better, floor metric)
+PLOTS: list[tuple[str, str, list[tuple[str, str, str]], str, bool, str | None]] = [
+    ('bench-tasks', 'Tasks of ~1 KiB, one producer, one consumer',
+     [('tasks', 'tasks_per_s', 'with reply futures'), ('tasks_noreply', 'tasks_per_s', 'no_reply')],
+     'tasks/s', True, None),
+    ('bench-rpc', 'RPC round trip, 1,000 sequential calls',
+     [('rpc', 'rpc_p50_us', 'p50'), ('rpc', 'rpc_p99_us', 'p99')], 'microseconds', False, 'hop_p50_us'),
+    ('bench-broadcast', 'Broadcast to 10 subscribers',
+     [('broadcast', 'deliveries_per_s', 'deliveries/s')], 'deliveries/s', True, None),
+    ('bench-connect', 'Fresh process: connect, then first RPC answered',
+     [('connect', 'connect_ms', 'connect'), ('connect', 'connect_first_rpc_ms', 'connect + first RPC')],
+     'milliseconds', False, None),
+    ('bench-e2e', 'AiiDA daemon with 2 workers',
+     [('e2e', 'chains_per_s', '100 work chains'), ('e2e', 'parents_per_s', '50 parents, each with a child')],
+     'work chains/s', True, None),
+]  # fmt: skip
+FLOOR_LABELS = {
+    'confirmed_sends_per_s': 'floor: one bare pyzmq round trip per send',
+    'hop_p50_us': 'floor: bare pyzmq DEALER-ROUTER-DEALER p50',
+}
+COLORS = {'aiida-zmq': '#1f77b4', 'aiida-zmq-yaml': '#6baed6', 'core.zeromq': '#ff7f0e',
+          'rabbitmq-yaml': '#2ca02c', 'rabbitmq-json': '#98df8a'}  # fmt: skip
+
+
 def plot(summary: dict, brokers: list[str], out_dir: Path) -> list[Path]:
-    """One bar chart per figure (PNG); needs matplotlib, which is optional."""
+    """Grouped bar charts (PNG): medians, whiskers from the lowest to the highest repetition, FAILED where a broker
+    failed, and the machine's floor as a line where there is one. Needs matplotlib, which is optional."""
     try:
         import matplotlib
 
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('--plot: matplotlib is not installed; no plots written')
+        print('plots: matplotlib is not installed (pip install matplotlib, or the [bench] extra); none written')
         return []
     written = []
-    for workload, metric, label, _higher, _fmt in ROWS:
-        values = [(b, _median(summary, workload, b, metric)) for b in brokers]
-        values = [(b, v) for b, v in values if v is not None]
-        if not values:
+    for name, title, series, unit, higher, floor_metric in PLOTS:
+        if not any(workload in summary for workload, _, _ in series):
             continue
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar([b for b, _ in values], [v for _, v in values], color='tab:blue')
-        ax.set_title(label)
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
+        width = 0.8 / max(1, len(brokers))
+        labelled: set[str] = set()
+        for b_index, broker in enumerate(brokers):
+            for s_index, (workload, metric, _label) in enumerate(series):
+                cell = summary.get(workload, {}).get(broker)
+                x = s_index + (b_index - (len(brokers) - 1) / 2) * width
+                value = (cell or {}).get(metric)
+                if value is None:
+                    if cell is not None:
+                        ax.text(x, 0, 'FAILED', rotation=90, ha='center', va='bottom', fontsize=7, color='red')
+                    continue
+                values = value['values']
+                median = value['median']
+                whiskers = [[median - min(values)], [max(values) - median]]
+                label = None if broker in labelled else broker
+                labelled.add(broker)
+                color = COLORS.get(broker, 'grey')
+                ax.bar(
+                    x, median, width * 0.95, color=color, label=label, yerr=whiskers, capsize=2, error_kw={'lw': 0.8}
+                )
+                text = f'{median:,.0f}' if median >= 10 else f'{median:,.1f}'
+                ax.text(x, median, text, ha='center', va='bottom', fontsize=6.5)
+        if floor_metric:
+            floor = _median(summary, 'floor_hop', 'floor', floor_metric)
+            if floor:
+                ax.axhline(floor, color='black', ls='--', lw=0.8, label=f'{FLOOR_LABELS[floor_metric]} ({floor:,.0f})')
+        ax.set_xticks(range(len(series)), [label for _, _, label in series])
+        ax.set_ylabel(unit + (' (higher is better)' if higher else ' (lower is better)'))
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+        ax.grid(axis='y', lw=0.3)
         fig.tight_layout()
-        path = out_dir / f'{workload}-{metric}.png'
-        fig.savefig(path, dpi=100)
+        path = out_dir / f'{name}.png'
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written

@@ -42,7 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--no-scale', action='store_true', help='skip the scale workload')
     parser.add_argument('--timeout', type=float, default=None, help='bound in seconds for one measurement')
     parser.add_argument('--out', type=Path, default=DEFAULT_OUT, help='JSON output; the table goes beside it (.md)')
-    parser.add_argument('--plot', action='store_true', help='write PNG bar charts beside --out (needs matplotlib)')
+    parser.add_argument(
+        '--plot-dir', type=Path, default=None, help='where the PNG plots go (default: beside --out; needs matplotlib)'
+    )
+    parser.add_argument('--no-plot', action='store_true', help='no PNG plots')
     parser.add_argument('--keep-rabbitmq', action='store_true', help='leave a RabbitMQ started here running')
     args = parser.parse_args(argv)
     only = [name for item in args.only for name in item.split(',') if name]
@@ -168,8 +171,10 @@ def write_outputs(args: argparse.Namespace, result: dict[str, Any]) -> str:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str) + '\n')
     args.out.with_suffix('.md').write_text(table)
-    if args.plot:
-        for path in report.plot(summary, result.get('brokers', []), args.out.parent):
+    if not args.no_plot:
+        plot_dir = args.plot_dir or args.out.parent
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        for path in report.plot(summary, result.get('brokers', []), plot_dir):
             print(f'wrote {path}')
     return table
 
