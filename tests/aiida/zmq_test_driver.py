@@ -1,59 +1,196 @@
-"""Submit workflows to the daemon of a profile and wait for them: run as ``python zmq_test_driver.py PROFILE N``.
+"""What the AiiDA end-to-end tests do inside a profile: ``python zmq_test_driver.py PROFILE COMMAND [ARGS]``.
 
-A separate process, like a user's script, so the test process never loads an AiiDA profile itself. Prints one JSON
-line with the outcome and the timings.
+A separate process, like a user's script, so the test process never loads an AiiDA profile itself. Every command
+prints one JSON line with its outcome.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+import typing as t
+
+POLL = 0.2
+TERMINAL = ['finished', 'excepted', 'killed']
 
 
-def main(profile_name: str, count: int, timeout: float) -> int:
-    from aiida import load_profile, orm
-    from aiida.engine import submit
-    from zmq_test_workflows import AddWorkChain
+def _states(pks: list[int]) -> dict[int, dict[str, t.Any]]:
+    from aiida import orm
 
-    load_profile(profile_name)
+    states = {}
+    for pk in pks:
+        node = orm.load_node(pk)
+        states[pk] = {
+            'state': node.process_state.value if node.process_state else None,
+            'paused': node.paused,
+            'exit_status': node.exit_status,
+            'terminated': node.is_terminated,
+            'ok': node.is_finished_ok,
+            'job_state': node.get_scheduler_state().value
+            if isinstance(node, orm.CalcJobNode) and node.get_scheduler_state()
+            else None,
+            'sum': node.outputs.sum.value if node.is_finished_ok and 'sum' in node.outputs else None,
+            'children': [child.pk for child in node.called],
+        }
+    return states
+
+
+def _wait(pks: list[int], timeout: float) -> tuple[float, list[int]]:
+    """Poll the database until every process terminated: the test must not rely on the broker it tests."""
+    from aiida import orm
+
     started = time.monotonic()
-    nodes = [submit(AddWorkChain, x=orm.Int(index), y=orm.Int(1)) for index in range(count)]
-    submitted = time.monotonic()
-    deadline = started + timeout
-    pending = {node.pk for node in nodes}
-    # Polling with a deadline: a process in another process (the daemon) offers no event to this one but the
-    # broker's broadcasts, and relying on those here would test the broker with itself.
-    while pending and time.monotonic() < deadline:
-        pending = {pk for pk in pending if not orm.load_node(pk).is_terminated}
+    pending = set(pks)
+    while pending and time.monotonic() - started < timeout:
+        query = orm.QueryBuilder().append(
+            orm.ProcessNode,
+            filters={
+                'id': {'in': list(pending)},
+                'attributes.process_state': {'in': ['finished', 'excepted', 'killed']},
+            },
+            project='id',
+        )
+        pending -= set(query.all(flat=True))
         if pending:
-            time.sleep(0.1)
-    finished = time.monotonic()
-    results = []
-    for submitted in nodes:
-        node = orm.load_node(submitted.pk)
-        total = node.outputs.sum.value if node.is_finished_ok else None
-        results.append(
-            {
-                'pk': node.pk,
-                'state': node.process_state.value if node.process_state else None,
-                'exit_status': node.exit_status,
-                'sum': total,
-                'children': len(node.called),
-            }
-        )
-    print(
-        json.dumps(
-            {
-                'submitted_s': submitted - started,
-                'elapsed_s': finished - started,
-                'pending': sorted(pending),
-                'results': results,
-            }
-        )
-    )
-    return 0 if not pending and all(result['exit_status'] == 0 for result in results) else 1
+            time.sleep(POLL)
+    return time.monotonic() - started, sorted(pending)
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, t.Any]:
+    from aiida.manage import get_manager
+
+    broker = get_manager().get_broker()
+    return {'uuid': str(get_manager().get_profile().uuid), 'data_dir': str(broker.data_dir), 'queue': broker.queue_name}
+
+
+def cmd_submit(args: argparse.Namespace) -> dict[str, t.Any]:
+    from aiida import orm
+    from aiida.engine import submit
+
+    from aiida_zmq.aiida.demo_workflows import AddWorkChain, ParentWorkChain
+
+    kinds = {'add': [AddWorkChain], 'parent': [ParentWorkChain], 'mixed': [AddWorkChain, ParentWorkChain]}[args.kind]
+    started = time.monotonic()
+    pks = [submit(kinds[index % len(kinds)], x=orm.Int(index), y=orm.Int(1)).pk for index in range(args.count)]
+    submitted = time.monotonic() - started
+    answer: dict[str, t.Any] = {'pks': pks, 'submit_s': submitted}
+    if args.wait:
+        elapsed, pending = _wait(pks, args.wait)
+        answer.update({'elapsed_s': elapsed + submitted, 'pending': pending, 'states': _states(pks)})
+    return answer
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, t.Any]:
+    """``engine.run`` of a work chain that calls a calcfunction, and of a parent with a child: no daemon needed."""
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_zmq.aiida.demo_workflows import AddWorkChain, ParentWorkChain
+
+    started = time.monotonic()
+    _, node = run_get_node(AddWorkChain, x=orm.Int(2), y=orm.Int(3))
+    _, parent = run_get_node(ParentWorkChain, x=orm.Int(4), y=orm.Int(5))
+    return {'elapsed_s': time.monotonic() - started, 'states': _states([node.pk, parent.pk])}
+
+
+def cmd_wait(args: argparse.Namespace) -> dict[str, t.Any]:
+    elapsed, pending = _wait(args.pks, args.timeout)
+    return {'elapsed_s': elapsed, 'pending': pending, 'states': _states(args.pks)}
+
+
+def cmd_states(args: argparse.Namespace) -> dict[str, t.Any]:
+    return {'states': _states(args.pks)}
+
+
+def _hold_code(hold_file: str) -> t.Any:
+    """A code on ``localhost`` that waits while ``hold_file`` exists, then runs bash: a job the test releases."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from aiida import orm
+    from aiida.common import NotExistent
+
+    label = f'hold-{abs(hash(hold_file)) % 10**8}'
+    try:
+        return orm.load_code(f'{label}@localhost')
+    except NotExistent:
+        pass
+    script = Path(hold_file).with_suffix('.sh')
+    script.write_text(f'#!/bin/bash\nwhile [ -e {hold_file} ]; do sleep 0.1; done\nexec /bin/bash "$@"\n')
+    os.chmod(script, script.stat().st_mode | stat.S_IXUSR)
+    return orm.InstalledCode(
+        label=label, computer=orm.load_computer('localhost'), filepath_executable=str(script)
+    ).store()
+
+
+def cmd_submit_held(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Submit ``core.arithmetic.add`` jobs that run until the test removes the hold file (they wait, not spin)."""
+    from aiida import orm
+    from aiida.engine import submit
+    from aiida.plugins import CalculationFactory
+
+    code = _hold_code(args.hold_file)
+    calculation = CalculationFactory('core.arithmetic.add')
+    pks = [
+        submit(
+            calculation,
+            code=code,
+            x=orm.Int(index),
+            y=orm.Int(1),
+            metadata={'options': {'resources': {'num_machines': 1}}},
+        ).pk
+        for index in range(args.count)
+    ]
+    return {'pks': pks}
+
+
+def cmd_submit_held_parent(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Submit work chains that each wait for a held job (:class:`zmq_test_workflows.JobParentWorkChain`)."""
+    from aiida import orm
+    from aiida.engine import submit
+    from zmq_test_workflows import JobParentWorkChain
+
+    code = _hold_code(args.hold_file)
+    return {'pks': [submit(JobParentWorkChain, code=code, x=orm.Int(i), y=orm.Int(1)).pk for i in range(args.count)]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('profile')
+    commands = parser.add_subparsers(dest='command', required=True)
+    commands.add_parser('info').set_defaults(function=cmd_info)
+    submit = commands.add_parser('submit')
+    submit.add_argument('kind', choices=['add', 'parent', 'mixed'])
+    submit.add_argument('count', type=int)
+    submit.add_argument('--wait', type=float, default=0.0, help='wait this long for them to terminate')
+    submit.set_defaults(function=cmd_submit)
+    commands.add_parser('run').set_defaults(function=cmd_run)
+    wait = commands.add_parser('wait')
+    wait.add_argument('pks', type=int, nargs='+')
+    wait.add_argument('--timeout', type=float, default=60.0)
+    wait.set_defaults(function=cmd_wait)
+    states = commands.add_parser('states')
+    states.add_argument('pks', type=int, nargs='+')
+    states.set_defaults(function=cmd_states)
+    held = commands.add_parser('submit-held')
+    held.add_argument('count', type=int)
+    held.add_argument('hold_file')
+    held.set_defaults(function=cmd_submit_held)
+    held_parent = commands.add_parser('submit-held-parent')
+    held_parent.add_argument('count', type=int)
+    held_parent.add_argument('hold_file')
+    held_parent.set_defaults(function=cmd_submit_held_parent)
+    args = parser.parse_args()
+
+    from aiida import load_profile
+
+    load_profile(args.profile)
+    print(json.dumps(args.function(args)), flush=True)
+    return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 else 60.0))
+    sys.exit(main())

@@ -1,26 +1,29 @@
-"""Processes the daemon runs in the AiiDA tests; importable by the daemon workers through ``PYTHONPATH``."""
+"""Processes only the tests run; the daemon workers import them through ``PYTHONPATH`` (see ``conftest.py``)."""
 
 from __future__ import annotations
 
 from aiida import orm
-from aiida.engine import WorkChain, calcfunction
+from aiida.engine import ToContext, WorkChain
+from aiida.plugins import CalculationFactory
 
 
-@calcfunction
-def add(x: orm.Int, y: orm.Int) -> orm.Int:
-    return orm.Int(x.value + y.value)
-
-
-class AddWorkChain(WorkChain):
-    """Calls a calcfunction: the smallest workflow that exercises the launch queue and the worker's runner."""
+class JobParentWorkChain(WorkChain):
+    """Submits a ``core.arithmetic.add`` job and waits for it: a work chain that waits, for pause and play."""
 
     @classmethod
-    def define(cls, spec):  # type: ignore[no-untyped-def]
+    def define(cls, spec):
         super().define(spec)
+        spec.input('code', valid_type=orm.AbstractCode)
         spec.input('x', valid_type=orm.Int)
         spec.input('y', valid_type=orm.Int)
         spec.output('sum', valid_type=orm.Int)
-        spec.outline(cls.run_add)
+        spec.outline(cls.submit_job, cls.collect)
 
-    def run_add(self) -> None:
-        self.out('sum', add(self.inputs.x, self.inputs.y))
+    def submit_job(self):
+        calculation = CalculationFactory('core.arithmetic.add')
+        options = {'resources': {'num_machines': 1}}
+        inputs = {'code': self.inputs.code, 'x': self.inputs.x, 'y': self.inputs.y, 'metadata': {'options': options}}
+        return ToContext(job=self.submit(calculation, **inputs))
+
+    def collect(self) -> None:
+        self.out('sum', self.ctx.job.outputs.sum)
