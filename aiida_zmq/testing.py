@@ -5,7 +5,10 @@ Fixtures:
 - ``zmq_broker``: an ``aiida-zmq serve`` process on a temporary data directory (function scope), a
   :class:`BrokerProcess` that tests can stop, kill, freeze and restart;
 - ``zmq_broker_factory``: makes more of them (e.g. with other options);
-- ``zmq_communicator``: a started communicator connected to ``zmq_broker``, closed afterwards.
+- ``zmq_communicator``: a started communicator connected to ``zmq_broker``, closed afterwards;
+- ``zmq_arbiter``: a real ``circusd`` running the broker and its events and health plugins on temporary paths, an
+  :class:`ArbiterProcess` (``zmq_arbiter_factory`` makes more; ``zmq_arbiter_communicator`` connects to it). See
+  ``docs/circus.md``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 from aiida_zmq.circus_plugins.events import parse_topic
 from aiida_zmq.circus_plugins.health import read_health
 
-from aiida_zmq.circus import HealthOptions, WatcherSpec, attach_watcher
+from aiida_zmq.circus import HealthOptions, WatcherSpec, attach_broker, attach_watcher
 from aiida_zmq.testing import ArbiterProcess, wait_until
 
 HOLDER = str(Path(__file__).with_name('holder.py'))
@@ -199,3 +199,41 @@ def test_arbiter_fixture_leaves_nothing_running(zmq_arbiter_factory) -> None:
     assert not [pid for pid in children if Path(f'/proc/{pid}').exists()]
     assert not (arbiter.data_dir / 'broker.json').exists()
     assert not (arbiter.data_dir / 'broker.sock').exists()
+
+
+def test_concurrent_attach_broker_adds_each_watcher_once(zmq_arbiter_factory) -> None:
+    """Every daemon worker attaches the broker and its plugins when it boots: they race, each watcher comes once."""
+    arbiter: ArbiterProcess = zmq_arbiter_factory(via='add')
+    other = ArbiterProcess(arbiter.base, profile='second', health=arbiter.health)
+    results: list[dict[str, str]] = []
+    errors: list[BaseException] = []
+
+    def attach() -> None:
+        try:
+            results.append(
+                attach_broker(
+                    arbiter.controller,
+                    other.profile,
+                    str(arbiter.base / 'second'),
+                    str(arbiter.log_dir),
+                    binds=[f'ipc://{arbiter.base}/second.sock'],
+                    health=other.health,
+                    timeout=30,
+                )
+            )
+        except BaseException as exception:
+            errors.append(exception)
+
+    (arbiter.base / 'second').mkdir(mode=0o700)
+    threads = [threading.Thread(target=attach) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert not errors
+    for name in ('aiida-zmq-second', 'aiida-zmq-second-events', 'aiida-zmq-second-health'):
+        assert sorted(result[name] for result in results) == ['added', 'exists', 'exists']
+    wait_until(lambda: len(arbiter.pids('aiida-zmq-second')) == 1, 20, what='the second broker')
+    # The first broker and its plugins were left alone.
+    assert arbiter.call('status')['statuses'][arbiter.broker_watcher] == 'active'
