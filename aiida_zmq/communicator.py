@@ -499,7 +499,10 @@ class ZmqCommunicator(kiwipy.Communicator):
 
     def _io_on_welcome(self, args: Sequence[bytes]) -> None:
         epoch = bytes(args[0]).decode()
-        self._max_message_bytes = protocol.to_int(args[2])
+        max_message_bytes = protocol.to_int(args[2])
+        if max_message_bytes <= 0:  # would refuse every send from now on
+            raise protocol.ProtocolError(f'WELCOME with max_message_bytes {max_message_bytes}')
+        self._max_message_bytes = max_message_bytes
         restarted = self._epoch is not None and epoch != self._epoch
         resumed = self._epoch is not None
         self._epoch = epoch
@@ -632,7 +635,11 @@ class ZmqCommunicator(kiwipy.Communicator):
             if frames_sent is not None and command is Command.ERROR and bytes(args[1]) == ErrorCode.UNKNOWN_CLIENT:
                 # The broker dropped this request because it had no session for us: send it again after WELCOME.
                 self._waiting_welcome.append(frames_sent)
-        handler(self, args)
+        try:
+            handler(self, args)
+        except (protocol.ProtocolError, UnicodeDecodeError) as exception:
+            # A malformed message must not kill the I/O thread (every caller would hang): log it and drop it.
+            LOGGER.warning('dropped a malformed %s from the broker: %s', command.name, exception)
 
     def _io_on_heartbeat(self, args: Sequence[bytes]) -> None:
         pass
@@ -670,6 +677,10 @@ class ZmqCommunicator(kiwipy.Communicator):
         except Exception as exception:
             table.pop(correlation, None)
             future.set_exception(kiwipy.RemoteException(f'undecodable response: {exception}'))
+            return
+        if not isinstance(response, dict):  # a peer with another codec, or a bug: fail this future, not the I/O thread
+            table.pop(correlation, None)
+            future.set_exception(kiwipy.RemoteException(f'unknown response {response!r}'))
             return
         if not final and PENDING_KEY in response:
             # The remote side returned a future: ours resolves to a future that the next response resolves.
