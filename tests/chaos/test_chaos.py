@@ -436,3 +436,49 @@ def test_soak(request, zmq_broker_factory, chaos_dir, actors):
     assert books.confirmed == {f'p{i}-{n}' for i in range(producers) for n in range(count)}
     assert books.duplicates <= kills * (2 * prefetch + producers)
     assert all(rss_flat and fds_flat for rss_flat, fds_flat in flat.values()), flat
+
+
+def test_producer_sigstop_others_go_on(request, zmq_broker_factory, chaos_dir, actors):
+    """A producer frozen mid-stream (SIGSTOP) for longer than the peer timeout: the other producer's tasks keep being
+    delivered meanwhile; thawed, the frozen one finds its session gone, says HELLO again and finishes; nothing lost."""
+    seed, rng = seeded(request)
+    broker = zmq_broker_factory(*BROKER_ARGS)
+    queue = f'chaos-{uuid.uuid4().hex[:8]}'
+    consumer = Actor('consumer', broker.endpoint, queue, chaos_dir / 'consumer.log', prefetch=20).wait_ready()
+    frozen = Actor('producer', broker.endpoint, queue, chaos_dir / 'frozen.log', count=400, rate=80, prefix='f')
+    other = Actor('producer', broker.endpoint, queue, chaos_dir / 'other.log', count=400, rate=80, prefix='o')
+    actors.extend([consumer, frozen, other])
+    wait_until(lambda: frozen.count('confirmed') >= 50, 30, what='the victim under way')
+    time.sleep(rng.uniform(0.0, 0.5))  # a random moment inside its stream
+    os.kill(frozen.pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        # While it is frozen (past the 2 s peer timeout), the other producer's tasks are confirmed and delivered;
+        # a delivery after stopped_at + 3 s also proves the victim stayed frozen longer than the peer timeout.
+        wait_until(lambda: Books.read([consumer.ledger]).first_after('delivered', stopped_at + 3.0), 30)
+        progress = Books.read([other.ledger, consumer.ledger])
+        delivered_while_frozen = sum(1 for when in progress.times['delivered'] if when > stopped_at)
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    thawed_at = time.time()
+    frozen.wait_done(60)
+    other.wait_done(60)
+    ledgers = [consumer.ledger, frozen.ledger, other.ledger]
+    wait_until(lambda: not Books.read(ledgers).lost, 30, interval=0.2, what='every confirmed task delivered')
+    books = Books.read(ledgers)
+    resumed = Books.read([frozen.ledger]).first_after('confirmed', thawed_at)
+    record = write_summary(
+        ledger_out(chaos_dir),
+        'producer_sigstop',
+        books,
+        seed=seed,
+        fault='producer SIGSTOP mid-stream',
+        injected='1 stop of ~3 s (peer timeout 2 s)',
+        delivered_while_frozen=delivered_while_frozen,
+        resume_after_thaw_s=round(resumed - thawed_at, 3) if resumed else None,
+        acknowledged=len(books.confirmed),
+    )
+    print(record)
+    assert delivered_while_frozen > 50  # the others went on
+    assert books.corrupt == 0 and not books.lost and not books.failed
+    assert books.confirmed == {f'{p}-{n}' for p in 'fo' for n in range(400)}
