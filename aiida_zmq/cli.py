@@ -131,6 +131,7 @@ COMMAND_MODULES = (
     'aiida_zmq.admin_cli',
     'aiida_zmq.security',
     'aiida_zmq.circus_cli',
+    'aiida_zmq.demo',
 )
 
 
