@@ -416,6 +416,10 @@ def attach_broker(
     :raises CircusCallError: when the arbiter cannot be reached or refuses, after retrying until ``timeout``.
     """
     deadline = time.monotonic() + timeout
+    # circus refuses to spawn in a missing working directory; the broker refuses a directory others can open.
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
     pubsub = ''
     if plugins:
         pubsub = _call_retrying(controller_endpoint, lambda c: c.global_options(), deadline).get('pubsub_endpoint', '')

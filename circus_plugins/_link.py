@@ -41,8 +41,9 @@ class BrokerLink:
     from the current ``broker.json``: a respawned broker may listen elsewhere and has a new pid.
     """
 
-    def __init__(self, data_dir: str, *, timeout: float) -> None:
+    def __init__(self, data_dir: str, *, timeout: float, name: str) -> None:
         self.data_dir = data_dir
+        self.name = name
         self.timeout = timeout
         self._communicator: t.Any = None
         self._pid: int | None = None
@@ -70,7 +71,8 @@ class BrokerLink:
                         request_timeout=self.timeout,
                         heartbeat=max(self.timeout / 2, 0.2),
                         broker_timeout=max(self.timeout * 2, 1.0),
-                        name=f'circus-plugin-{op}',
+                        # How the broker lists this session (``aiida-zmq status``).
+                        name=self.name,
                     )
                 except Exception as exception:
                     raise BrokerUnreachable(f'cannot connect to the broker (pid {info.get("pid")}): {exception}')

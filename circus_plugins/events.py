@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
 import re
 import typing as t
 
@@ -53,7 +54,9 @@ class BrokerEventsPlugin(CircusPlugin):
             raise ValueError('the aiida-zmq events plugin needs `data_dir` (the broker data directory) in its config')
         self.broker_watcher = str(config.get('broker_watcher', '')).lower()
         self.watchers = re.compile(str(config.get('watchers', '.*')))
-        self.link = BrokerLink(str(config['data_dir']), timeout=float(config.get('timeout', 5.0)))
+        self.link = BrokerLink(
+            str(config['data_dir']), timeout=float(config.get('timeout', 5.0)), name=f'{self.name}-plugin:{os.getpid()}'
+        )
         setup_logging(str(config.get('log_level', 'INFO')))
         # One thread, so that peer-gone requests go out in the order of the events and never block the event loop.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='aiida-zmq-events')

@@ -64,7 +64,7 @@ class BrokerHealthPlugin(CircusPlugin):
         if self.action not in ('kill', 'restart'):
             raise ValueError(f'unknown health action {self.action!r}: use `kill` or `restart`')
         setup_logging(str(config.get('log_level', 'INFO')))
-        self.link = BrokerLink(self.data_dir, timeout=self.timeout)
+        self.link = BrokerLink(self.data_dir, timeout=self.timeout, name=f'{self.name}-plugin:{os.getpid()}')
         self.state: dict[str, t.Any] = {
             'checks': 0,
             'failures_in_a_row': 0,
