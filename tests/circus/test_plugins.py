@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -130,6 +131,23 @@ def test_sigstopped_broker_killed_by_health_plugin_and_clients_carry_on(zmq_arbi
     (process_stats,) = stats.values()
     assert process_stats['health']['actions'] == 1
     assert '[health: ok' in process_stats['cmdline']
+    # What an operator sees: ``circusctl stats --extended <broker>`` prints the verdict in the process line.
+    circusctl = subprocess.run(
+        [
+            str(Path(sys.executable).parent / 'circusctl'),
+            '--endpoint',
+            arbiter.controller,
+            'stats',
+            '--extended',
+            arbiter.broker_watcher,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert circusctl.returncode == 0, circusctl.stderr
+    assert '1 action(s), last: kill pid' in circusctl.stdout
     print(
         f'\nSIGSTOP recovery: new broker up after {respawned - frozen:.2f} s, '
         f'existing client answered after {answering - frozen:.2f} s '
