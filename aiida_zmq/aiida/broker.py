@@ -32,7 +32,7 @@ if t.TYPE_CHECKING:
     from aiida.manage.configuration.profile import Profile
     from kiwipy import Communicator
 
-__all__ = ('ZmqBroker', 'broker_data_dir', 'launch_queue_name')
+__all__ = ('ZmqBroker', 'aiida_codec', 'broker_data_dir', 'launch_queue_name')
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,6 +59,31 @@ def broker_data_dir(profile: Profile) -> Path:
     from aiida.manage.configuration import get_config
 
     return Path(get_config().dirpath) / 'broker' / 'zmq' / str(profile.uuid)
+
+
+CODECS = ('hybrid', 'yaml')
+
+
+def aiida_codec(kind: str = 'hybrid') -> tuple[t.Callable[[t.Any], bytes], t.Callable[[bytes], t.Any]]:
+    """Return the (encoder, decoder) for AiiDA's messages.
+
+    ``hybrid`` (default): JSON for messages that are plain JSON (AiiDA's process tasks, RPCs and broadcasts are),
+    AiiDA's own YAML (``aiida.orm.utils.serialize``, as ``RabbitmqBroker`` uses) for the rest; tagged, so a decoder
+    reads both. ``yaml``: AiiDA's YAML for everything, exactly as with RabbitMQ. Both decoders read both encodings.
+    """
+    from aiida.orm.utils import serialize
+
+    from aiida_zmq.codec import HybridCodec
+
+    if kind not in CODECS:
+        raise ValueError(f'unknown codec {kind!r}: choose one of {", ".join(CODECS)}')
+    # With an encoding, PyYAML returns bytes (aiida-core annotates ``str``); the decoder takes either.
+    encode_yaml = t.cast(t.Callable[[t.Any], bytes], functools.partial(serialize.serialize, encoding='utf-8'))
+    decode_yaml = t.cast(t.Callable[[t.Any], t.Any], serialize.deserialize_unsafe)
+    codec = HybridCodec(fallback_encoder=encode_yaml, fallback_decoder=decode_yaml)
+    if kind == 'yaml':
+        return encode_yaml, codec.decode
+    return codec.encode, codec.decode
 
 
 class _BrokerResources:
@@ -308,23 +333,8 @@ class ZmqBroker(Broker):
         return self._resources.communicator
 
     def codec(self) -> tuple[t.Callable[[t.Any], bytes], t.Callable[[bytes], t.Any]]:
-        """Return the (encoder, decoder) of the profile's messages.
-
-        ``hybrid`` (default): JSON for messages that are plain JSON (AiiDA's process tasks, RPCs and broadcasts are),
-        AiiDA's own YAML (``aiida.orm.utils.serialize``, as ``RabbitmqBroker`` uses) for the rest; tagged, so a decoder
-        reads both. ``yaml``: AiiDA's YAML for everything, exactly as with RabbitMQ.
-        """
-        from aiida.orm.utils import serialize
-
-        # With an encoding, PyYAML returns bytes (aiida-core annotates ``str``); the decoder takes either.
-        encode_yaml = t.cast(t.Callable[[t.Any], bytes], functools.partial(serialize.serialize, encoding='utf-8'))
-        decode_yaml = t.cast(t.Callable[[t.Any], t.Any], serialize.deserialize_unsafe)
-        if self._option('codec') == 'yaml':
-            return encode_yaml, decode_yaml
-        from aiida_zmq.codec import HybridCodec
-
-        codec = HybridCodec(fallback_encoder=encode_yaml, fallback_decoder=decode_yaml)
-        return codec.encode, codec.decode
+        """Return the (encoder, decoder) of the profile's messages: :func:`aiida_codec` of its ``codec`` option."""
+        return aiida_codec(str(self._option('codec')))
 
     def _create_communicator(self) -> Communicator:
         info = discovery.read_live_broker_info(self._data_dir)
