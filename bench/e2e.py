@@ -77,5 +77,6 @@ def run(broker: str, n_chains: int, n_parents: int, timeout: float) -> dict[str,
         'chains_per_s': n_chains / result['chains_s'],
         'parents_per_s': n_parents / result['parents_s'],
         'chains_s': result['chains_s'],
+        'chains_submit_s': result['chains_submit_s'],
         'parents_s': result['parents_s'],
     }

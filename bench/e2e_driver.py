@@ -7,6 +7,9 @@ import json
 import sys
 import time
 
+WORKERS = 2
+WORKER_SETTLE_S = 5.0  # an AiiDA worker imports and connects within ~3 s of its start on this kind of machine
+
 
 def _wait(pks: list[int], timeout: float) -> tuple[float, list[str]]:
     """Wait until every node is terminated; return the time it took and what did not finish ok."""
@@ -29,6 +32,25 @@ def _wait(pks: list[int], timeout: float) -> tuple[float, list[str]]:
     return time.perf_counter() - t0, failed
 
 
+def _wait_for_workers(profile: str, workers: int, settle: float, timeout: float) -> None:
+    """Wait until ``workers`` daemon workers of ``profile`` run and have had ``settle`` seconds to connect: a worker
+    that connects late would leave the first one with every task (both get up to 200 at once)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for process in psutil.process_iter(['cmdline', 'create_time']):
+            cmdline = process.info['cmdline'] or []
+            if 'worker' in cmdline and 'daemon' in cmdline and profile in cmdline:
+                found.append(process.info['create_time'])
+        if len(found) >= workers and time.time() - max(found) > settle:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'{len(found)} of {workers} daemon workers of {profile} running after {timeout:.0f} s')
+        time.sleep(0.2)
+
+
 def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     from aiida import load_profile, orm
     from aiida.engine import submit
@@ -37,9 +59,10 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     from bench.e2e_workchains import BenchChain, BenchParentChain
 
     load_profile(profile)
+    _wait_for_workers(profile, WORKERS, WORKER_SETTLE_S, timeout)
     out: dict = {}
     # Warm-up: `verdi daemon start` returns before its workers listen; time only a running daemon.
-    _, failed = _wait([submit(BenchChain, x=orm.Int(-1), y=orm.Int(1)).pk for _ in range(2)], timeout)
+    _, failed = _wait([submit(BenchChain, x=orm.Int(-1), y=orm.Int(1)).pk for _ in range(2 * WORKERS)], timeout)
     if failed:
         return {'error': f'warm-up work chains: {failed[:5]}'}
     t0 = time.perf_counter()
