@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -145,8 +147,28 @@ def test_kill_pause_play(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Path) -> 
     assert profile.driver('wait', str(job), '--timeout', '60')['states'][str(job)]['ok'] is True
     # Paused, the work chain does not act on its job's end: it stays paused until played.
     assert profile.driver('states', str(to_pause))['states'][str(to_pause)]['paused'] is True
-    profile.verdi('process', 'play', str(to_pause), '--timeout', '30')
-    answer = profile.driver('wait', str(to_pause), '--timeout', '60')
+
+    # ``verdi process watch`` gets the state changes by broadcast: subscribed (the broker says so), then played.
+    watch = subprocess.Popen(
+        [str(Path(sys.executable).parent / 'verdi'), '-p', profile.name, 'process', 'watch', str(to_pause)],
+        env=profile.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: any(c['pid'] == watch.pid and c['subscribed'] for c in profile.broker_status()['clients']),
+            timeout=30,
+            interval=0.2,
+            what='`verdi process watch` to subscribe to broadcasts',
+        )
+        profile.verdi('process', 'play', str(to_pause), '--timeout', '30')
+        answer = profile.driver('wait', str(to_pause), '--timeout', '60')
+    finally:
+        watch.send_signal(signal.SIGINT)
+        watched, _ = watch.communicate(timeout=30)
+    assert f'Process<{to_pause}> [state_changed.' in watched and '.finished|' in watched, watched
     report = profile.verdi('process', 'report', str(to_pause), check=False).stdout
     assert answer['states'][str(to_pause)]['ok'] is True, f'{answer}\n{report}'
     assert answer['states'][str(to_pause)]['sum'] == 1
