@@ -32,6 +32,7 @@ __all__ = (
     'broker_command',
     'broker_watcher_spec',
     'broker_watchers',
+    'is_busy',
     'plugin_watcher_spec',
     'render_ini',
     'watcher_name',
@@ -346,7 +347,8 @@ class CircusController:
         self.close()
 
 
-def _is_busy(exception: CircusCallError) -> bool:
+def is_busy(exception: CircusCallError) -> bool:
+    """Whether circus refused a command only because another exclusive command runs: worth retrying."""
     return any(marker in str(exception) for marker in _BUSY_MARKERS)
 
 
@@ -368,7 +370,7 @@ def attach_watcher(endpoint: str, spec: WatcherSpec, *, timeout: float = 30.0, c
             with CircusController(endpoint, timeout=call_timeout) as controller:
                 return _attach_once(controller, spec)
         except CircusCallError as exception:
-            if not _is_busy(exception) or time.monotonic() + delay > deadline:
+            if not is_busy(exception) or time.monotonic() + delay > deadline:
                 raise
             LOGGER.debug('arbiter busy, retrying to attach %s in %.2fs: %s', spec.name, delay, exception)
         time.sleep(delay)
@@ -455,7 +457,7 @@ def _call_retrying(
             with CircusController(endpoint) as controller:
                 return call(controller)
         except CircusCallError as exception:
-            if not _is_busy(exception) or time.monotonic() + delay > deadline:
+            if not is_busy(exception) or time.monotonic() + delay > deadline:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 1.0)

@@ -255,12 +255,23 @@ class ArbiterProcess:
             return False
         return True
 
-    def call(self, command: str, **properties: Any) -> dict[str, Any]:
-        """Send a command to the arbiter's controller (``circusctl`` equivalent)."""
-        from .circus import CircusController
+    def call(self, command: str, busy_timeout: float = 15.0, **properties: Any) -> dict[str, Any]:
+        """Send a command to the arbiter's controller (``circusctl`` equivalent).
 
-        with CircusController(self.controller, timeout=5.0) as controller:
-            return controller.call(command, **properties)
+        Retried while the arbiter is busy with another exclusive command (e.g. still starting a watcher), for at most
+        ``busy_timeout`` seconds, as an operator would.
+        """
+        from .circus import CircusCallError, CircusController, is_busy
+
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                with CircusController(self.controller, timeout=5.0) as controller:
+                    return controller.call(command, **properties)
+            except CircusCallError as exception:
+                if not is_busy(exception) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
     def pids(self, name: str) -> list[int]:
         return [int(pid) for pid in self.call('list', name=name).get('pids', [])]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from aiida_zmq.circus import CircusCallError, CircusController
+from aiida_zmq.circus import CircusCallError, CircusController, is_busy
 
 CIRCUSD = str(Path(sys.executable).parent / 'circusd')
 START_TIMEOUT = 20.0
@@ -27,8 +27,16 @@ class Arbiter:
     workdir: Path
 
     def call(self, command: str, **properties: object) -> dict[str, object]:
-        with CircusController(self.controller) as controller:
-            return controller.call(command, **properties)
+        """Send a command; retried while the arbiter is busy (e.g. still starting a watcher just added)."""
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with CircusController(self.controller) as controller:
+                    return controller.call(command, **properties)
+            except CircusCallError as exception:
+                if not is_busy(exception) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.05)
 
     def pids(self, name: str) -> list[int]:
         with CircusController(self.controller) as controller:
