@@ -168,7 +168,8 @@ class HealthOptions:
     max_failures: int = 3
     start_grace: float = 30.0
     # ``kill``: SIGKILL through the arbiter, which respawns the broker at once (the store survives kill -9).
-    # ``restart``: circus ``restart`` of the watcher (SIGTERM, ``graceful_timeout``, then SIGKILL): slower when hung.
+    # ``restart``: SIGCONT, then circus ``restart`` of the watcher (SIGTERM, ``graceful_timeout``, then SIGKILL): a
+    # clean shutdown when the broker can still make one, slower when it is truly hung.
     action: str = 'kill'
 
     def config(self) -> dict[str, str]:

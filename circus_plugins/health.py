@@ -183,6 +183,10 @@ class BrokerHealthPlugin(CircusPlugin):
                     # and circus respawns the watcher's process.
                     controller.call('signal', name=self.broker_watcher, pid=pid, signum=int(signal.SIGKILL))
                 else:
+                    # A stopped process cannot act on SIGTERM: wake it first, so that a broker that is merely frozen
+                    # shuts down cleanly (commit, close, remove broker.json); a deadlocked one still gets SIGKILL
+                    # from circus after the watcher's graceful timeout.
+                    controller.call('signal', name=self.broker_watcher, pid=pid, signum=int(signal.SIGCONT))
                     controller.call('restart', name=self.broker_watcher, waiting=False)
         except CircusCallError as exception:
             LOGGER.error('could not %s the hung broker pid %d through the arbiter: %s', self.action, pid, exception)

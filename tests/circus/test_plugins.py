@@ -255,3 +255,27 @@ def test_concurrent_attach_broker_adds_each_watcher_once(zmq_arbiter_factory) ->
     wait_until(lambda: len(arbiter.pids('aiida-zmq-second')) == 1, 20, what='the second broker')
     # The first broker and its plugins were left alone.
     assert arbiter.call('status')['statuses'][arbiter.broker_watcher] == 'active'
+
+
+def test_health_action_restart_shuts_a_frozen_broker_down_cleanly(zmq_arbiter_factory) -> None:
+    """``action=restart``: the frozen broker is woken and restarted through circus; its stored tasks survive."""
+    arbiter: ArbiterProcess = zmq_arbiter_factory(
+        health=HealthOptions(interval=0.5, timeout=1.0, max_failures=2, start_grace=1.0, action='restart')
+    )
+    client = arbiter.connect()
+    try:
+        client.task_send('stored', no_reply=True)
+        frozen_pid = arbiter.broker_pid()
+        assert frozen_pid is not None
+        os.kill(frozen_pid, signal.SIGSTOP)
+        arbiter.wait_for_broker(30, not_pid=frozen_pid)
+        received = Received()
+        client.add_task_subscriber(received)
+        received.wait_for(1, timeout=20)
+    finally:
+        client.close()
+    assert received.tasks == ['stored']
+    assert 'asked the arbiter to restart it' in arbiter.log(f'{arbiter.broker_watcher}-health')
+    # Woken before SIGTERM, the old broker shut down by itself (its clean-exit line), not by circus's SIGKILL.
+    assert f'[{frozen_pid}] | ' in arbiter.log()
+    assert any(f'[{frozen_pid}]' in line and 'stopping:' in line for line in arbiter.log().splitlines()), arbiter.log()
