@@ -137,10 +137,23 @@ def run(kind: str, fault: str, out: Path, rng: random.Random, seed: int) -> dict
                 extra['delivery_resume_s'] = round(resumed - killed_at, 3)
             except TimeoutError:
                 extra['delivery_resume_s'] = None  # the running clients never got through again
+        elif fault == 'producer_kill9':
+            for producer in producers:
+                time.sleep(rng.uniform(0.0, 1.0))  # a random moment inside its stream of sends
+                producer.kill()
         elif fault == 'consumer_kill9':
             victim = max(consumers, key=lambda a: a.count('delivered') - a.count('processed'))
-            extra['held_at_death'] = victim.count('delivered') - victim.count('processed')
+            held = Books.read([victim.ledger])
+            held_ids = held.delivered - held.processed
             victim.kill()
+            killed = time.time()
+            others = [c.ledger for c in consumers if c is not victim]
+            try:
+                wait_until(lambda: held_ids <= Books.read(others).delivered, 30, interval=0.1)
+                extra['takeover_s'] = round(time.time() - killed, 3)
+            except TimeoutError:
+                extra['takeover_s'] = None  # not taken over within 30 s
+            extra['held_at_death'] = len(held_ids)
         elif fault == 'consumer_sigstop':
             victim = max(consumers, key=lambda a: a.count('delivered') - a.count('processed'))
             held = Books.read([victim.ledger])
@@ -188,6 +201,7 @@ def run(kind: str, fault: str, out: Path, rng: random.Random, seed: int) -> dict
                 'broker_kill9': 'broker kill -9 under load, restarted by hand',
                 'consumer_kill9': 'consumer kill -9 holding tasks',
                 'consumer_sigstop': 'consumer SIGSTOP holding tasks',
+                'producer_kill9': 'producer kill -9 mid-send',
             }[fault],
             injected='1 time',
             producers=PRODUCERS,
@@ -207,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', type=Path, required=True, help='directory for the JSON summaries')
     parser.add_argument('--seed', type=int, default=None)
-    parser.add_argument('--faults', default='broker_kill9,consumer_kill9,consumer_sigstop')
+    parser.add_argument('--faults', default='broker_kill9,consumer_kill9,consumer_sigstop,producer_kill9')
     parser.add_argument('--brokers', default='aiida-zmq,core.zeromq')
     options = parser.parse_args()
     seed = options.seed if options.seed is not None else random.SystemRandom().randrange(1 << 30)

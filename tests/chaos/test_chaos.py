@@ -134,7 +134,7 @@ def run_broker_faults(
         books,
         seed=seed,
         fault=target.fault,
-        injected=f'{kills} times, {up_between[0]}-{up_between[1]} s apart',
+        injected=f'{kills}x, {up_between[0]}-{up_between[1]} s apart',
         producers=producers,
         consumers=consumers,
         rate_per_s=rate * producers,
