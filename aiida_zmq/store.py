@@ -279,28 +279,42 @@ class TaskStore:
 def broker_lock(data_dir: str | os.PathLike[str], *, blocking: bool, timeout: float = 30.0) -> Iterator[int]:
     """Hold the data directory's exclusive lock: the broker holds it while it runs, an offline submit while it writes.
 
+    The lock file is removed on release, so that a stopped broker leaves nothing behind. Removing a lock file that
+    others may be waiting on is safe only with a check after locking: a waiter that wins the lock on a file that was
+    unlinked meanwhile holds a lock nobody else can see, so it lets go and tries again on the file that is there now.
+
     :raises BrokerRunning: when ``blocking`` is false and someone else holds the lock.
     """
     path = Path(data_dir) / LOCK_FILENAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if not blocking:
+                raise BrokerRunning(f'a broker is running on {data_dir}: send tasks through it') from None
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f'{path} is held by another process for more than {timeout:.0f}s: is another broker running '
+                    'on the same data directory? Stop it first (one broker per data directory).'
+                ) from None
+            # flock has no timeout of its own; the holder is either a broker (long) or an offline submit (ms).
+            time.sleep(0.05)
+            continue
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the file we locked was removed by its previous holder: lock the one that is there now
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not blocking:
-                    raise BrokerRunning(f'a broker is running on {data_dir}: send tasks through it') from None
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f'{path} is held by another process for more than {timeout:.0f}s: is another broker running '
-                        'on the same data directory? Stop it first (one broker per data directory).'
-                    ) from None
-                # flock has no timeout of its own; the holder is either a broker (long) or an offline submit (ms).
-                time.sleep(0.05)
         yield fd
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # still holding the lock: nobody else holds this file
         os.close(fd)  # closing the descriptor releases the lock
 
 

@@ -92,7 +92,8 @@ def test_sigterm_exits_cleanly_and_keeps_everything(zmq_broker):
         communicator.task_queue('work').task_send(number, no_reply=True)
     communicator.close()
     assert zmq_broker.stop() == 0
-    assert not (zmq_broker.data_dir / 'broker.json').exists()
+    # Nothing is left behind but the store: no info file, no lock, no socket.
+    assert sorted(path.name for path in zmq_broker.data_dir.iterdir() if not path.name.startswith(STORE_FILENAME)) == []
     assert 'stopping' in zmq_broker.log()
     database = sqlite3.connect(zmq_broker.data_dir / STORE_FILENAME)
     assert database.execute('SELECT count(*) FROM tasks').fetchone() == (20,)
