@@ -91,18 +91,22 @@ def run_broker_faults(
     rate: float,
     kills: int,
     up_between: tuple[float, float] = (1.0, 3.0),
+    payload_bytes: int = 256,
+    prefetch: int = 20,
 ) -> dict:
     """Crash the broker ``kills`` times at random moments while producers send and consumers work; check the books."""
     seed, rng = seeded(request)
     queue = f'chaos-{uuid.uuid4().hex[:8]}'
-    prefetch = 20
     for index in range(consumers):
         ledger = chaos_dir / f'consumer{index}.log'
         actors.append(Actor('consumer', target.endpoint, queue, ledger, prefetch=prefetch, work_ms=2).wait_ready())
     sending = []
     for index in range(producers):
         ledger = chaos_dir / f'producer{index}.log'
-        actor = Actor('producer', target.endpoint, queue, ledger, count=per_producer, rate=rate, prefix=f'p{index}')
+        actor = Actor(
+            'producer', target.endpoint, queue, ledger, count=per_producer, rate=rate, prefix=f'p{index}',
+            payload_bytes=payload_bytes,
+        )  # fmt: skip
         actors.append(actor)
         sending.append(actor)
     ledgers = [actor.ledger for actor in actors]
@@ -133,7 +137,7 @@ def run_broker_faults(
         name,
         books,
         seed=seed,
-        fault=target.fault,
+        fault=target.fault + (f', {payload_bytes // 1024} KiB tasks' if payload_bytes >= 1024 else ''),
         injected=f'{kills}x, {up_between[0]}-{up_between[1]} s apart',
         producers=producers,
         consumers=consumers,
@@ -159,6 +163,15 @@ def test_broker_kill9_under_load(request, zmq_broker_factory, chaos_dir, actors)
     run_broker_faults(
         request, target, chaos_dir, actors, name='broker_kill9', producers=3, consumers=2, per_producer=700, rate=80,
         kills=3,
+    )  # fmt: skip
+
+
+def test_broker_kill9_with_large_tasks_in_flight(request, zmq_broker_factory, chaos_dir, actors):
+    """1 MiB tasks, so that kills land in the middle of multipart messages on the wire, in both directions."""
+    target = by_hand(zmq_broker_factory(*BROKER_ARGS))
+    run_broker_faults(
+        request, target, chaos_dir, actors, name='broker_kill9_large', producers=2, consumers=2, per_producer=300,
+        rate=40, kills=3, up_between=(0.3, 1.5), payload_bytes=1024 * 1024, prefetch=5,
     )  # fmt: skip
 
 
