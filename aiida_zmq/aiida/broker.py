@@ -86,6 +86,27 @@ def aiida_codec(kind: str = 'hybrid') -> tuple[t.Callable[[t.Any], bytes], t.Cal
     return codec.encode, codec.decode
 
 
+def _pubsub_endpoint(controller_endpoint: str, deadline: float) -> str:
+    """Ask the arbiter for its pub/sub endpoint (the plugins need it), retrying until ``deadline``.
+
+    While ``verdi daemon start`` boots the workers, the arbiter may be slow to answer: that is no reason to fail a
+    worker's start, the deadline (``start_timeout``) bounds the wait.
+    """
+    from aiida_zmq.circus import CircusCallError, CircusController
+
+    delay = 0.05
+    while True:
+        try:
+            with CircusController(controller_endpoint, timeout=5.0) as controller:
+                return str(controller.global_options().get('pubsub_endpoint') or '')
+        except CircusCallError as exception:
+            if time.monotonic() + delay > deadline:
+                raise
+            LOGGER.debug('arbiter at %s did not give its options yet (%s): retrying', controller_endpoint, exception)
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
 class _BrokerResources:
     """What a :class:`ZmqBroker` owns; kept apart so a finalizer can release it without a reference to the broker."""
 
@@ -248,7 +269,7 @@ class ZmqBroker(Broker):
 
         :raises ConnectionError: when the daemon is not running or its arbiter refuses.
         """
-        from aiida_zmq.circus import CircusCallError, CircusController, attach_watcher
+        from aiida_zmq.circus import CircusCallError, attach_watcher
 
         client = client or self._running_daemon_client()
         if client is None:
@@ -258,10 +279,7 @@ class ZmqBroker(Broker):
         timeout = float(self._option('start_timeout'))
         deadline = time.monotonic() + timeout
         try:
-            pubsub = ''
-            if self._option('circus_plugins'):
-                with CircusController(endpoint, timeout=5.0) as controller:
-                    pubsub = str(controller.global_options().get('pubsub_endpoint') or '')
+            pubsub = _pubsub_endpoint(endpoint, deadline) if self._option('circus_plugins') else ''
             done = {}
             for spec in self.watcher_specs(client, pubsub):
                 remaining = max(deadline - time.monotonic(), 1.0)
@@ -350,12 +368,13 @@ class ZmqBroker(Broker):
         from aiida.manage.configuration import get_config_option
 
         import aiida_zmq
+        from aiida_zmq.aiida.offline import StoreFallbackCommunicator
 
         info = info or self.find_broker(wait=False)
         endpoint = discovery.choose_endpoint(info)
         encoder, decoder = self.codec()
         LOGGER.debug('connecting to the broker of %s at %s (pid %s)', self._profile.name, endpoint, info.get('pid'))
-        return aiida_zmq.connect(
+        communicator = aiida_zmq.connect(
             endpoint,
             encoder=encoder,
             decoder=decoder,
@@ -363,6 +382,14 @@ class ZmqBroker(Broker):
             task_prefetch_count=get_config_option('daemon.worker_process_slots'),
             heartbeat=float(self._option('heartbeat')),
             name=f'aiida-{self._profile.name}-{os.getpid()}',
+        )
+        return StoreFallbackCommunicator(
+            communicator,
+            data_dir=str(self._data_dir),
+            profile_name=self._profile.name,
+            task_queue=self.queue_name,
+            encoder=encoder,
+            decoder=decoder,
         )
 
     def _offline_communicator(self) -> Communicator:
@@ -410,15 +437,18 @@ class ZmqBroker(Broker):
 
     def _admin_status(self, timeout: float) -> dict[str, t.Any]:
         """Ask the running broker for its status, through this broker's communicator or a short-lived one."""
-        from aiida_zmq.aiida.offline import OfflineCommunicator
+        from aiida_zmq.aiida.offline import OfflineCommunicator, StoreFallbackCommunicator
         from aiida_zmq.communicator import ZmqCommunicator
 
         communicator = self._resources.communicator
         if isinstance(communicator, OfflineCommunicator):
             communicator = communicator.online(wait=False)
+        if isinstance(communicator, StoreFallbackCommunicator):
+            communicator = communicator.wrapped
         if isinstance(communicator, ZmqCommunicator) and not communicator.is_closed():
             return communicator.admin('status', timeout=timeout)
-        temporary = t.cast(ZmqCommunicator, self._connect())
+        temporary = t.cast(StoreFallbackCommunicator, self._connect()).wrapped
+        assert isinstance(temporary, ZmqCommunicator)
         try:
             return temporary.admin('status', timeout=timeout)
         finally:

@@ -29,7 +29,7 @@ import shortuuid
 from aiida_zmq import discovery, store
 from aiida_zmq.exceptions import BrokerRunning
 
-__all__ = ('BrokerNotRunning', 'OfflineCommunicator', 'OfflineTask')
+__all__ = ('BrokerNotRunning', 'OfflineCommunicator', 'OfflineTask', 'StoreFallbackCommunicator')
 
 LOGGER = logging.getLogger(__name__)
 
@@ -355,3 +355,112 @@ class OfflineTask:
             raise
         finally:
             self.acknowledged = outcome.done() and not outcome.cancelled()
+
+
+class StoreFallbackCommunicator(kiwipy.Communicator):
+    """A profile's communicator to its running broker, that works on as an offline one once the broker is gone.
+
+    A client that connected while the daemon ran (a Jupyter session) would otherwise, after ``verdi daemon stop``,
+    wait a minute for every confirmation no broker will give: ``submit()`` registers the new process as an RPC
+    subscriber and sends its task. So before such a call the broker's ``broker.json`` and pid are checked (a file
+    read), and with the broker gone the call goes to an :class:`OfflineCommunicator`: the task into the store, the
+    subscriber kept in this process. Subscriptions made while the broker ran stay with the connection, which
+    registers them again when a broker is back.
+
+    A daemon worker (it consumes tasks) keeps everything but its task sends on the connection, which replays
+    subscriptions and queued messages after the broker restarts: a process it runs must stay reachable. Only the tasks
+    it sends (children it submits) take the store while the broker is gone.
+    """
+
+    def __init__(
+        self,
+        communicator: kiwipy.Communicator,
+        *,
+        data_dir: str,
+        profile_name: str,
+        task_queue: str,
+        encoder: Encoder,
+        decoder: Decoder,
+    ) -> None:
+        self._communicator = communicator
+        self._data_dir = data_dir
+        self._consumer = False
+        self._offline = OfflineCommunicator(
+            data_dir=data_dir,
+            profile_name=profile_name,
+            task_queue=task_queue,
+            encoder=encoder,
+            decoder=decoder,
+            connect=lambda: communicator,
+        )
+
+    def __getattr__(self, name: str) -> t.Any:
+        # ``admin``, ``task_queue``, ``endpoint``...: what the wrapped communicator offers beyond kiwipy's interface.
+        return getattr(self._communicator, name)
+
+    def __repr__(self) -> str:
+        return f'<StoreFallbackCommunicator {self._communicator!r}>'
+
+    @property
+    def wrapped(self) -> kiwipy.Communicator:
+        return self._communicator
+
+    def _broker_gone(self) -> bool:
+        return discovery.read_live_broker_info(self._data_dir) is None
+
+    def _local(self) -> bool:
+        """Whether a call other than ``task_send`` goes to the offline side: not a worker, and the broker is gone."""
+        return not self._consumer and self._broker_gone()
+
+    def task_send(self, task: t.Any, no_reply: bool = False) -> kiwipy.Future | None:
+        if self._broker_gone():
+            return self._offline.task_send(task, no_reply=no_reply)
+        return self._communicator.task_send(task, no_reply=no_reply)
+
+    def is_closed(self) -> bool:
+        return self._communicator.is_closed()
+
+    def close(self) -> None:
+        self._offline.close()
+        self._communicator.close()
+
+    def add_rpc_subscriber(self, subscriber: Callable, identifier: t.Any = None) -> t.Any:
+        if self._local():
+            return self._offline.add_rpc_subscriber(subscriber, identifier)
+        return self._communicator.add_rpc_subscriber(subscriber, identifier)
+
+    def remove_rpc_subscriber(self, identifier: t.Any) -> None:
+        try:
+            self._offline.remove_rpc_subscriber(identifier)
+        except ValueError:
+            self._communicator.remove_rpc_subscriber(identifier)
+
+    def add_task_subscriber(self, subscriber: Callable, identifier: t.Any = None) -> t.Any:
+        self._consumer = True
+        return self._communicator.add_task_subscriber(subscriber, identifier)
+
+    def remove_task_subscriber(self, identifier: t.Any) -> None:
+        self._communicator.remove_task_subscriber(identifier)
+
+    def add_broadcast_subscriber(self, subscriber: Callable, identifier: t.Any = None) -> t.Any:
+        if self._local():
+            return self._offline.add_broadcast_subscriber(subscriber, identifier)
+        return self._communicator.add_broadcast_subscriber(subscriber, identifier)
+
+    def remove_broadcast_subscriber(self, identifier: t.Any) -> None:
+        try:
+            self._offline.remove_broadcast_subscriber(identifier)
+        except ValueError:
+            self._communicator.remove_broadcast_subscriber(identifier)
+
+    def rpc_send(self, recipient_id: t.Any, msg: t.Any) -> kiwipy.Future:
+        if self._local():
+            return self._offline.rpc_send(recipient_id, msg)
+        return self._communicator.rpc_send(recipient_id, msg)
+
+    def broadcast_send(
+        self, body: t.Any, sender: t.Any = None, subject: t.Any = None, correlation_id: t.Any = None
+    ) -> bool:
+        if self._local():
+            return self._offline.broadcast_send(body, sender=sender, subject=subject, correlation_id=correlation_id)
+        return self._communicator.broadcast_send(body, sender=sender, subject=subject, correlation_id=correlation_id)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import AiidaZmqProfile
+from conftest import DRIVER, AiidaZmqProfile
 
 from aiida_zmq.testing import wait_until
 
@@ -206,6 +206,37 @@ def test_worker_killed_mid_run(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Pat
     _assert_all_ok(answer)
     assert sorted(state['sum'] for state in answer['states'].values()) == [index + 1 for index in range(len(pks))]
     wait_until(lambda: len(profile.worker_pids()) == 2, timeout=30, what='circus to replace the worker')
+
+
+def test_session_submits_after_daemon_stop(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Path) -> None:
+    """A session connected while the daemon ran goes on submitting after ``verdi daemon stop``, without waiting."""
+    profile = aiida_zmq_profile
+    ready, go = tmp_path / 'ready', tmp_path / 'go'
+    session = subprocess.Popen(
+        [sys.executable, str(DRIVER), profile.name, 'session', str(ready), str(go), '3'],
+        env=profile.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(ready.exists, timeout=60, interval=0.1, what='the session to connect')
+        assert 'StoreFallbackCommunicator' in ready.read_text()
+        profile.daemon_stop()
+        go.touch()
+        out, err = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.communicate()
+    assert session.returncode == 0, err
+    answer = json.loads(out.splitlines()[-1])
+    # Without the fallback each submit waited a minute for the dead broker to confirm the process's RPC subscription.
+    assert answer['submit_s'] < 10, answer
+
+    profile.daemon_start(2)
+    result = profile.driver('wait', *map(str, answer['pks']), '--timeout', '60')
+    _assert_all_ok(result)
 
 
 def test_repair_then_stop_leaves_nothing(aiida_zmq_profile: AiidaZmqProfile) -> None:

@@ -157,6 +157,26 @@ def cmd_submit_held_parent(args: argparse.Namespace) -> dict[str, t.Any]:
     return {'pks': [submit(JobParentWorkChain, code=code, x=orm.Int(i), y=orm.Int(1)).pk for i in range(args.count)]}
 
 
+def cmd_session(args: argparse.Namespace) -> dict[str, t.Any]:
+    """A long-lived session (a notebook): connect while the daemon runs, then submit when told (after a stop)."""
+    from pathlib import Path
+
+    from aiida import orm
+    from aiida.engine import submit
+    from aiida.manage import get_manager
+
+    from aiida_zmq.aiida.demo_workflows import AddWorkChain
+
+    communicator = get_manager().get_communicator()
+    Path(args.ready_file).write_text(repr(communicator))
+    deadline = time.monotonic() + 120
+    while not Path(args.go_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    pks = [submit(AddWorkChain, x=orm.Int(index), y=orm.Int(1)).pk for index in range(args.count)]
+    return {'communicator': repr(communicator), 'pks': pks, 'submit_s': time.monotonic() - started}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument('profile')
@@ -183,6 +203,11 @@ def main() -> int:
     held_parent.add_argument('count', type=int)
     held_parent.add_argument('hold_file')
     held_parent.set_defaults(function=cmd_submit_held_parent)
+    session = commands.add_parser('session')
+    session.add_argument('ready_file')
+    session.add_argument('go_file')
+    session.add_argument('count', type=int)
+    session.set_defaults(function=cmd_session)
     args = parser.parse_args()
 
     from aiida import load_profile
