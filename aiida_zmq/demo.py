@@ -252,7 +252,7 @@ class _DemoRun:
         _print_circus_status(rows)
         self._watch(rows)
 
-        _echo_step(f'Broker status (aiida-zmq status --profile {profile_name})')
+        _echo_step(f'Broker status (aiida-zmq status --data-dir {broker.data_dir})')
         status = broker._admin_status(timeout=10.0)
         _print_broker_status(status, broker.queue_name)
 
