@@ -92,6 +92,7 @@ def _profile_target(profile_name: str | None) -> Target:
         broker_data_dir(profile),
         f'profile {profile.name}',
         'start it with `verdi daemon start` (it starts the broker)',
+        profile,
     )
 
 
@@ -428,14 +429,12 @@ def _profile_codec(target: Target) -> dict[str, t.Any]:
     """AiiDA's codec for a profile's tasks (as both of its brokers use it), else nothing: each side's default."""
     if target.profile is None:
         return {}
-    import functools
+    from .aiida.broker import aiida_codec
 
-    from aiida.orm.utils import serialize
-
-    return {
-        'encoder': functools.partial(serialize.serialize, encoding='utf-8'),
-        'decoder': serialize.deserialize_unsafe,
-    }
+    # AiiDA's YAML out (what AiiDA on RabbitMQ reads); in, a decoder that also reads the JSON-tagged messages the
+    # ``zmq`` broker's default ``hybrid`` codec stores.
+    encoder, decoder = aiida_codec('yaml')
+    return {'encoder': encoder, 'decoder': decoder}
 
 
 def _depth(zmq_side: t.Any, rabbit: t.Any, queue: str, direction: str) -> int:
