@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DRIVER, AiidaZmqProfile
+from aiida_profile import DRIVER, AiidaZmqProfile
 
 from aiida_zmq.testing import wait_until
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import AiidaZmqProfile
+from aiida_profile import AiidaZmqProfile
 
 from aiida_zmq.testing import wait_until
 

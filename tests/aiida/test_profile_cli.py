@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import AiidaZmqProfile
+from aiida_profile import AiidaZmqProfile
 
 pytestmark = pytest.mark.aiida
 
