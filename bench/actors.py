@@ -178,3 +178,62 @@ def broadcast_sender(spec: ClientSpec, q: Any, go: Any, stop: Any, run: str, n: 
             comm.broadcast_send({'run': run, 'i': i}, subject='bench')
         q.put(('sent', t0, time.perf_counter()))
         stop.wait(timeout)
+
+
+def many_clients(spec: ClientSpec, q: Any, stop: Any, idx: int, k: int, run: str, expect: int, timeout: float) -> None:
+    """``k`` communicators in this process, each with an RPC and a broadcast subscriber (as every AiiDA process has);
+    report once all ``k`` saw a probe broadcast, then, for each broadcast ``i`` of this run, when the last of the
+    ``k`` received it."""
+    with reporting(q), contextlib.ExitStack() as stack:
+        lock = threading.Lock()
+        got: dict[int, int] = {}
+        probed: set[int] = set()
+
+        def subscriber(j: int) -> Any:
+            def on_broadcast(
+                _comm: Any, body: Any, sender: Any = None, subject: Any = None, correlation_id: Any = None
+            ):
+                now = time.perf_counter()
+                with lock:
+                    if subject == 'probe' and j not in probed:
+                        probed.add(j)
+                        if len(probed) == k:
+                            q.put(('probe', idx))
+                    elif subject == 'fan' and isinstance(body, dict) and body.get('run') == run:
+                        got[body['i']] = got.get(body['i'], 0) + 1
+                        if got[body['i']] == k:
+                            q.put(('fanned', idx, body['i'], now))
+
+            return on_broadcast
+
+        for j in range(k):
+            comm = stack.enter_context(communicator(spec))
+            comm.add_rpc_subscriber(lambda _comm, msg: msg, identifier=f'bench-many-{run}-{idx}-{j}')
+            comm.add_broadcast_subscriber(subscriber(j))
+        q.put(('ready', idx))
+        stop.wait(timeout)
+
+
+def fan_sender(spec: ClientSpec, q: Any, go: Any, stop: Any, run: str, n: int, rpcs: int, timeout: float) -> None:
+    """Probe until told to go; then ``n`` broadcasts, one every 50 ms (their send times reported), then ``rpcs``
+    sequential RPCs to one of the many clients (latencies in us)."""
+    with reporting(q), communicator(spec) as comm:
+        q.put(('ready', -1))
+        deadline = time.monotonic() + timeout
+        while not go.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError('no go from the harness: a client never saw a probe broadcast')
+            comm.broadcast_send({'probe': True}, subject='probe')
+            go.wait(0.1)
+        sent = []
+        for i in range(n):
+            sent.append(time.perf_counter())
+            comm.broadcast_send({'run': run, 'i': i}, subject='fan')
+            time.sleep(0.05)  # one broadcast at a time: this measures fan-out latency, not throughput
+        latencies = []
+        for _ in range(rpcs):
+            t0 = time.perf_counter()
+            resolve(comm.rpc_send(f'bench-many-{run}-0-0', {'x': 1}), deadline)
+            latencies.append((time.perf_counter() - t0) * 1e6)
+        q.put(('fan_sent', sent, latencies))
+        stop.wait(timeout)

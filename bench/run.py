@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         '--plot-dir', type=Path, default=None, help='where the PNG plots go (default: beside --out; needs matplotlib)'
     )
     parser.add_argument('--no-plot', action='store_true', help='no PNG plots')
+    parser.add_argument(
+        '--merge',
+        action='store_true',
+        help='add to the results already in --out: their records of the workloads run now are replaced',
+    )
     parser.add_argument('--keep-rabbitmq', action='store_true', help='leave a RabbitMQ started here running')
     args = parser.parse_args(argv)
     only = [name for item in args.only for name in item.split(',') if name]
@@ -179,6 +184,16 @@ def write_outputs(args: argparse.Namespace, result: dict[str, Any]) -> str:
     return table
 
 
+def merge_into(previous: dict[str, Any], result: dict[str, Any], workloads: list[str]) -> None:
+    """Keep the previous run's records of the workloads not run now (``--merge``); note both runs' settings."""
+    kept = [rec for rec in previous.get('records', []) if rec['workload'] not in workloads]
+    result['records'] = kept + result['records']
+    result['brokers'] = previous.get('brokers') or result.get('brokers')
+    if 'scale' not in workloads and previous.get('scale'):
+        result['scale'] = previous['scale']
+    result['merged_from'] = {'config': previous.get('config'), 'machine': previous.get('machine')}
+
+
 def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f'signal {signum}')
 
@@ -201,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         result['machine'] = report.machine_facts(rmq.version() if 'rabbitmq' in str(result.get('brokers')) else '')
         rmq.stop()
         shutil.rmtree(root, ignore_errors=True)
+    if args.merge and args.out.exists():
+        merge_into(json.loads(args.out.read_text()), result, args.workloads)
     print()
     print(write_outputs(args, result))
     print(f'wrote {args.out} and {args.out.with_suffix(".md")}')

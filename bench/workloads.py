@@ -27,6 +27,9 @@ class Sizes:
     subscribers: int = 10
     broadcasts: int = 500
     connects: int = 5
+    clients: int = 100
+    clients_per_process: int = 10
+    fanouts: int = 20
     e2e_chains: int = 100
     e2e_parents: int = 50
     timeout: float = 120.0
@@ -39,6 +42,8 @@ class Sizes:
             rpc_warmup=20,
             broadcasts=100,
             connects=3,
+            clients=30,
+            fanouts=10,
             e2e_chains=20,
             e2e_parents=10,
             timeout=60.0,
@@ -171,10 +176,44 @@ def broadcast(spec: ClientSpec, sizes: Sizes) -> dict[str, float]:
     return {'deliveries_per_s': subs * n / (max(ends) - t0), 'broadcasts_per_s': n / (max(ends) - t0)}
 
 
+def clients(spec: ClientSpec, sizes: Sizes) -> dict[str, float]:
+    """``sizes.clients`` connected communicators (``clients_per_process`` per process), each with an RPC and a
+    broadcast subscriber: the time to connect them all, the latency of one broadcast reaching all of them, and RPC
+    round trips while they are connected."""
+    run, per = uuid.uuid4().hex[:12], sizes.clients_per_process
+    processes = max(1, sizes.clients // per)
+    go = CTX.Event()
+    with session() as (inbox, stop):
+        t0 = time.perf_counter()
+        for idx in range(processes):
+            _start(inbox, actors.many_clients, spec, inbox.q, stop, idx, per, run, sizes.fanouts, sizes.timeout + 120)
+        for _ in range(processes):
+            inbox.get('ready', sizes.timeout)
+        connected_s = time.perf_counter() - t0
+        _start(inbox, actors.fan_sender, spec, inbox.q, go, stop, run, sizes.fanouts, 200, sizes.timeout)
+        inbox.get('ready', 60)
+        for _ in range(processes):
+            inbox.get('probe', 60)
+        go.set()
+        _, sent, latencies = inbox.get('fan_sent', sizes.timeout)
+        last: dict[int, float] = {}
+        for _ in range(processes * sizes.fanouts):
+            _, _idx, i, t = inbox.get('fanned', sizes.timeout)
+            last[i] = max(last.get(i, 0.0), t)
+    fanout_ms = [(last[i] - sent[i]) * 1e3 for i in range(sizes.fanouts)]
+    return {
+        'clients': processes * per,
+        'connect_all_s': connected_s,
+        'fanout_p50_ms': percentile(fanout_ms, 50),
+        'rpc_p50_us': percentile(latencies, 50),
+    }
+
+
 WORKLOADS = {
     'tasks': tasks,
     'tasks_noreply': tasks_noreply,
     'rpc': rpc,
     'broadcast': broadcast,
     'connect': connect,
+    'clients': clients,
 }
