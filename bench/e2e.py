@@ -10,13 +10,15 @@ Each measurement starts the daemon (with it the broker, for the two ZeroMQ broke
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .procs import BenchError, child_env
 
-REPO = Path(__file__).resolve().parent.parent
 # harness broker name -> (profile name, command that creates it, broker entry point it must end up with)
 PROFILES: dict[str, tuple[str, list[str], str]] = {
     'aiida-zmq': ('bench-aiida-zmq', ['aiida-zmq', 'presto', '--no-computer', '--no-set-default'], 'zmq'),
@@ -30,12 +32,28 @@ def _script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def modules_dir() -> Path:
+    """A directory with only the driver and the work chains, for ``PYTHONPATH`` and as the working directory.
+
+    Not the checkout: there ``aiida_zmq`` would be imported from the source tree instead of the installed package,
+    which for a non-editable install lacks its ``circus_plugins`` (mapped from another folder at install time).
+    """
+    path = Path(os.environ.get('AIIDA_PATH') or tempfile.gettempdir()) / 'bench-e2e-modules'
+    path.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).resolve().parent
+    shutil.copyfile(here / 'e2e_workchains.py', path / 'bench_e2e_workchains.py')
+    shutil.copyfile(here / 'e2e_driver.py', path / 'bench_e2e_driver.py')
+    return path
+
+
 def _run(args: list[str], timeout: float, what: str) -> str:
-    # AiiDA's daemon looks for `verdi` on PATH: the venv's, as when it is activated.
-    env = child_env(PYTHONPATH=str(REPO))
+    modules = modules_dir()
+    # AiiDA's daemon looks for `verdi` on PATH: the venv's, as when it is activated. Its workers import the work
+    # chains through PYTHONPATH.
+    env = child_env(PYTHONPATH=str(modules))
     env['PATH'] = f'{Path(sys.executable).parent}:{env.get("PATH", "")}'
     try:
-        proc = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        proc = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=modules)
     except subprocess.TimeoutExpired:
         raise BenchError(f'{what}: no answer within {timeout:.0f} s ({" ".join(args)})')
     if proc.returncode != 0:
@@ -61,7 +79,14 @@ def run(broker: str, n_chains: int, n_parents: int, timeout: float) -> dict[str,
     _run([verdi, '-p', profile, 'daemon', 'start', str(WORKERS)], 180, f'verdi -p {profile} daemon start')
     try:
         out = _run(
-            [sys.executable, '-m', 'bench.e2e_driver', profile, str(n_chains), str(n_parents), str(timeout)],
+            [
+                sys.executable,
+                str(modules_dir() / 'bench_e2e_driver.py'),
+                profile,
+                str(n_chains),
+                str(n_parents),
+                str(timeout),
+            ],
             2 * timeout + 120,
             'the end-to-end driver',
         )

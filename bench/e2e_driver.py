@@ -1,5 +1,6 @@
-"""Driver of the end-to-end workload, run in its own process with a profile: ``python -m bench.e2e_driver PROFILE
-N_CHAINS N_PARENTS TIMEOUT``. Prints one JSON line: times, or the failure (a work chain not finished ok in time)."""
+"""Driver of the end-to-end workload, run in its own process with a profile: ``python bench_e2e_driver.py PROFILE
+N_CHAINS N_PARENTS TIMEOUT`` (a copy beside ``bench_e2e_workchains.py``, made by ``bench/e2e.py``). Prints one JSON
+line: times, or the failure (a work chain not finished ok in time)."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     from aiida import load_profile, orm
     from aiida.engine import submit
 
-    sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent.parent))
-    from bench.e2e_workchains import BenchChain, BenchParentChain
+    # Copied beside this file as bench_e2e_workchains.py (see bench/e2e.py): the daemon workers import it from there.
+    from bench_e2e_workchains import BenchChain, BenchParentChain
 
     load_profile(profile)
     _wait_for_workers(profile, WORKERS, WORKER_SETTLE_S, timeout)
