@@ -113,7 +113,7 @@ def consume(communicator: Any, ledger: Ledger, options: dict[str, Any]) -> None:
 
     communicator.add_task_subscriber(subscriber)
     ledger.log('ready')
-    threading.Event().wait(options.get('lifetime', 3600))
+    threading.Event().wait(options.get('lifetime'))  # until killed (the harness kills every actor)
 
 
 def main(role: str, kind: str, endpoint: str, queue: str, ledger_path: str, options_json: str = '{}') -> None:
@@ -123,7 +123,7 @@ def main(role: str, kind: str, endpoint: str, queue: str, ledger_path: str, opti
     if role == 'producer':
         produce(communicator, ledger, options)
         if options.get('linger', False):
-            threading.Event().wait(options.get('lifetime', 3600))
+            threading.Event().wait(options.get('lifetime'))  # until killed (the harness kills every actor)
         communicator.close()
     elif role == 'consumer':
         consume(communicator, ledger, options)

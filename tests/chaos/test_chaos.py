@@ -375,8 +375,10 @@ def test_consumer_sigstop_tasks_taken_over(request, zmq_broker_factory, chaos_di
 def _rss_and_fds(pid: int) -> tuple[int, int]:
     """Resident memory (bytes) and open file descriptors of a process, from /proc."""
     with open(f'/proc/{pid}/status') as status:
-        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith('VmRSS:'))
-    return rss, len(os.listdir(f'/proc/{pid}/fd'))
+        rss = [int(line.split()[1]) * 1024 for line in status if line.startswith('VmRSS:')]
+    if not rss:
+        raise AssertionError(f'process {pid} died during the soak (a zombie has no VmRSS)')
+    return rss[0], len(os.listdir(f'/proc/{pid}/fd'))
 
 
 def _flat(samples: list[int], slack: int) -> bool:
