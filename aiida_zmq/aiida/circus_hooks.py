@@ -27,10 +27,17 @@ DRAIN_TIMEOUT = 15.0
 POLL_INTERVAL = 0.05
 
 
-def _stopping_pids(arbiter: t.Any, own_prefix: str) -> list[int]:
+def _stopping_pids(arbiter: t.Any, broker_watcher: str) -> list[int]:
+    """Pids that circus is stopping in watchers other than the broker's own (``NAME`` and its plugins ``NAME-*``).
+
+    Not every name that starts with ``aiida-zmq-``: AiiDA's workers of a profile named ``zmq-...`` (the default of
+    ``aiida-zmq presto``) are the watcher ``aiida-zmq-...``, and they are exactly what the broker must wait for.
+    """
+    own = broker_watcher.lower()
     pids = []
     for watcher in arbiter.iter_watchers():
-        if watcher.name.startswith(own_prefix):
+        name = watcher.name.lower()
+        if name == own or name.startswith(own + '-'):
             continue
         for process in list(watcher.processes.values()):
             if getattr(process, 'stopping', False):
@@ -54,11 +61,9 @@ def wait_for_stopping_workers(watcher: t.Any, arbiter: t.Any, hook_name: str, **
     (``circusctl stop aiida-zmq-PROFILE``) does not wait for workers that keep running.
     """
     try:
-        from aiida_zmq.circus import WATCHER_PREFIX
-
         started = time.monotonic()
         deadline = started + DRAIN_TIMEOUT
-        pids = _stopping_pids(arbiter, WATCHER_PREFIX)
+        pids = waited = _stopping_pids(arbiter, watcher.name)
         while pids and time.monotonic() < deadline:
             pids = [pid for pid in pids if _alive(pid)]
             if pids:
@@ -69,7 +74,10 @@ def wait_for_stopping_workers(watcher: t.Any, arbiter: t.Any, hook_name: str, **
             )
         else:
             LOGGER.info(
-                '%s: workers stopped after %.2fs; stopping the broker', watcher.name, time.monotonic() - started
+                '%s: workers %s stopped after %.2fs; stopping the broker',
+                watcher.name,
+                waited,
+                time.monotonic() - started,
             )
     except Exception:  # a hook must never break the arbiter's stop
         LOGGER.exception('%s: before_stop hook failed', getattr(watcher, 'name', '?'))
