@@ -6,7 +6,8 @@ prints one JSON line:
 - ``submit OFFSET COUNT``: submit ``COUNT`` work chains, alternately an ``AddWorkChain`` and a ``ParentWorkChain``
   (which submits an ``AddWorkChain`` child), with ``x = OFFSET + i`` and ``y = 1``, so that every sum is unique; also
   say how many processes of the profile are not terminated right after (the work in flight);
-- ``restart-api``: ``DaemonClient(profile).restart_daemon()``, the Python API of a restart.
+- ``restart-api``: ``DaemonClient(profile).restart_daemon()``, the Python API of a restart;
+- ``describe PK...``: kind, state and caller of processes (what ``verdi process repair`` lists).
 """
 
 from __future__ import annotations
@@ -122,6 +123,23 @@ def cmd_submit(offset: int, count: int) -> dict[str, t.Any]:
     return {'pks': pks, 'in_flight': _not_terminated()}
 
 
+def cmd_describe(pks: list[int]) -> dict[str, t.Any]:
+    """Kind, state and caller of processes: what ``verdi process repair`` listed."""
+    from aiida import orm
+
+    described = {}
+    for pk in pks:
+        node = orm.load_node(pk)
+        caller = node.caller
+        described[pk] = {
+            'calcfunction': isinstance(node, orm.CalcFunctionNode),
+            'label': node.label,
+            'state': node.process_state.value if node.process_state else None,
+            'caller_finished_ok': caller.is_finished_ok if caller is not None else None,
+        }
+    return {'processes': described}
+
+
 def cmd_restart_api() -> dict[str, t.Any]:
     from aiida.engine.daemon.client import DaemonClient
     from aiida.manage import get_manager
@@ -141,8 +159,10 @@ def main() -> int:
         answer = cmd_submit(int(args[0]), int(args[1]))
     elif command == 'restart-api':
         answer = cmd_restart_api()
+    elif command == 'describe':
+        answer = cmd_describe([int(pk) for pk in args])
     else:
-        raise SystemExit(f'unknown command {command!r}: use `submit OFFSET COUNT` or `restart-api`')
+        raise SystemExit(f'unknown command {command!r}: use `submit OFFSET COUNT`, `restart-api` or `describe PK...`')
     print(json.dumps(answer, default=str), flush=True)
     return 0
 
