@@ -4,10 +4,14 @@ Three kinds of thread meet here:
 
 - callers (any thread) call the public methods; they never touch the socket, they hand work to the I/O thread;
 - the I/O thread owns the DEALER socket: it sends, receives, heartbeats, notices a lost or restarted broker and
-  says HELLO again, re-registering this communicator's subscriptions by itself;
-- the callback thread runs subscribers (tasks, RPC, broadcasts) one at a time, so that slow user code never delays
-  heartbeats, and no subscriber runs on a caller's thread (as with kiwipy's RMQ communicator, which runs them on its
-  event-loop thread).
+  says HELLO again, re-registering this communicator's subscriptions by itself. It also runs RPC and broadcast
+  subscribers, as kiwipy's RMQ communicator runs them on its event-loop thread: they answer at once or return a
+  future, and running them here saves two thread hand-overs per call. They must not wait for the broker themselves
+  (a blocking call from them raises a clear error instead of a deadlock);
+- the callback thread runs task subscribers one at a time, so that slow user code (loading a process from the
+  database) never delays heartbeats.
+
+No subscriber runs on a caller's thread.
 
 Sends are never dropped: what the socket cannot take yet waits in order, and messages the broker has to confirm
 (tasks, registrations) are replayed after a reconnection until they are.
@@ -130,6 +134,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._routing_id = b'c' + uuid.uuid4().hex.encode()
         self._correlations = itertools.count(1)
         self._closed = False
+        self._closed_on_io_thread = False
 
         # Subscribers: read by the callback thread, changed by callers.
         self._lock = threading.RLock()
@@ -207,12 +212,32 @@ class ZmqCommunicator(kiwipy.Communicator):
         if self._closed:
             return
         self._closed = True
+        self._callbacks.shutdown(wait=False, cancel_futures=True)
+        if threading.current_thread() is self._io_thread:
+            # Closed from an RPC or broadcast subscriber: goodbye after this message (and its answer), then the loop
+            # ends and closes the pipe itself.
+            self._closed_on_io_thread = True
+            self._call(self._io_say_goodbye)
+            return
         if self._io_thread.is_alive():
             self._call(self._io_say_goodbye)
             self._io_thread.join(10)
-        self._callbacks.shutdown(wait=False, cancel_futures=True)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        if self._wake_read >= 0:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._wake_read = self._wake_write = -1
+
+    def _not_on_io_thread(self, what: str) -> None:
+        """Refuse to wait for the broker on the I/O thread, the thread that would have to bring the answer."""
+        if threading.current_thread() is self._io_thread:
+            raise RuntimeError(
+                f'cannot {what} and wait for the broker inside an RPC or broadcast subscriber: those run on the '
+                "communicator's I/O thread (as kiwipy's do on its event loop). Return a future and do it from another "
+                'thread.'
+            )
 
     def _ensure_open(self) -> None:
         if self._closed:
@@ -228,6 +253,7 @@ class ZmqCommunicator(kiwipy.Communicator):
             if key in self._rpc_subscribers:
                 raise kiwipy.DuplicateSubscriberIdentifier(f"RPC identifier '{identifier}'")
             self._rpc_subscribers[key] = subscriber
+        self._not_on_io_thread('add an RPC subscriber')
         registered: concurrent.futures.Future = concurrent.futures.Future()
         self._call(lambda: self._io_register(key, registered))
         try:
@@ -329,6 +355,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         :raises AdminError: when the broker refuses the request.
         """
         self._ensure_open()
+        self._not_on_io_thread(f'ask the broker `{op}`')
         request = json.dumps({'op': op, **arguments}).encode()
         correlation = self._correlation()
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -388,6 +415,7 @@ class ZmqCommunicator(kiwipy.Communicator):
 
     def _send_task(self, queue: str, task: Any, no_reply: bool) -> kiwipy.Future | None:
         self._ensure_open()
+        self._not_on_io_thread('send a task')
         payload = self._encode(task)
         correlation = self._correlation()
         frames = protocol.encode(Command.TASK_SEND, correlation, queue.encode(), protocol.flag(no_reply), payload)
@@ -554,6 +582,8 @@ class ZmqCommunicator(kiwipy.Communicator):
             self._io_flush()
             self._socket.close()  # LINGER lets the goodbye and last acknowledgements go out
             self._socket = None
+        if self._closed_on_io_thread:
+            self._close_wake_pipe()  # closed from a subscriber on this thread: nobody joins it to close the pipe
 
     # I/O thread: requests from callers ------------------------------------------------------------------------------
 
@@ -741,10 +771,16 @@ class ZmqCommunicator(kiwipy.Communicator):
             future.set_result(incoming)
 
     def _io_on_rpc_request(self, args: Sequence[bytes]) -> None:
-        self._run_in_callback_thread(self._run_rpc, bytes(args[0]), bytes(args[1]).decode(), args[2])
+        # On this thread, as kiwipy's RmqThreadCommunicator runs its subscribers on its loop thread: an RPC or
+        # broadcast subscriber answers at once or returns a future (plumpy schedules the work on its own loop), and two
+        # thread hand-overs less halve what the communicator adds to a round trip. Task subscribers, which may load a
+        # process from the database, stay on the callback thread, so that heartbeats never wait for them.
+        if not self._closed:
+            self._run_rpc(bytes(args[0]), bytes(args[1]).decode(), args[2])
 
     def _io_on_broadcast(self, args: Sequence[bytes]) -> None:
-        self._run_in_callback_thread(self._run_broadcast, args[0])
+        if not self._closed:  # on this thread, like RPC subscribers (see above)
+            self._run_broadcast(args[0])
 
     def _run_in_callback_thread(self, function: Callable[..., None], *args: Any) -> None:
         if self._closed:
@@ -819,7 +855,10 @@ class ZmqCommunicator(kiwipy.Communicator):
             except Exception as exception:
                 data = self._encode(exception_response(exception))
             frames = protocol.encode(Command.RPC_REPLY, call_id, protocol.flag(final), data)
-            self._call(lambda: self._io_send(frames))
+            if threading.current_thread() is self._io_thread:
+                self._io_send(frames)
+            else:  # a future the subscriber returned, resolved on another thread
+                self._call(lambda: self._io_send(frames))
 
         with self._lock:
             subscriber = self._rpc_subscribers.get(identifier)
@@ -942,6 +981,7 @@ class ZmqTaskQueue:
     def _get(self, timeout: float) -> ZmqIncomingTask | None:
         communicator = self._communicator
         communicator._ensure_open()
+        communicator._not_on_io_thread('take a task from a queue')
         future: concurrent.futures.Future = concurrent.futures.Future()
         correlation = communicator._correlation()
         communicator._call(lambda: communicator._io_get(correlation, self.name, future))

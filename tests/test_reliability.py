@@ -266,3 +266,28 @@ def test_wrong_endpoint_and_down_broker_give_clear_errors(tmp_path):
         aiida_zmq.connect(f'ipc://{tmp_path}/nobody.sock', connect_timeout=0.5)
     with pytest.raises(ConnectionError, match='aiida-zmq serve --data-dir'):
         aiida_zmq.connect(data_dir=tmp_path)
+
+
+def test_subscribers_on_the_io_thread_cannot_deadlock_it(zmq_broker):
+    """RPC and broadcast subscribers run on the I/O thread (as kiwipy's do on its loop): a blocking call from one of
+    them fails with a clear error, the communicator keeps working, and closing it from a subscriber is fine."""
+    server = aiida_zmq.connect(zmq_broker.endpoint)
+    client = aiida_zmq.connect(zmq_broker.endpoint)
+
+    def blocking(communicator, _message):
+        return communicator.task_queue('q').task_send('from inside', no_reply=True)
+
+    server.add_rpc_subscriber(blocking, 'blocking')
+    with pytest.raises(kiwipy.RemoteException, match='inside an RPC or broadcast subscriber'):
+        client.rpc_send('blocking', None).result(timeout=5)
+
+    def closing(communicator, _message):
+        communicator.close()
+        return 'closed'
+
+    server.add_rpc_subscriber(closing, 'closing')
+    assert client.rpc_send('closing', None).result(timeout=5) == 'closed'
+    wait_until(lambda: server.is_closed() and not server._io_thread.is_alive(), timeout=10)
+    # The server said goodbye: its identifiers are free again for others.
+    client.add_rpc_subscriber(lambda _c, m: m, 'closing')
+    client.close()
