@@ -402,7 +402,7 @@ def test_soak(request, zmq_broker_factory, chaos_dir, actors):
     for index in range(2):
         ledger = chaos_dir / f'consumer{index}.log'
         actors.append(Actor('consumer', broker.endpoint, queue, ledger, prefetch=prefetch, work_ms=5).wait_ready())
-    count = int(rate * duration)
+    count = int(rate * duration * 1.1)  # producers outlast the sampling
     for index in range(producers):
         ledger = chaos_dir / f'producer{index}.log'
         actors.append(Actor('producer', broker.endpoint, queue, ledger, count=count, rate=rate, prefix=f'p{index}'))
@@ -414,8 +414,10 @@ def test_soak(request, zmq_broker_factory, chaos_dir, actors):
     kills = 0
     while time.monotonic() - started < duration:
         time.sleep(10)  # the sampling period of a soak
-        for key, pid in [('broker', broker.pid), *((f'client{i}', a.pid) for i, a in enumerate(clients))]:
-            rss, fds = _rss_and_fds(pid)
+        for key, actor in [('broker', None), *((f'client{i}', a) for i, a in enumerate(clients))]:
+            if actor is not None and actor.count('done'):
+                continue  # a producer that sent all its tasks has exited: nothing to sample
+            rss, fds = _rss_and_fds(broker.pid if actor is None else actor.pid)
             samples[key][0].append(rss)
             samples[key][1].append(fds)
         if time.monotonic() >= next_kill:
