@@ -390,6 +390,7 @@ def _flat(samples: list[int], slack: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2 * float(os.environ.get('AZMQ_SOAK_SECONDS', '3600')) + 600)  # beyond pytest-timeout's default
 def test_soak(request, zmq_broker_factory, chaos_dir, actors):
     """One hour (``AZMQ_SOAK_SECONDS``) at a steady rate with a broker kill -9 every ``AZMQ_SOAK_KILL_EVERY`` s:
     nothing lost, and memory and file descriptors flat in the broker and in the long-lived clients."""
