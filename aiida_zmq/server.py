@@ -819,16 +819,19 @@ class Broker:
                 continue
             count = len(consumers)
             idle = 0
-            # Round robin over consumers with room, one task each per pass, so that work spreads evenly.
+            # Round robin over consumers with room, one task each per pass, so that work spreads evenly. The turn
+            # passes on only once a consumer got a task: tasks sent one at a time (AiiDA's submit) alternate between
+            # consumers instead of all going to the first one.
             while idle < count:
                 consumer = consumers[queue.next_consumer % count]
-                queue.next_consumer += 1
                 if consumer.stalled or consumer.room(queue.name) <= 0:
+                    queue.next_consumer += 1
                     idle += 1
                     continue
                 task = self._deliverable(queue)
                 if task is None:
-                    return
+                    break  # nothing deliverable here now; other queues may still have work
+                queue.next_consumer += 1
                 idle = 0
                 self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode())
 

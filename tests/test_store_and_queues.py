@@ -86,6 +86,28 @@ def test_prefetch_limits_what_one_consumer_holds(zmq_broker):
     producer.close()
 
 
+def test_tasks_sent_one_at_a_time_alternate_between_consumers(zmq_broker):
+    """AiiDA submits one task at a time to daemon workers with room for 200 each: every worker must get its share, not
+    the first one all of them (which halved the daemon's throughput with two workers)."""
+    producer = aiida_zmq.connect(zmq_broker.endpoint)
+    consumers = [aiida_zmq.connect(zmq_broker.endpoint) for _ in range(2)]
+    held: list[list[kiwipy.Future]] = [[], []]
+    for index, consumer in enumerate(consumers):
+        consumer.task_queue('work', prefetch_count=200).add_task_subscriber(
+            lambda _c, _t, mine=held[index]: mine.append(kiwipy.Future()) or mine[-1]
+        )
+    wait_until(lambda: producer.admin('status')['queues'].get('work', {}).get('consumers') == 2, timeout=5)
+    for number in range(20):
+        producer.task_queue('work').task_send(number, no_reply=True)
+        wait_until(lambda n=number: len(held[0]) + len(held[1]) == n + 1, timeout=5)
+    assert [len(mine) for mine in held] == [10, 10]
+    for mine in held:
+        for future in mine:
+            future.set_result(None)
+    for communicator in (*consumers, producer):
+        communicator.close()
+
+
 def test_sigterm_exits_cleanly_and_keeps_everything(zmq_broker):
     communicator = aiida_zmq.connect(zmq_broker.endpoint)
     for number in range(20):
