@@ -98,10 +98,15 @@ def run(broker: str, n_chains: int, n_parents: int, timeout: float) -> dict[str,
     result = json.loads(lines[-1][4:])
     if 'error' in result:
         raise BenchError(f'end-to-end: {result["error"]}')
-    return {
+    metrics = {
         'chains_per_s': n_chains / result['chains_s'],
         'parents_per_s': n_parents / result['parents_s'],
         'chains_s': result['chains_s'],
         'chains_submit_s': result['chains_submit_s'],
         'parents_s': result['parents_s'],
     }
+    # Where the time and the CPU went (see e2e_driver._timeline and _cpu_seconds), flattened for the report.
+    for group in ('cpu_ms_per_chain', 'cpu_ms_per_parent', 'timeline'):
+        for key, value in result.get(group, {}).items():
+            metrics[f'{group}.{key}'] = value
+    return metrics

@@ -52,6 +52,85 @@ def _wait_for_workers(profile: str, workers: int, settle: float, timeout: float)
         time.sleep(0.2)
 
 
+def _daemon_processes(profile: str) -> dict[int, str]:
+    """The daemon's processes, pid -> role: circusd and everything under it (workers, broker, plugins)."""
+    import psutil
+
+    roles: dict[int, str] = {}
+    for process in psutil.process_iter(['cmdline']):
+        cmdline = process.info['cmdline'] or []
+        if 'start-circus' in cmdline and profile in cmdline:
+            roles[process.pid] = 'circusd'
+            for child in process.children(recursive=True):
+                try:
+                    text = ' '.join(child.cmdline())
+                except psutil.Error:
+                    continue
+                if 'worker' in text and 'daemon' in text:
+                    roles[child.pid] = f'worker{sum(role.startswith("worker") for role in roles.values()) + 1}'
+                elif 'plugin' in text:
+                    roles[child.pid] = 'plugins'
+                else:
+                    roles[child.pid] = 'broker'
+    return roles
+
+
+def _cpu_seconds(roles: dict[int, str]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role, and by this process as ``submitter``."""
+    import psutil
+
+    used: dict[str, float] = {'submitter': sum(psutil.Process().cpu_times()[:2])}
+    for pid, role in roles.items():
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        used[role] = used.get(role, 0.0) + times.user + times.system
+    return used
+
+
+def _cpu_delta(before: dict[str, float], after: dict[str, float], per: int) -> dict[str, float]:
+    """CPU milliseconds per work chain, by role, with the workers' sum and the busiest worker's share of it (0.5 when
+    the broker spreads the work evenly)."""
+    used = {role: 1000 * (after.get(role, 0.0) - before.get(role, 0.0)) / per for role in after}
+    workers = [value for role, value in used.items() if role.startswith('worker')]
+    used['workers'] = sum(workers)
+    used['busiest_worker_share'] = max(workers) / used['workers'] if used['workers'] else float('nan')
+    return {role: round(value, 3 if role == 'busiest_worker_share' else 1) for role, value in used.items()}
+
+
+def _median_ms(values: list[float]) -> float:
+    import statistics
+
+    return round(1000 * statistics.median(values), 1) if values else float('nan')
+
+
+def _timeline(chains: list[int], parents: list[int]) -> dict[str, float]:
+    """Medians (ms) of where a work chain's time goes, from the nodes' own times: submitted (ctime), its step ran
+    (the calcfunction's ctime), finished (mtime, the last write); for a parent, also its child's."""
+    from aiida import orm
+
+    def step_time(chain: orm.WorkChainNode) -> float:
+        (called,) = [node for node in chain.called if isinstance(node, orm.CalcFunctionNode)]
+        return called.ctime.timestamp()
+
+    out: dict[str, list[float]] = {'chain_queued': [], 'chain_step_to_end': []}
+    for pk in chains:
+        node = orm.load_node(pk)
+        out['chain_queued'].append(step_time(node) - node.ctime.timestamp())
+        out['chain_step_to_end'].append(node.mtime.timestamp() - step_time(node))
+    for key in ('parent_queued', 'child_queued', 'child_step_to_end', 'child_end_to_parent_end'):
+        out[key] = []
+    for pk in parents:
+        parent = orm.load_node(pk)
+        (child,) = [node for node in parent.called if isinstance(node, orm.WorkChainNode)]
+        out['parent_queued'].append(child.ctime.timestamp() - parent.ctime.timestamp())
+        out['child_queued'].append(step_time(child) - child.ctime.timestamp())
+        out['child_step_to_end'].append(child.mtime.timestamp() - step_time(child))
+        out['child_end_to_parent_end'].append(parent.mtime.timestamp() - child.mtime.timestamp())
+    return {f'{key}_ms': _median_ms(values) for key, values in out.items()}
+
+
 def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     from aiida import load_profile, orm
     from aiida.engine import submit
@@ -66,6 +145,8 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     _, failed = _wait([submit(BenchChain, x=orm.Int(-1), y=orm.Int(1)).pk for _ in range(2 * WORKERS)], timeout)
     if failed:
         return {'error': f'warm-up work chains: {failed[:5]}'}
+    roles = _daemon_processes(profile)
+    cpu_start = _cpu_seconds(roles)
     t0 = time.perf_counter()
     pks = [submit(BenchChain, x=orm.Int(i), y=orm.Int(1)).pk for i in range(n_chains)]
     t_submitted = time.perf_counter()
@@ -74,12 +155,16 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
         return {'error': f'work chains: {failed[:5]}'}
     out['chains_submit_s'] = t_submitted - t0
     out['chains_s'] = time.perf_counter() - t0
+    cpu_chains = _cpu_seconds(roles)
+    out['cpu_ms_per_chain'] = _cpu_delta(cpu_start, cpu_chains, n_chains)
     t0 = time.perf_counter()
     parents = [submit(BenchParentChain, x=orm.Int(i)).pk for i in range(n_parents)]
     _, failed = _wait(parents, timeout)
     if failed:
         return {'error': f'parent work chains: {failed[:5]}'}
     out['parents_s'] = time.perf_counter() - t0
+    out['cpu_ms_per_parent'] = _cpu_delta(cpu_chains, _cpu_seconds(roles), n_parents)
+    out['timeline'] = _timeline(pks, parents)
     return out
 
 
