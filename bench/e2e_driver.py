@@ -5,6 +5,9 @@ line: times, or the failure (a work chain not finished ok in time)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -131,6 +134,30 @@ def _timeline(chains: list[int], parents: list[int]) -> dict[str, float]:
     return {f'{key}_ms': _median_ms(values) for key, values in out.items()}
 
 
+def _start_spies(roles: dict[int, str]) -> list[subprocess.Popen]:
+    """With ``AZMQ_E2E_SPY=DIR`` (set by ``bench/profile_e2e.py``), sample every worker with py-spy into ``DIR``."""
+    out = os.environ.get('AZMQ_E2E_SPY')
+    if not out:
+        return []
+    pyspy = os.environ.get('AZMQ_PYSPY', 'py-spy')
+    workers = [(pid, role) for pid, role in roles.items() if role.startswith('worker')]
+    return [
+        subprocess.Popen(
+            [pyspy, 'record', '--pid', str(pid), '--format', 'raw', '--rate', '200', '--output', f'{out}/{role}.txt'],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid, role in workers
+    ]
+
+
+def _stop_spies(spies: list[subprocess.Popen]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output and exits
+    for spy in spies:
+        spy.wait(60)
+
+
 def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     from aiida import load_profile, orm
     from aiida.engine import submit
@@ -157,9 +184,11 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     out['chains_s'] = time.perf_counter() - t0
     cpu_chains = _cpu_seconds(roles)
     out['cpu_ms_per_chain'] = _cpu_delta(cpu_start, cpu_chains, n_chains)
+    spies = _start_spies(roles)
     t0 = time.perf_counter()
     parents = [submit(BenchParentChain, x=orm.Int(i)).pk for i in range(n_parents)]
     _, failed = _wait(parents, timeout)
+    _stop_spies(spies)
     if failed:
         return {'error': f'parent work chains: {failed[:5]}'}
     out['parents_s'] = time.perf_counter() - t0
