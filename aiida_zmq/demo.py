@@ -118,21 +118,13 @@ def _wait_terminated(pks: list[int], timeout: float) -> list[int]:
 
     Polls the database: what the user sees is what AiiDA stored, not what the broker claims.
     """
-    from aiida import orm
+    from .aiida.queries import terminated
 
     pending = set(pks)
     deadline = time.monotonic() + timeout
     with click.progressbar(length=len(pks), label='Running   ', show_pos=True) as bar:
         while pending and time.monotonic() < deadline:
-            query = orm.QueryBuilder().append(
-                orm.ProcessNode,
-                filters={
-                    'id': {'in': list(pending)},
-                    'attributes.process_state': {'in': ['finished', 'excepted', 'killed']},
-                },
-                project='id',
-            )
-            done = set(query.all(flat=True))
+            done = terminated(pending)
             pending -= done
             bar.update(len(done))
             if pending:

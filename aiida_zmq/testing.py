@@ -320,48 +320,53 @@ class ArbiterProcess:
 
     def stop(self, timeout: float = 20.0) -> None:
         """``quit`` the arbiter (retried while busy); kill whatever is left at the deadline. Leaves nothing running."""
-        import psutil
-
-        from .circus import CircusCallError
-
         if self.process is None:
             return
         process, self.process = self.process, None
-        children = []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(process.pid).children(recursive=True)
-        for child in children:
-            # A SIGSTOPped child would hold the arbiter's graceful shutdown for its whole timeout.
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.resume()
-        deadline = time.monotonic() + timeout
-        while process.poll() is None and time.monotonic() < deadline:
-            try:
-                from .circus import CircusController
+        stop_arbiter(process, self.controller, timeout)
 
-                with CircusController(self.controller, timeout=5.0) as controller:
-                    controller.call('quit', waiting=True)
-                break
-            except CircusCallError as exception:
-                if 'already running' not in str(exception):
-                    break
-                time.sleep(0.1)
+
+def stop_arbiter(process: subprocess.Popen[bytes], controller: str, timeout: float = 20.0) -> None:
+    """Stop the ``circusd`` run by ``process``: ``quit`` through ``controller`` (retried while another command holds
+    the arbiter), and at the deadline kill it and its children. Raises if a child outlives it: nothing is left running.
+    """
+    import psutil
+
+    from .circus import CircusCallError, CircusController
+
+    children = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        children = psutil.Process(process.pid).children(recursive=True)
+    for child in children:
+        # A SIGSTOPped child would hold the arbiter's graceful shutdown for its whole timeout.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.resume()
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
         try:
-            process.wait(timeout=max(deadline - time.monotonic(), 1.0))
-        except subprocess.TimeoutExpired:
-            for child in children:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    child.kill()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
-        # circus gives its children sessions of their own: make sure none outlived the arbiter.
-        _gone, alive = psutil.wait_procs(children, timeout=5)
-        for child in alive:
+            with CircusController(controller, timeout=5.0) as client:
+                client.call('quit', waiting=True)
+            break
+        except CircusCallError as exception:
+            if 'already running' not in str(exception):
+                break
+            time.sleep(0.1)
+    try:
+        process.wait(timeout=max(deadline - time.monotonic(), 1.0))
+    except subprocess.TimeoutExpired:
+        for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-        if alive:
-            raise RuntimeError(f'processes outlived the arbiter: {[child.pid for child in alive]}')
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+    # circus gives its children sessions of their own: make sure none outlived the arbiter.
+    _gone, alive = psutil.wait_procs(children, timeout=5)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    if alive:
+        raise RuntimeError(f'processes outlived the arbiter: {[child.pid for child in alive]}')
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ def _script(name: str) -> str:
 
 
 def modules_dir() -> Path:
-    """A directory with only the driver and the work chains, for ``PYTHONPATH`` and as the working directory.
+    """A directory with only the driver, to run it from.
 
     Not the checkout: there ``aiida_zmq`` would be imported from the source tree instead of the installed package,
     which for a non-editable install lacks its ``circus_plugins`` (mapped from another folder at install time).
@@ -41,16 +41,14 @@ def modules_dir() -> Path:
     path = Path(os.environ.get('AIIDA_PATH') or tempfile.gettempdir()) / 'bench-e2e-modules'
     path.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).resolve().parent
-    shutil.copyfile(here / 'e2e_workchains.py', path / 'bench_e2e_workchains.py')
     shutil.copyfile(here / 'e2e_driver.py', path / 'bench_e2e_driver.py')
     return path
 
 
 def _run(args: list[str], timeout: float, what: str) -> str:
     modules = modules_dir()
-    # AiiDA's daemon looks for `verdi` on PATH: the venv's, as when it is activated. Its workers import the work
-    # chains through PYTHONPATH.
-    env = child_env(PYTHONPATH=str(modules))
+    # AiiDA's daemon looks for `verdi` on PATH: the venv's, as when it is activated.
+    env = child_env()
     env['PATH'] = f'{Path(sys.executable).parent}:{env.get("PATH", "")}'
     try:
         proc = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=timeout, cwd=modules)

@@ -1,5 +1,5 @@
 """Driver of the end-to-end workload, run in its own process with a profile: ``python bench_e2e_driver.py PROFILE
-N_CHAINS N_PARENTS TIMEOUT`` (a copy beside ``bench_e2e_workchains.py``, made by ``bench/e2e.py``). Prints one JSON
+N_CHAINS N_PARENTS TIMEOUT`` (a copy made by ``bench/e2e.py``, see there). Prints one JSON
 line: times, or the failure (a work chain not finished ok in time)."""
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ def _wait(pks: list[int], timeout: float) -> tuple[float, list[str]]:
     """Wait until every node is terminated; return the time it took and what did not finish ok."""
     from aiida import orm
 
+    from aiida_zmq.aiida.queries import terminated
+
     t0 = time.perf_counter()
     pending = set(pks)
     while pending:
         if time.perf_counter() - t0 > timeout:
             return time.perf_counter() - t0, [f'{len(pending)} of {len(pks)} not terminated after {timeout:.0f} s']
-        query = orm.QueryBuilder().append(
-            orm.ProcessNode, filters={'id': {'in': list(pending)}}, project=['id', 'attributes.process_state']
-        )
-        rows = query.all()
-        pending -= {pk for pk, state in rows if state in ('finished', 'excepted', 'killed')}
+        pending -= terminated(pending)
         if pending:
             time.sleep(0.05)
     nodes = [orm.load_node(pk) for pk in pks]
@@ -162,20 +160,20 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     from aiida import load_profile, orm
     from aiida.engine import submit
 
-    # Copied beside this file as bench_e2e_workchains.py (see bench/e2e.py): the daemon workers import it from there.
-    from bench_e2e_workchains import BenchChain, BenchParentChain
+    # The demo's work chains: installed with aiida-zmq, so every broker's daemon workers import them.
+    from aiida_zmq.aiida.demo_workflows import AddWorkChain, ParentWorkChain
 
     load_profile(profile)
     _wait_for_workers(profile, WORKERS, WORKER_SETTLE_S, timeout)
     out: dict = {}
     # Warm-up: `verdi daemon start` returns before its workers listen; time only a running daemon.
-    _, failed = _wait([submit(BenchChain, x=orm.Int(-1), y=orm.Int(1)).pk for _ in range(2 * WORKERS)], timeout)
+    _, failed = _wait([submit(AddWorkChain, x=orm.Int(-1), y=orm.Int(1)).pk for _ in range(2 * WORKERS)], timeout)
     if failed:
         return {'error': f'warm-up work chains: {failed[:5]}'}
     roles = _daemon_processes(profile)
     cpu_start = _cpu_seconds(roles)
     t0 = time.perf_counter()
-    pks = [submit(BenchChain, x=orm.Int(i), y=orm.Int(1)).pk for i in range(n_chains)]
+    pks = [submit(AddWorkChain, x=orm.Int(i), y=orm.Int(1)).pk for i in range(n_chains)]
     t_submitted = time.perf_counter()
     _, failed = _wait(pks, timeout)
     if failed:
@@ -186,7 +184,7 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     out['cpu_ms_per_chain'] = _cpu_delta(cpu_start, cpu_chains, n_chains)
     spies = _start_spies(roles)
     t0 = time.perf_counter()
-    parents = [submit(BenchParentChain, x=orm.Int(i)).pk for i in range(n_parents)]
+    parents = [submit(ParentWorkChain, x=orm.Int(i), y=orm.Int(1)).pk for i in range(n_parents)]
     _, failed = _wait(parents, timeout)
     _stop_spies(spies)
     if failed:

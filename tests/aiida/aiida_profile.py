@@ -153,6 +153,12 @@ class AiidaZmqProfile:
         finally:
             communicator.close()
 
+    def task_holders(self) -> dict[int, int]:
+        """How many of the profile's process tasks each consumer (by pid) holds now, per the broker."""
+        queue = self.info()['queue']
+        clients = self.broker_status()['clients']
+        return {client['pid']: client['held'] for client in clients if queue in (client.get('prefetch') or {})}
+
     def broker_consumers(self) -> int:
         status = self.broker_status()
         return int(status['queues'].get(self.info()['queue'], {}).get('consumers', 0))

@@ -180,12 +180,7 @@ def test_worker_killed_mid_run(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Pat
     hold = tmp_path / 'hold'
     hold.touch()
     pks = profile.driver('submit-held', '6', str(hold))['pks']
-    queue = profile.info()['queue']
-
-    def holders() -> dict[int, int]:
-        clients = profile.broker_status()['clients']
-        return {client['pid']: client['held'] for client in clients if queue in (client.get('prefetch') or {})}
-
+    holders = profile.task_holders
     wait_until(lambda: sum(holders().values()) == len(pks), timeout=60, interval=0.2, what='all tasks to be held')
 
     _wait_job_running(profile, pks)

@@ -237,12 +237,7 @@ def test_killed_worker_tasks_handed_over_by_events_plugin(cycles_profile: AiidaZ
     hold = tmp_path / 'hold'
     hold.touch()
     pks = profile.driver('submit-held', '6', str(hold))['pks']
-    queue = profile.info()['queue']
-
-    def holders() -> dict[int, int]:
-        clients = profile.broker_status()['clients']
-        return {client['pid']: client['held'] for client in clients if queue in (client.get('prefetch') or {})}
-
+    holders = profile.task_holders
     wait_until(lambda: sum(holders().values()) == len(pks), timeout=60, interval=0.2, what='all tasks to be held')
 
     def jobs_running() -> bool:

@@ -39,20 +39,12 @@ def _states(pks: list[int]) -> dict[int, dict[str, t.Any]]:
 
 def _wait(pks: list[int], timeout: float) -> tuple[float, list[int]]:
     """Poll the database until every process terminated: the test must not rely on the broker it tests."""
-    from aiida import orm
+    from aiida_zmq.aiida.queries import terminated
 
     started = time.monotonic()
     pending = set(pks)
     while pending and time.monotonic() - started < timeout:
-        query = orm.QueryBuilder().append(
-            orm.ProcessNode,
-            filters={
-                'id': {'in': list(pending)},
-                'attributes.process_state': {'in': ['finished', 'excepted', 'killed']},
-            },
-            project='id',
-        )
-        pending -= set(query.all(flat=True))
+        pending -= terminated(pending)
         if pending:
             time.sleep(POLL)
     return time.monotonic() - started, sorted(pending)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from aiida_zmq.circus import CircusCallError, CircusController, is_busy
+from aiida_zmq.testing import stop_arbiter
 
 CIRCUSD = str(Path(sys.executable).parent / 'circusd')
 START_TIMEOUT = 20.0
@@ -80,22 +77,5 @@ def wait_until_up(controller: str, process: subprocess.Popen[bytes], timeout: fl
 
 
 def stop_circusd(process: subprocess.Popen[bytes], controller: str, timeout: float = 15.0) -> None:
-    """``quit`` the arbiter (retried while another command holds its lock); SIGKILL its group at the deadline."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            with CircusController(controller, timeout=5.0) as client:
-                client.call('quit', waiting=True)
-            break
-        except CircusCallError as exception:
-            if 'already running' not in str(exception):
-                break
-            time.sleep(0.1)
-    try:
-        process.wait(timeout=max(deadline - time.monotonic(), 1.0))
-    except subprocess.TimeoutExpired:
-        # circus puts its children in sessions of their own: kill them by pid, then the arbiter.
-        for child in psutil.Process(process.pid).children(recursive=True):
-            child.kill()
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
+    """``quit`` the arbiter (retried while another command holds its lock); kill what is left at the deadline."""
+    stop_arbiter(process, controller, timeout)
