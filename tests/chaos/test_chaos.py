@@ -332,7 +332,8 @@ def test_consumer_sigstop_tasks_taken_over(request, zmq_broker_factory, chaos_di
     seed, _ = seeded(request)
     broker = zmq_broker_factory(*BROKER_ARGS)
     queue = f'chaos-{uuid.uuid4().hex[:8]}'
-    frozen = Actor('consumer', broker.endpoint, queue, chaos_dir / 'frozen.log', prefetch=10, work_ms=50).wait_ready()
+    # The victim works slowly (200 ms a task) so that, with its fair half of the tasks (~50/s), it soon holds several.
+    frozen = Actor('consumer', broker.endpoint, queue, chaos_dir / 'frozen.log', prefetch=10, work_ms=200).wait_ready()
     worker = Actor('consumer', broker.endpoint, queue, chaos_dir / 'worker.log', prefetch=10, work_ms=5).wait_ready()
     actors.extend([frozen, worker])
     producer = Actor('producer', broker.endpoint, queue, chaos_dir / 'producer.log', count=600, rate=100, prefix='p')
