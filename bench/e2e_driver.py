@@ -71,6 +71,8 @@ def _daemon_processes(profile: str) -> dict[int, str]:
                     roles[child.pid] = f'worker{sum(role.startswith("worker") for role in roles.values()) + 1}'
                 elif 'plugin' in text:
                     roles[child.pid] = 'plugins'
+                elif 'circus import stats' in text or 'circusd-stats' in text:
+                    roles[child.pid] = 'circusd'  # the arbiter's statistics process, started by AiiDA's daemon
                 else:
                     roles[child.pid] = 'broker'
     return roles
