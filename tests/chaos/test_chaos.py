@@ -427,17 +427,8 @@ def test_soak(request, zmq_broker_factory, chaos_dir, actors):
             broker.start()
             kills += 1
             next_kill = time.monotonic() + kill_every * rng.uniform(0.5, 1.5)
-    for actor in clients[2:]:
-        actor.wait_done(300)
-    ledgers = [actor.ledger for actor in clients]
-    wait_until(lambda: not Books.read(ledgers).lost, 120, interval=0.5, what='every confirmed task delivered')
-    wait_until(lambda: remaining(broker.data_dir, queue) == 0, 120, interval=0.5, what='every task acknowledged')
-    books = Books.read(ledgers)
     flat = {key: (_flat(rss, 16 << 20), _flat(fds, 8)) for key, (rss, fds) in samples.items()}
-    record = write_summary(
-        ledger_out(chaos_dir),
-        'soak',
-        books,
+    figures = dict(
         seed=seed,
         fault='soak with periodic broker kill -9',
         injected=f'{kills} kills in {duration:.0f} s',
@@ -448,8 +439,18 @@ def test_soak(request, zmq_broker_factory, chaos_dir, actors):
         fds={key: fds[:: max(1, len(fds) // 12)] for key, (_, fds) in samples.items()},
         flat=flat,
         duplicate_bound=kills * (2 * prefetch + producers),
-        acknowledged=len(books.confirmed),
     )
+    ledgers = [actor.ledger for actor in clients]
+    out = ledger_out(chaos_dir)
+    # Written now and again at the end, so that a failure while the producers finish keeps the samples.
+    write_summary(out, 'soak', Books.read(ledgers), phase='sampled, producers finishing', **figures)
+    for actor in clients[2:]:
+        # The producers send for 10% longer than the sampling (see `count`), plus the broker's downtimes.
+        actor.wait_done(0.1 * duration + 300)
+    wait_until(lambda: not Books.read(ledgers).lost, 120, interval=0.5, what='every confirmed task delivered')
+    wait_until(lambda: remaining(broker.data_dir, queue) == 0, 120, interval=0.5, what='every task acknowledged')
+    books = Books.read(ledgers)
+    record = write_summary(out, 'soak', books, phase='done', acknowledged=len(books.confirmed), **figures)
     print(record)
     assert books.corrupt == 0 and not books.lost and not books.failed
     assert books.confirmed == {f'p{i}-{n}' for i in range(producers) for n in range(count)}
