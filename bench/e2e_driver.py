@@ -120,16 +120,18 @@ def _timeline(chains: list[int], parents: list[int]) -> dict[str, float]:
     out: dict[str, list[float]] = {'chain_queued': [], 'chain_step_to_end': []}
     for pk in chains:
         node = orm.load_node(pk)
-        out['chain_queued'].append(step_time(node) - node.ctime.timestamp())
-        out['chain_step_to_end'].append(node.mtime.timestamp() - step_time(node))
+        step = step_time(node)
+        out['chain_queued'].append(step - node.ctime.timestamp())
+        out['chain_step_to_end'].append(node.mtime.timestamp() - step)
     for key in ('parent_queued', 'child_queued', 'child_step_to_end', 'child_end_to_parent_end'):
         out[key] = []
     for pk in parents:
         parent = orm.load_node(pk)
         (child,) = [node for node in parent.called if isinstance(node, orm.WorkChainNode)]
         out['parent_queued'].append(child.ctime.timestamp() - parent.ctime.timestamp())
-        out['child_queued'].append(step_time(child) - child.ctime.timestamp())
-        out['child_step_to_end'].append(child.mtime.timestamp() - step_time(child))
+        step = step_time(child)
+        out['child_queued'].append(step - child.ctime.timestamp())
+        out['child_step_to_end'].append(child.mtime.timestamp() - step)
         out['child_end_to_parent_end'].append(parent.mtime.timestamp() - child.mtime.timestamp())
     return {f'{key}_ms': _median_ms(values) for key, values in out.items()}
 

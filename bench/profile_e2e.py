@@ -66,13 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix='azpe-'))
     out = (args.out or root / 'profile').resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault('AIIDA_PATH', str(root / 'aiida'))
+    os.environ['AIIDA_PATH'] = str(root / 'aiida')  # a throwaway AiiDA configuration, as bench.run uses
     os.environ['AZMQ_E2E_SPY'] = str(out)
     os.environ['AZMQ_PYSPY'] = _pyspy()
     metrics = e2e.run(args.broker, args.chains, args.parents, args.timeout)
     print(f'{args.broker}: {metrics["parents_per_s"]:.2f} parents/s while sampled')
     for key in sorted(k for k in metrics if k.startswith('cpu_ms_per_parent.')):
-        print(f'  {key.split(".", 1)[1]:>22}: {metrics[key]:8.1f} CPU ms per parent')
+        role = key.split('.', 1)[1]
+        if role == 'busiest_worker_share':
+            print(f"  {role:>22}: {metrics[key]:8.2f} of the workers' CPU")
+        else:
+            print(f'  {role:>22}: {metrics[key]:8.1f} CPU ms per parent')
     total, busy, counts = categorize(sorted(out.glob('worker*.txt')))
     if not busy:
         print('no py-spy samples from the workers')
