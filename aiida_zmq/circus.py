@@ -144,6 +144,8 @@ def broker_watcher_spec(
     for bind in binds:
         argv.extend(['--bind', bind])
     argv.extend(extra_args)
+    if log_file:
+        argv.append('--no-log-time')  # the FileStream stamps each line (``WatcherSpec._stream``)
     return WatcherSpec(
         name=watcher_name(profile_name),
         argv=argv,

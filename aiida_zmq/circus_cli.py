@@ -109,6 +109,14 @@ def _profile(name: str) -> Profile:
     return profile
 
 
+def _with_option(args: list[str], option: str, value: str) -> list[str]:
+    """``args`` with ``option`` set to ``value``: given on the command line, it wins over the profile's."""
+    if option in args:
+        index = args.index(option)
+        return [*args[:index], option, value, *args[index + 2 :]]
+    return [*args, option, value]
+
+
 @click.command('circus-config')
 @click.option('-p', '--profile', 'profile_name', help='AiiDA profile whose broker to run (its data directory, name).')
 @click.option(
@@ -155,12 +163,15 @@ def circus_config(
     if profile_name is None and data_dir is None:
         raise click.UsageError('give --profile PROFILE (an AiiDA profile) or --data-dir DIR (a standalone broker)')
     key = name or 'standalone'
+    serve_args: list[str] = []
     if profile_name is not None:
         if name is not None:
             raise click.UsageError('--name is the profile name with --profile: give one of them')
-        from .aiida.broker import broker_data_dir
+        from .aiida.broker import ZmqBroker, broker_data_dir
 
         profile = _profile(profile_name)
+        # The profile's broker options (heartbeat, peer timeout, fsync, ...), as the daemon would start the broker.
+        serve_args = ZmqBroker(profile).serve_options()
         data_dir = data_dir or broker_data_dir(profile)
         name = profile.name
         key = str(profile.uuid).replace('-', '')
@@ -168,11 +179,10 @@ def circus_config(
     data_dir = data_dir.expanduser().absolute()
     # The broker refuses a directory others can open; create it as it would.
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    serve_args: list[str] = []
     if heartbeat is not None:
-        serve_args += ['--heartbeat', str(heartbeat)]
+        serve_args = _with_option(serve_args, '--heartbeat', str(heartbeat))
     if peer_timeout is not None:
-        serve_args += ['--peer-timeout', str(peer_timeout)]
+        serve_args = _with_option(serve_args, '--peer-timeout', str(peer_timeout))
     text, endpoints = render_config(
         name or 'standalone',
         data_dir,

@@ -10,6 +10,8 @@ import click
 from . import __version__
 
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
+# Under circus the watcher's FileStream stamps every line already (``aiida_zmq.circus``): one time stamp is enough.
+LOG_FORMAT_NO_TIME = '%(levelname)s %(name)s: %(message)s'
 
 
 @click.group(context_settings={'help_option_names': ['-h', '--help']})
@@ -53,6 +55,12 @@ def main() -> None:
 )
 @click.option('--fsync', is_flag=True, help='fsync every batch: survives power loss, not only crashes (slower).')
 @click.option('--log-level', default='INFO', show_default=True, type=click.Choice(['DEBUG', 'INFO', 'WARNING']))
+@click.option(
+    '--log-time/--no-log-time',
+    default=True,
+    show_default=True,
+    help='Start log lines with a time stamp (off when the circus watcher stamps them).',
+)
 def serve(
     data_dir: str,
     binds: tuple[str, ...],
@@ -63,6 +71,7 @@ def serve(
     lock_timeout: float,
     fsync: bool,
     log_level: str,
+    log_time: bool = True,
     curve: bool = False,
     insecure_tcp: bool = False,
 ) -> None:
@@ -70,7 +79,7 @@ def serve(
     from .exceptions import StoreError
     from .server import Broker, BrokerConfig
 
-    logging.basicConfig(level=log_level, format=LOG_FORMAT, stream=sys.stderr)
+    logging.basicConfig(level=log_level, format=LOG_FORMAT if log_time else LOG_FORMAT_NO_TIME, stream=sys.stderr)
     config = BrokerConfig(
         heartbeat=heartbeat,
         peer_timeout=peer_timeout,

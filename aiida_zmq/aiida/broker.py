@@ -39,6 +39,8 @@ LOGGER = logging.getLogger(__name__)
 ENTRY_POINT_NAME = 'zmq'
 DEFAULT_HEARTBEAT = 1.0
 DEFAULT_START_TIMEOUT = 30
+DEFAULT_PEER_TIMEOUT = 10.0
+DEFAULT_MAX_DELIVERIES = 20
 
 
 def launch_queue_name(profile: Profile) -> str:
@@ -125,6 +127,13 @@ def _finalize_broker(resources: _BrokerResources, broker_repr: str) -> None:
         resources.release()
 
 
+def _as_bool(value: t.Any) -> bool:
+    """A boolean option as stored in the profile: a bool, or a string typed into ``config.json`` by hand."""
+    if isinstance(value, str):
+        return value.strip().lower() in ('1', 'true', 'yes', 'on')
+    return bool(value)
+
+
 #: The broker watcher's ``before_stop`` hook: it stops after the workers (see :mod:`aiida_zmq.aiida.circus_hooks`).
 STOP_HOOK = 'aiida_zmq.aiida.circus_hooks.wait_for_stopping_workers'
 
@@ -162,6 +171,30 @@ class ZmqBroker(Broker):
             default='hybrid',
             param_type='string',
             choices=('hybrid', 'yaml'),
+        ),
+        BrokerConfigField(
+            name='peer_timeout',
+            prompt='Peer timeout',
+            help='Seconds of silence after which the broker declares a client dead and gives its tasks to others.',
+            default=DEFAULT_PEER_TIMEOUT,
+            param_type='string',
+            expose_cli=False,
+        ),
+        BrokerConfigField(
+            name='max_deliveries',
+            prompt='Deliveries before dead-lettering',
+            help='A task delivered this many times without an answer goes to the dead-letter queue.',
+            default=DEFAULT_MAX_DELIVERIES,
+            param_type='int',
+            expose_cli=False,
+        ),
+        BrokerConfigField(
+            name='fsync',
+            prompt='fsync every batch',
+            help='Survive power loss, not only crashes, at the cost of slower confirms.',
+            default=False,
+            param_type='bool',
+            expose_cli=False,
         ),
         BrokerConfigField(
             name='circus_plugins',
@@ -252,11 +285,25 @@ class ZmqBroker(Broker):
             log_dir=str(Path(client.daemon_log_file).parent),
             env=client.get_env(),
             binds=[bind] if bind else [],
-            extra_args=['--heartbeat', str(float(self._option('heartbeat')))],
+            extra_args=self.serve_options(),
             plugins=bool(pubsub),
         )
         specs[0].hooks['before_stop'] = STOP_HOOK
         return specs
+
+    def serve_options(self) -> list[str]:
+        """Return the ``aiida-zmq serve`` options that the profile's broker options set."""
+        options = [
+            '--heartbeat',
+            str(float(self._option('heartbeat'))),
+            '--peer-timeout',
+            str(float(self._option('peer_timeout'))),
+            '--max-deliveries',
+            str(int(self._option('max_deliveries'))),
+        ]
+        if _as_bool(self._option('fsync')):
+            options.append('--fsync')
+        return options
 
     def watcher_spec(self, client: DaemonClient | None = None) -> t.Any:
         """Return the circus watcher that runs this profile's broker (:class:`aiida_zmq.circus.WatcherSpec`)."""
@@ -279,7 +326,7 @@ class ZmqBroker(Broker):
         timeout = float(self._option('start_timeout'))
         deadline = time.monotonic() + timeout
         try:
-            pubsub = _pubsub_endpoint(endpoint, deadline) if self._option('circus_plugins') else ''
+            pubsub = _pubsub_endpoint(endpoint, deadline) if _as_bool(self._option('circus_plugins')) else ''
             done = {}
             for spec in self.watcher_specs(client, pubsub):
                 remaining = max(deadline - time.monotonic(), 1.0)
@@ -313,7 +360,7 @@ class ZmqBroker(Broker):
                 raise discovery.BrokerNotFound(f'no broker is running for {self._data_dir}')
             return info
 
-        client = self._running_daemon_client() if self._option('attach_to_daemon') else None
+        client = self._running_daemon_client() if _as_bool(self._option('attach_to_daemon')) else None
         if client is None:
             raise discovery.BrokerNotFound(
                 f'no broker is running for profile `{self._profile.name}` ({self._data_dir}); '
@@ -357,7 +404,7 @@ class ZmqBroker(Broker):
     def _create_communicator(self) -> Communicator:
         info = discovery.read_live_broker_info(self._data_dir)
         if info is None:
-            client = self._running_daemon_client() if self._option('attach_to_daemon') else None
+            client = self._running_daemon_client() if _as_bool(self._option('attach_to_daemon')) else None
             if client is None:
                 LOGGER.info('neither broker nor daemon runs for `%s`: offline communicator', self._profile.name)
                 return self._offline_communicator()

@@ -117,7 +117,8 @@ def test_broker_watcher_spec() -> None:
         'my profile', '/data/dir', log_file='/logs/b.log', binds=['ipc:///tmp/x.sock'], extra_args=['--heartbeat', '2']
     )
     assert spec.name == watcher_name('my profile') == 'aiida-zmq-my profile'
-    assert spec.argv[-7:] == ['serve', '--data-dir', '/data/dir', '--bind', 'ipc:///tmp/x.sock', '--heartbeat', '2']
+    assert spec.argv[-8:-1] == ['serve', '--data-dir', '/data/dir', '--bind', 'ipc:///tmp/x.sock', '--heartbeat', '2']
+    assert spec.argv[-1] == '--no-log-time'  # the watcher's FileStream stamps the lines
     options = spec.add_message()['properties']['options']
     assert options['stdout_stream'] == options['stderr_stream']
     assert options['stdout_stream']['filename'] == '/logs/b.log'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -146,6 +147,15 @@ def test_circus_config_standalone_runs_and_is_found(short_dir: Path) -> None:
         stop_circusd(process, controller)
     _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+    # One time stamp per line: the watcher's FileStream writes it, the broker (`serve --no-log-time`) does not.
+    broker_lines = [
+        line for line in (data_dir / 'log' / 'aiida-zmq-solo.log').read_text().splitlines() if 'aiida_zmq' in line
+    ]
+    assert broker_lines, 'the broker logged nothing through its watcher stream'
+    assert all(len(TIME_STAMP.findall(line)) == 1 for line in broker_lines), broker_lines[:3]
+
+
+TIME_STAMP = re.compile(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d')
 
 
 def _found(controller: str, watcher: str) -> dict | None:
@@ -179,7 +189,10 @@ def test_circus_config_profile_serves_aiida_clients(short_dir: Path) -> None:
     )
     subprocess.run([*AIIDA_ZMQ, 'circus-config', '--profile', 'circ', '-o', str(ini)], env=env, timeout=60, check=True)
     controller = f'ipc://{data_dir}/circus-c.sock'
-    assert f'--data-dir {data_dir}' in ini.read_text()
+    rendered = ini.read_text()
+    assert f'--data-dir {data_dir}' in rendered
+    # The profile's broker options reach `serve` as the daemon would pass them (here the defaults).
+    assert '--heartbeat 1.0 --peer-timeout 10.0 --max-deliveries 20 --no-log-time' in rendered
     process = run_generated(ini, controller)
     try:
         info = wait_until(lambda: _found(controller, 'aiida-zmq-circ'), 30, interval=0.05, what='the broker')
