@@ -589,6 +589,14 @@ class Broker:
                     if message.command is Command.TASK_REPLY:
                         self._forward_result(task, message.args[3], final=True)
                 return
+            # The delivery was taken away (declared dead, then given to another consumer) or is already finished.
+            self.stats['late_acks_refused'] += 1
+            LOGGER.warning(
+                'refused an answer for task %d (attempt %d) from a client without a session: it was declared dead '
+                'and the delivery taken away',
+                task_id,
+                attempt,
+            )
         if message.command in _CORRELATED:
             # A request: answer it by its correlation, so that the client sends it again after its HELLO.
             self._send_raw(
@@ -1056,6 +1064,14 @@ class Broker:
             ],
             'orphans': len(self.orphans),
             'stats': dict(self.stats),
+            # What the operator chose (`serve` options, or the AiiDA profile's broker options through the watcher).
+            'settings': {
+                'heartbeat': self.config.heartbeat,
+                'peer_timeout': self.config.peer_timeout,
+                'max_deliveries': self.config.max_deliveries,
+                'max_message_bytes': self.config.max_message_bytes,
+                'fsync': self.config.fsync,
+            },
         }
 
 

@@ -291,3 +291,55 @@ def test_subscribers_on_the_io_thread_cannot_deadlock_it(zmq_broker):
     # The server said goodbye: its identifiers are free again for others.
     client.add_rpc_subscriber(lambda _c, m: m, 'closing')
     client.close()
+
+
+def test_late_answer_after_takeover_is_refused_and_counted(zmq_broker):
+    """A consumer declared dead loses its delivery; its answer arriving later is refused, counted and logged, and
+    the consumer that took the task over finishes it."""
+    Command = protocol.Command
+    queue = f'late-{uuid.uuid4().hex[:8]}'
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(zmq_broker.endpoint)
+    producer = aiida_zmq.connect(zmq_broker.endpoint, **FAST)
+    taker = None
+    try:
+
+        def receive(command: protocol.Command) -> protocol.Message:
+            while True:
+                assert raw.poll(10_000), f'no {command.name} from the broker'
+                message = protocol.decode(raw.recv_multipart())
+                if message.command is command:
+                    return message
+
+        def hello() -> None:
+            raw.send_multipart(protocol.encode(Command.HELLO, b'slow consumer', b'200', b'', str(os.getpid()).encode()))
+            receive(Command.WELCOME)
+
+        hello()
+        raw.send_multipart(protocol.encode(Command.CONSUME, queue.encode(), b'1'))
+        producer.task_queue(queue).task_send('job', no_reply=True)
+        delivered = receive(Command.TASK_DELIVER)
+        task_id, attempt = delivered.args[1], delivered.args[2]
+
+        # The raw consumer now goes silent (no heartbeats): after the peer timeout (2 s) the task goes to `taker`.
+        subscriber, seen, done = collector(1)
+        taker = aiida_zmq.connect(zmq_broker.endpoint, **FAST)
+        taker.task_queue(queue).add_task_subscriber(subscriber)
+        assert done.result(timeout=15) and seen == {'job'}
+
+        # Its late answer, first without a session, then after a new HELLO: both refused, neither acknowledges.
+        raw.send_multipart(protocol.encode(Command.TASK_ACK, task_id, attempt))
+        wait_until(lambda: producer.admin('status')['stats'].get('late_acks_refused') == 1, 10, what='first refusal')
+        hello()
+        raw.send_multipart(protocol.encode(Command.TASK_ACK, task_id, attempt))
+        stats = wait_until(
+            lambda: (s := producer.admin('status')['stats']).get('late_acks_refused') == 2 and s, 10, what='refusals'
+        )
+        assert stats['tasks_acked'] == 1  # the taker's answer only
+        log = zmq_broker.log()
+        assert 'from a client without a session' in log and 'it does not hold that delivery' in log
+    finally:
+        raw.close(0)
+        producer.close()
+        if taker is not None:
+            taker.close()

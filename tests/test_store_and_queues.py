@@ -3,6 +3,7 @@ permissions, and the `next_task` / iteration interface that `verdi process repai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ import pytest
 import aiida_zmq
 from aiida_zmq.exceptions import BrokerRunning, StoreError
 from aiida_zmq.server import Broker, BrokerConfig
-from aiida_zmq.store import STORE_FILENAME, submit_offline
+from aiida_zmq.store import STORE_FILENAME, TaskStore, submit_offline
 from aiida_zmq.testing import BrokerProcess, wait_until
 
 
@@ -183,3 +184,21 @@ def test_store_error_is_a_clear_refusal(tmp_path):
     (data_dir / STORE_FILENAME).write_bytes(b'this is not a database' * 100)
     with pytest.raises(StoreError):
         Broker(data_dir, [f'ipc://{tmp_path}/c.sock']).open()
+
+
+def test_fsync_option_reaches_the_store(tmp_path, zmq_broker_factory):
+    """`serve --fsync` makes SQLite sync every commit (FULL): what survives power loss, not only a crash."""
+    with contextlib.closing(TaskStore(tmp_path / 'full.sqlite', fsync=True)) as store:
+        assert store._db.execute('PRAGMA synchronous').fetchone()[0] == 2  # FULL
+    with contextlib.closing(TaskStore(tmp_path / 'normal.sqlite')) as store:
+        assert store._db.execute('PRAGMA synchronous').fetchone()[0] == 1  # NORMAL: durable against crashes (WAL)
+
+    broker = zmq_broker_factory('--fsync', '--peer-timeout', '7', '--max-deliveries', '3')
+    communicator = aiida_zmq.connect(broker.endpoint)
+    try:
+        settings = communicator.admin('status')['settings']
+        assert settings['fsync'] is True and settings['peer_timeout'] == 7.0 and settings['max_deliveries'] == 3
+        communicator.add_task_subscriber(lambda _comm, task: task * 2)
+        assert communicator.task_send(21).result(timeout=10) == 42
+    finally:
+        communicator.close()
