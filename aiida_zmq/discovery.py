@@ -6,6 +6,7 @@ controller endpoint, everything below works from those two.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ LOGGER = logging.getLogger(__name__)
 
 BROKER_INFO_FILENAME = 'broker.json'
 BROKER_SOCKET_FILENAME = 'broker.sock'
+# Seconds a broker's process may seem to be created after the ``started`` time it wrote (clock granularity, slew).
+CREATE_TIME_TOLERANCE = 2.0
 # ``sun_path`` is 108 bytes on Linux and 104 on macOS; stay clearly below both, the broker may add a suffix.
 MAX_IPC_PATH = 100
 
@@ -47,7 +50,8 @@ def read_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:
     """Return the content of ``DIR/broker.json`` written by ``aiida-zmq serve``, or ``None``.
 
     ``None`` when the file is absent, unreadable, or not the expected shape: the broker writes it atomically once its
-    sockets are bound, so a partial file only means "not ready yet" to the caller.
+    sockets are bound, so a partial file only means "not ready yet" to the caller. The result also names the directory
+    it was read from (``data_dir``): :func:`broker_info_alive` looks at the broker's lock there.
     """
     path = Path(data_dir) / BROKER_INFO_FILENAME
     try:
@@ -60,25 +64,103 @@ def read_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:
     if not isinstance(info, dict) or not isinstance(info.get('endpoints'), list) or not info['endpoints']:
         LOGGER.debug('ignoring malformed %s: %r', path, info)
         return None
+    # The directory the file was read from, not one the file might name: the lock that proves the broker alive is
+    # beside this very file.
+    info['data_dir'] = str(data_dir)
     return info
 
 
-def broker_info_alive(info: BrokerInfo) -> bool:
-    """Return whether the process that wrote ``info`` still runs.
+def _process_alive_since(pid: int, started: object) -> bool:
+    """Whether ``pid`` runs, is not a zombie and existed at ``started`` (a wall-clock time), when that is a number.
 
-    The broker removes ``broker.json`` on a clean exit, but not when it is killed (-9, OOM): then the file outlives the
-    process and must not send clients to a dead socket.
+    A pid alone proves nothing after kill -9 or a reboot: the kernel hands it to the next process. A process created
+    after the broker wrote ``started`` cannot be that broker. The comparison is one-sided on purpose: a broker run in
+    a thread of an older process (tests) or after a slow interpreter start has a process older than ``started``.
     """
-    pid = info.get('pid')
-    if not isinstance(pid, int) or pid <= 0:
-        return False
     try:
         import psutil
 
         process = psutil.Process(pid)
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except Exception:  # psutil.NoSuchProcess, AccessDenied (a recycled pid of another user)
+        if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if isinstance(started, (int, float)) and not isinstance(started, bool):
+            # On Linux ``create_time`` is derived from the boot time, which /proc/stat gives in whole seconds, and
+            # both clocks may have been slewed by NTP meanwhile: allow for that, a recycled pid is younger by far more.
+            return process.create_time() <= started + CREATE_TIME_TOLERANCE
+        return True
+    except Exception:  # psutil.NoSuchProcess, AccessDenied (a process of another user: not our broker)
         return False
+
+
+def _lock_free(data_dir: str | os.PathLike[str]) -> bool | None:
+    """Whether nobody holds the data directory's lock (``broker.lock``) now; ``None`` when that cannot be told.
+
+    The broker takes that lock (:func:`aiida_zmq.store.broker_lock`, an exclusive ``flock``) before it writes
+    ``broker.json`` and lets go of it only after removing the file, and the kernel releases it when the process dies
+    however it dies. A free lock thus proves that no broker runs, whatever pid ``broker.json`` names. A held lock
+    does not prove the opposite: :func:`aiida_zmq.store.submit_offline` holds the same lock for a few milliseconds,
+    and a new broker holds it before it rewrites ``broker.json``; the caller checks the pid for that.
+
+    The probe must neither block nor steal the lock, nor disturb :func:`~aiida_zmq.store.broker_lock`'s protocol:
+
+    - it never creates the file (no ``O_CREAT``) and never removes it: only a holder removes it, while holding it. A
+      missing file is a free lock, since a holder's file stays in place until it lets go;
+    - a shared, non-blocking ``flock`` fails at once while anyone holds the exclusive lock, and probes never exclude
+      each other. When it succeeds, closing the descriptor right away releases it: a broker starting in that instant
+      retries after 50 ms, an offline submit gets ``BrokerRunning`` and its caller looks again;
+    - ``flock``, not ``fcntl``/``lockf``: POSIX record locks belong to the process, so a probe from inside the
+      broker's process (a broker in a thread) would see its own lock as free and, on closing, drop it; ``flock``
+      locks belong to the open file and conflict across descriptors, the same on Linux and macOS.
+    """
+    from .store import LOCK_FILENAME  # here, not at the top: ``store`` pulls in kiwipy, discovery stays light
+
+    path = Path(data_dir) / LOCK_FILENAME
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+        except FileNotFoundError:
+            return True
+        except OSError as exception:
+            LOGGER.debug('cannot open %s to probe it: %s', path, exception)
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            except OSError as exception:  # e.g. ENOLCK on a file system without locks
+                LOGGER.debug('cannot probe the lock %s: %s', path, exception)
+                return None
+            try:
+                same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                return True  # its holder let go and removed it, and nobody took it since
+            if same_file:
+                return True
+            # The file we opened was removed by its holder and another took its place: probe that one.
+        finally:
+            os.close(fd)  # releases the shared lock if we got it
+    return None
+
+
+def broker_info_alive(info: BrokerInfo) -> bool:
+    """Return whether the broker that wrote ``info`` still runs.
+
+    The broker removes ``broker.json`` on a clean exit, but not when it is killed (-9, OOM) or the machine stops: then
+    the file outlives the process and must not send clients to a dead socket, even when its pid now belongs to another
+    process. Alive means: the pid runs and is not younger than the ``started`` time in ``info``, and, when ``info``
+    names its ``data_dir`` (it does when read by :func:`read_broker_info`), the broker's lock there is held.
+    """
+    pid = info.get('pid')
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    if not _process_alive_since(pid, info.get('started')):
+        return False
+    data_dir = info.get('data_dir')
+    if isinstance(data_dir, str) and data_dir:
+        # Only after the pid checks passed: a stale file whose pid is gone needs no look at the lock.
+        return _lock_free(data_dir) is not True
+    return True
 
 
 def read_live_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:

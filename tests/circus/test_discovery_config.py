@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -19,7 +20,16 @@ from circusd_helpers import CIRCUSD, stop_circusd, wait_until_up
 
 from aiida_zmq import connect
 from aiida_zmq.circus import CircusController, watcher_name
-from aiida_zmq.discovery import BrokerNotFound, discover_endpoint, find_broker_via_arbiter
+from aiida_zmq.discovery import (
+    BrokerNotFound,
+    broker_info_alive,
+    discover_endpoint,
+    find_broker_via_arbiter,
+    read_broker_info,
+    read_live_broker_info,
+)
+from aiida_zmq.exceptions import BrokerRunning, BrokerUnavailable
+from aiida_zmq.store import broker_lock, submit_offline
 from aiida_zmq.testing import ArbiterProcess, BrokerProcess, wait_until
 
 AIIDA_ZMQ = [sys.executable, '-m', 'aiida_zmq.cli']
@@ -269,3 +279,102 @@ def test_wheel_ships_templates_and_plugins(short_dir: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '[watcher:aiida-zmq-w-health]' in result.stdout
+
+
+# Liveness of ``broker.json``: more than "the pid exists" -----------------------------------------------------------
+
+
+@pytest.fixture
+def unrelated_process() -> Iterator[psutil.Process]:
+    """A live process that is not a broker: what a recycled pid names after kill -9 or a reboot."""
+    process = subprocess.Popen(['sleep', '300'])
+    try:
+        yield psutil.Process(process.pid)
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def write_broker_info(data_dir: Path, pid: int, started: float) -> None:
+    """A ``broker.json`` as ``aiida-zmq serve`` writes it, naming ``pid``."""
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = {'pid': pid, 'endpoints': [f'ipc://{data_dir}/broker.sock'], 'epoch': 'stale', 'started': started}
+    (data_dir / 'broker.json').write_text(json.dumps(info))
+
+
+def test_stale_broker_json_naming_a_live_unrelated_process_is_no_broker(
+    short_dir: Path, unrelated_process: psutil.Process
+) -> None:
+    """The pid runs, and even the ``started`` time fits it, but nobody holds the broker's lock: no broker runs.
+
+    Clients must say so at once instead of connecting to a dead socket and failing after their connect timeout.
+    """
+    data_dir = short_dir / 'd'
+    for pid in (unrelated_process.pid, os.getpid()):
+        write_broker_info(data_dir, pid, started=time.time())
+        info = read_broker_info(data_dir)
+        assert info is not None and info['pid'] == pid
+        assert not broker_info_alive(info)
+        assert read_live_broker_info(data_dir) is None
+        started = time.monotonic()
+        with pytest.raises(BrokerNotFound, match='no live broker announced itself'):
+            discover_endpoint(data_dir=data_dir)
+        with pytest.raises(BrokerUnavailable, match='no running aiida-zmq broker found'):
+            connect(data_dir=str(data_dir), connect_timeout=10.0)
+        assert time.monotonic() - started < 1.0
+    # The probe neither creates the lock file nor leaves a lock behind: an offline submit goes through.
+    assert not (data_dir / 'broker.lock').exists()
+    submit_offline(data_dir, 'work', b'x')
+
+
+def test_liveness_with_the_lock_held_by_someone_else(short_dir: Path, unrelated_process: psutil.Process) -> None:
+    """An offline submit (or a new broker still starting) holds the lock: the pid and its age decide, the probe waits
+    for nothing and takes nothing."""
+    data_dir = short_dir / 'd'
+    data_dir.mkdir(mode=0o700)
+    with broker_lock(data_dir, blocking=False):
+        # A recycled pid: its process was created after the broker that wrote the file had started.
+        write_broker_info(data_dir, unrelated_process.pid, started=unrelated_process.create_time() - 60)
+        started = time.monotonic()
+        assert read_live_broker_info(data_dir) is None
+        # The same process as the writer (created before ``started``) holding the lock: that is what a broker is.
+        write_broker_info(data_dir, unrelated_process.pid, started=unrelated_process.create_time() + 0.5)
+        assert read_live_broker_info(data_dir) is not None
+        assert time.monotonic() - started < 1.0
+        # Probing did not take the lock away from its holder, nor remove its file.
+        assert (data_dir / 'broker.lock').exists()
+        with pytest.raises(BrokerRunning):
+            submit_offline(data_dir, 'work', b'x')
+
+
+def test_a_real_broker_is_live_until_killed(zmq_broker: BrokerProcess, unrelated_process: psutil.Process) -> None:
+    info = read_live_broker_info(zmq_broker.data_dir)
+    assert info is not None and info['pid'] == zmq_broker.pid
+    assert broker_info_alive(info)
+    assert discover_endpoint(data_dir=zmq_broker.data_dir) == zmq_broker.endpoint
+    communicator = connect(data_dir=str(zmq_broker.data_dir))
+    try:
+        assert communicator.admin('status')
+    finally:
+        communicator.close()
+
+    zmq_broker.kill()  # kill -9: broker.json stays behind
+    stale = read_broker_info(zmq_broker.data_dir)
+    assert stale is not None and stale['pid'] == info['pid']
+    assert read_live_broker_info(zmq_broker.data_dir) is None
+    # Its pid handed to another process, as after a reboot: still no broker.
+    write_broker_info(zmq_broker.data_dir, unrelated_process.pid, started=time.time())
+    assert read_live_broker_info(zmq_broker.data_dir) is None
+
+
+def test_a_broker_in_a_thread_of_an_older_process_is_live(short_dir: Path) -> None:
+    """Its process (this one) was created long before the broker wrote ``started``: that is no reason to doubt it."""
+    from aiida_zmq.server import Broker
+
+    broker = Broker(short_dir / 'b', [f'ipc://{short_dir}/b.sock']).start_in_thread()
+    try:
+        info = wait_until(lambda: read_live_broker_info(short_dir / 'b'), what='the broker in a thread')
+        assert info['pid'] == os.getpid()
+    finally:
+        broker.stop()
+    assert read_live_broker_info(short_dir / 'b') is None
