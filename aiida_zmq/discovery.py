@@ -34,8 +34,9 @@ LOGGER = logging.getLogger(__name__)
 
 BROKER_INFO_FILENAME = 'broker.json'
 BROKER_SOCKET_FILENAME = 'broker.sock'
-# Seconds a broker's process may seem to be created after the ``started`` time it wrote (clock granularity, slew).
-CREATE_TIME_TOLERANCE = 2.0
+# Seconds a broker's process may seem to be created after the ``started`` time it wrote (clock granularity and
+# steps); used only where the broker's lock cannot be probed.
+CREATE_TIME_TOLERANCE = 60.0
 # ``sun_path`` is 108 bytes on Linux and 104 on macOS; stay clearly below both, the broker may add a suffix.
 MAX_IPC_PATH = 100
 
@@ -84,8 +85,8 @@ def _process_alive_since(pid: int, started: object) -> bool:
         if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
             return False
         if isinstance(started, (int, float)) and not isinstance(started, bool):
-            # On Linux ``create_time`` is derived from the boot time, which /proc/stat gives in whole seconds, and
-            # both clocks may have been slewed by NTP meanwhile: allow for that, a recycled pid is younger by far more.
+            # On Linux ``create_time`` is derived from the boot time, which /proc/stat gives in whole seconds and which
+            # moves when the clock is stepped: allow a minute. A pid recycled after a reboot is younger by far more.
             return process.create_time() <= started + CREATE_TIME_TOLERANCE
         return True
     except Exception:  # psutil.NoSuchProcess, AccessDenied (a process of another user: not our broker)
@@ -148,19 +149,25 @@ def broker_info_alive(info: BrokerInfo) -> bool:
 
     The broker removes ``broker.json`` on a clean exit, but not when it is killed (-9, OOM) or the machine stops: then
     the file outlives the process and must not send clients to a dead socket, even when its pid now belongs to another
-    process. Alive means: the pid runs and is not younger than the ``started`` time in ``info``, and, when ``info``
-    names its ``data_dir`` (it does when read by :func:`read_broker_info`), the broker's lock there is held.
+    process. Alive means: the pid runs, and the broker's lock in ``info['data_dir']`` (set by
+    :func:`read_broker_info`) is held.
+
+    The lock decides whenever it can be probed. A held lock with a recycled pid can only mean a broker starting on
+    that directory (or an offline submit for a few milliseconds): clients then reach the endpoint the new broker is
+    binding, which is right. The process's age against ``started`` decides only when the lock cannot be probed (no
+    ``data_dir``, a file system without ``flock``): it depends on the wall clock, and a clock stepped while a broker
+    runs must not make a live broker look dead for good.
     """
     pid = info.get('pid')
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
-    if not _process_alive_since(pid, info.get('started')):
-        return False
+    if not _process_alive_since(pid, None):
+        return False  # gone: no need to look at the lock
     data_dir = info.get('data_dir')
-    if isinstance(data_dir, str) and data_dir:
-        # Only after the pid checks passed: a stale file whose pid is gone needs no look at the lock.
-        return _lock_free(data_dir) is not True
-    return True
+    lock_free = _lock_free(data_dir) if isinstance(data_dir, str) and data_dir else None
+    if lock_free is not None:
+        return not lock_free
+    return _process_alive_since(pid, info.get('started'))
 
 
 def read_live_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:

@@ -328,23 +328,32 @@ def test_stale_broker_json_naming_a_live_unrelated_process_is_no_broker(
 
 
 def test_liveness_with_the_lock_held_by_someone_else(short_dir: Path, unrelated_process: psutil.Process) -> None:
-    """An offline submit (or a new broker still starting) holds the lock: the pid and its age decide, the probe waits
-    for nothing and takes nothing."""
+    """An offline submit (or a new broker still starting) holds the lock: the probe waits for nothing and takes
+    nothing, and a held lock with a running pid counts as a broker (a starting one binds the endpoint named)."""
     data_dir = short_dir / 'd'
     data_dir.mkdir(mode=0o700)
     with broker_lock(data_dir, blocking=False):
-        # A recycled pid: its process was created after the broker that wrote the file had started.
-        write_broker_info(data_dir, unrelated_process.pid, started=unrelated_process.create_time() - 60)
+        write_broker_info(data_dir, unrelated_process.pid, started=time.time() + 3600)  # even a clock stepped back
         started = time.monotonic()
-        assert read_live_broker_info(data_dir) is None
-        # The same process as the writer (created before ``started``) holding the lock: that is what a broker is.
-        write_broker_info(data_dir, unrelated_process.pid, started=unrelated_process.create_time() + 0.5)
         assert read_live_broker_info(data_dir) is not None
         assert time.monotonic() - started < 1.0
         # Probing did not take the lock away from its holder, nor remove its file.
         assert (data_dir / 'broker.lock').exists()
         with pytest.raises(BrokerRunning):
             submit_offline(data_dir, 'work', b'x')
+    # Its holder let go: the same file now names no broker.
+    assert read_live_broker_info(data_dir) is None
+
+
+def test_without_a_lock_to_probe_the_process_age_decides(unrelated_process: psutil.Process) -> None:
+    """Information from elsewhere than a data directory (no lock to probe): a process created well after the broker
+    wrote ``started`` is a recycled pid; one created before it (or just after: clock granularity) may be the broker."""
+    created = unrelated_process.create_time()
+    info = {'pid': unrelated_process.pid, 'endpoints': ['ipc:///nowhere.sock']}
+    assert not broker_info_alive({**info, 'started': created - 3600})  # a broker that started an hour earlier
+    assert broker_info_alive({**info, 'started': created - 1})
+    assert broker_info_alive({**info, 'started': created + 5})
+    assert broker_info_alive(info)  # no ``started``: the pid alone
 
 
 def test_a_real_broker_is_live_until_killed(zmq_broker: BrokerProcess, unrelated_process: psutil.Process) -> None:
