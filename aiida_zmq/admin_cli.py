@@ -2,7 +2,8 @@
 
 Every command finds its broker the same way (:func:`broker_options`): ``--endpoint``, else ``--data-dir``, else the
 AiiDA profile given with ``--profile`` (default: the default profile). They talk to the broker through ADMIN requests
-(``docs/protocol.md``), so they see what the broker sees and change nothing behind its back.
+(``docs/protocol.md``), so they see what the broker sees and change nothing behind its back. ``migrate`` alone also
+works with the broker stopped (the daemon stopped, as it asks): on the broker's store, under the broker's lock.
 
 Exit codes: 0 done, 1 the broker refused or failed, 2 bad usage (click), 3 no broker is running.
 """
@@ -208,6 +209,13 @@ def _print_status(answer: dict[str, t.Any]) -> None:
     click.echo(f'  endpoints  {", ".join(answer["endpoints"])}')
     click.echo(f'  data dir   {answer["data_dir"]} (store {_size(answer["store_bytes"])})')
     click.echo(f'  round trip {answer["round_trip_ms"]:.2f} ms')
+    settings = answer.get('settings')
+    if settings:  # a broker of an earlier release does not report them
+        click.echo(
+            f'  settings   heartbeat {settings["heartbeat"]:g} s, peer timeout {settings["peer_timeout"]:g} s, '
+            f'{settings["max_deliveries"]} deliveries before dead-lettering, '
+            f'fsync {"on" if settings["fsync"] else "off (survives crashes, not power loss)"}'
+        )
     queues = answer['queues']
     click.echo(f'  queues     {len(queues)}' + ('' if queues else ' (none yet)'))
     for name, queue in sorted(queues.items()):
@@ -345,15 +353,74 @@ def dead_letter_drop(target: Target, ids: tuple[int, ...], all_: bool, yes: bool
 # migrate ----------------------------------------------------------------------------------------------------------
 
 DEFAULT_RABBITMQ_URL = 'amqp://guest:guest@127.0.0.1:5672/'
+# The profile brokers ``migrate --profile`` works with: this one, or RabbitMQ once the profile was switched to it
+# (``aiida-zmq configure P --to core.rabbitmq`` before the move: its tasks are still in the aiida-zmq store).
+MIGRATE_BACKENDS = ('zmq', 'core.rabbitmq')
+
+
+def migrate_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+    """``--endpoint``/``--data-dir``/``--profile`` for ``migrate``: unlike :func:`broker_options`, a profile can be
+    given together with ``--data-dir`` (its queue, prefix and codec; the store where ``--data-dir`` says)."""
+
+    @click.option(
+        '--endpoint', metavar='ENDPOINT', help='The endpoint of a running broker, e.g. ipc:///path/broker.sock.'
+    )
+    @click.option(
+        '--data-dir',
+        type=click.Path(file_okay=False),
+        help="The broker data directory (default for a profile: its broker's; `aiida-zmq configure` prints it).",
+    )
+    @click.option('-p', '--profile', 'profile_name', metavar='PROFILE', help='The AiiDA profile whose tasks move.')
+    @functools.wraps(command)
+    def wrapper(endpoint: str | None, data_dir: str | None, profile_name: str | None, **kwargs: t.Any) -> t.Any:
+        return command(target=_migration_target(endpoint, data_dir, profile_name), **kwargs)
+
+    return wrapper
+
+
+def _migration_target(endpoint: str | None, data_dir: str | None, profile_name: str | None) -> Target:
+    profile = _migration_profile(profile_name) if profile_name or not (endpoint or data_dir) else None
+    if endpoint:
+        return Target(endpoint, None, endpoint, f'start the broker that should listen at {endpoint}', profile)
+    if data_dir:
+        path = Path(os.path.expanduser(data_dir)).absolute()
+        return Target(None, path, str(path), f'start it with `aiida-zmq serve --data-dir {path}`', profile)
+    from .aiida.broker import broker_data_dir
+
+    assert profile is not None  # neither --endpoint nor --data-dir: the profile was loaded above
+    # A profile switched to RabbitMQ has no ``data_dir`` any more: this is the default one (else give --data-dir).
+    path = broker_data_dir(profile)
+    return Target(None, path, f'profile {profile.name}', f'start it with `aiida-zmq serve --data-dir {path}`', profile)
+
+
+def _migration_profile(profile_name: str | None) -> t.Any:
+    try:
+        from aiida.manage.configuration import get_config
+
+        config = get_config(create=False)
+        profile = config.get_profile(profile_name) if profile_name else config.get_profile(config.default_profile_name)
+    except Exception as exception:
+        raise click.UsageError(
+            f'cannot find the AiiDA profile{" " + profile_name if profile_name else ""} ({exception}). '
+            'Give --profile, or --data-dir and --prefix.'
+        ) from None
+    if profile.process_control_backend not in MIGRATE_BACKENDS:
+        raise click.UsageError(
+            f'profile `{profile.name}` uses the broker `{profile.process_control_backend}`: `migrate` moves tasks '
+            f'between aiida-zmq and RabbitMQ; switch it with `aiida-zmq configure {profile.name}` first.'
+        )
+    return profile
 
 
 @click.command()
-@broker_options
+@migrate_options
 @click.option('--to', 'direction', flag_value='to', help='Move tasks from this broker to RabbitMQ.')
 @click.option('--from', 'direction', flag_value='from', help='Move tasks from RabbitMQ to this broker.')
 @click.argument('server', type=click.Choice(['rabbitmq']), required=False, default='rabbitmq')
 @click.option(
-    '--rabbitmq-url', default=None, help=f'AMQP URL of the RabbitMQ server (default: {DEFAULT_RABBITMQ_URL}).'
+    '--rabbitmq-url',
+    default=None,
+    help=f"AMQP URL of the RabbitMQ server (default: the profile's if it uses RabbitMQ, else {DEFAULT_RABBITMQ_URL}).",
 )
 @click.option('--prefix', help="RabbitMQ exchange prefix (default for a profile: AiiDA's `aiida-<profile uuid>`).")
 @click.option(
@@ -373,10 +440,12 @@ def migrate(
 ) -> None:
     """Move queued tasks to RabbitMQ (`--to rabbitmq`) or back (`--from rabbitmq`), with the queues AiiDA uses.
 
-    Stop the daemon first, so that no worker takes tasks during the move. Safe to interrupt: a task is always on at
-    least one side (see docs/operations.md).
+    Stop the daemon first (`verdi daemon stop`), so that no worker takes tasks during the move. With the broker
+    stopped, the tasks are moved straight from (or into) its store, under its lock; with a broker running, through it.
+    Safe to interrupt: a task is always on at least one side (see docs/operations.md).
     """
     from . import migrate as migration
+    from .exceptions import BrokerRunning
 
     if direction is None:
         raise click.UsageError('say which way: `--to rabbitmq` or `--from rabbitmq`')
@@ -385,23 +454,26 @@ def migrate(
     if prefix is None:
         raise click.UsageError('give --prefix (the RabbitMQ exchange prefix) or use --profile')
     queues = queues or ((profile_queue,) if profile_queue else ())
-    url = rabbitmq_url or DEFAULT_RABBITMQ_URL
+    url = rabbitmq_url or _profile_rabbitmq_url(target) or DEFAULT_RABBITMQ_URL
     codec = _profile_codec(target)
-    zmq_side = _connect(target, **codec)
+    zmq_side = _migration_broker(target, codec, direction)
     try:
         if not queues:
-            queues = tuple(sorted(zmq_side.admin('status')['queues'])) if direction == 'to' else ()
+            queues = tuple(sorted(_zmq_depths(zmq_side, target))) if direction == 'to' else ()
         if not queues:
             raise click.UsageError('give the queues to move with --queue')
+        message_exchange, task_exchange = _rabbitmq_exchanges(prefix)
         try:
-            rabbit = migration.rabbitmq_communicator(url, prefix, **codec)
+            rabbit = migration.rabbitmq_communicator(
+                url, message_exchange=message_exchange, task_exchange=task_exchange, **codec
+            )
         except Exception as exception:
             click.echo(f'aiida-zmq: cannot connect to RabbitMQ at {url}: {exception}. Is it running?', err=True)
             sys.exit(EXIT_NOT_RUNNING)
         try:
             source, destination = (zmq_side, rabbit) if direction == 'to' else (rabbit, zmq_side)
             if dry_run:
-                counts = {queue: _depth(zmq_side, rabbit, queue, direction) for queue in queues}
+                counts = {queue: _depth(zmq_side, target, rabbit, queue, direction) for queue in queues}
                 report = {'dry_run': True, 'would_move': counts, 'total': sum(counts.values())}
                 if as_json:
                     _emit_json(report)
@@ -411,9 +483,17 @@ def migrate(
                 return
             moved: dict[str, int] = {}
             for queue in queues:
-                total = _depth(zmq_side, rabbit, queue, direction)
+                total = _depth(zmq_side, target, rabbit, queue, direction)
                 with click.progressbar(length=total, label=f'{queue}', file=sys.stderr) as bar:
                     moved[queue] = migration.move_queue(source, destination, queue, on_moved=lambda _n: bar.update(1))
+        except BrokerRunning:
+            # Only raised before a task of this queue was taken: the store is the broker's now, nothing is half-moved.
+            click.echo(
+                f'aiida-zmq: a broker started on {target.data_dir} during the move; the tasks moved so far are moved. '
+                'Run the same `aiida-zmq migrate` again to move the rest through it (and stop the daemon first).',
+                err=True,
+            )
+            sys.exit(EXIT_REFUSED)
         finally:
             rabbit.close()
     finally:
@@ -423,6 +503,56 @@ def migrate(
     else:
         for queue, count in moved.items():
             click.echo(f'moved {count} task(s) of {queue} {direction} RabbitMQ')
+
+
+def _migration_broker(target: Target, codec: dict[str, t.Any], direction: str) -> t.Any:
+    """The aiida-zmq side: the running broker, else the store of the stopped one (``OfflineCommunicator``).
+
+    Whether a broker runs is decided per operation, under the broker's lock, not once here: a broker that starts after
+    this look is seen by the offline side (it refuses to take from a store a broker holds, and sends through it).
+    """
+    from aiida_zmq.exceptions import BrokerUnavailable
+
+    try:
+        return _open(target, **codec)
+    except (BrokerUnavailable, ValueError) as exception:
+        if target.data_dir is None:  # only an endpoint: no store to work on
+            click.echo(f'aiida-zmq: no broker is running for {target.label}: {target.start_hint}.', err=True)
+            click.echo(f'  ({exception})', err=True)
+            sys.exit(EXIT_NOT_RUNNING)
+    from .aiida.offline import OfflineCommunicator
+    from .codec import default_codec
+    from .store import STORE_FILENAME
+
+    click.echo(
+        f'aiida-zmq: no broker is running for {target.label}: working on its store in {target.data_dir}.', err=True
+    )
+    if direction == 'to' and not (target.data_dir / STORE_FILENAME).exists():
+        # Most likely the wrong directory (a profile switched away from this broker forgot its own): say so.
+        click.echo(
+            f'aiida-zmq: there is no task store in {target.data_dir}, so nothing to move. If the broker used another '
+            'directory, give it with --data-dir.',
+            err=True,
+        )
+    profile_name = target.profile.name if target.profile is not None else str(target.data_dir)
+    return OfflineCommunicator(
+        data_dir=str(target.data_dir),
+        profile_name=profile_name,
+        task_queue='',  # only ``task_queue(name)`` is used here
+        encoder=codec.get('encoder', default_codec().encode),
+        decoder=codec.get('decoder', default_codec().decode),
+        connect=lambda: _open(target, **codec),
+    )
+
+
+def _zmq_depths(zmq_side: t.Any, target: Target) -> dict[str, int]:
+    """Tasks waiting on the aiida-zmq side, by queue: the broker's count, or the store's (ready and held)."""
+    from .aiida.offline import OfflineCommunicator
+
+    online = zmq_side.online(wait=False) if isinstance(zmq_side, OfflineCommunicator) else zmq_side
+    if online is None:
+        return _offline_depths(target.data_dir) or {}
+    return {name: int(queue.get('depth', 0)) for name, queue in online.admin('status')['queues'].items()}
 
 
 def _profile_codec(target: Target) -> dict[str, t.Any]:
@@ -437,10 +567,10 @@ def _profile_codec(target: Target) -> dict[str, t.Any]:
     return {'encoder': encoder, 'decoder': decoder}
 
 
-def _depth(zmq_side: t.Any, rabbit: t.Any, queue: str, direction: str) -> int:
+def _depth(zmq_side: t.Any, target: Target, rabbit: t.Any, queue: str, direction: str) -> int:
     """Tasks waiting in ``queue`` on the source side."""
     if direction == 'to':
-        return int(zmq_side.admin('status')['queues'].get(queue, {}).get('depth', 0))
+        return _zmq_depths(zmq_side, target).get(queue, 0)
     return _rabbitmq_depth(rabbit, queue)
 
 
@@ -471,3 +601,19 @@ def _profile_migration_defaults(target: Target) -> tuple[str | None, str | None]
 
     prefix = f'aiida-{target.profile.uuid}'
     return get_launch_queue_name(prefix), prefix
+
+
+def _profile_rabbitmq_url(target: Target) -> str | None:
+    """The RabbitMQ URL of a profile that was switched to RabbitMQ already, as AiiDA builds it; else ``None``."""
+    if target.profile is None or target.profile.process_control_backend != 'core.rabbitmq':
+        return None
+    from aiida.brokers.rabbitmq.broker import RabbitmqBroker
+
+    return RabbitmqBroker(target.profile).get_url()
+
+
+def _rabbitmq_exchanges(prefix: str) -> tuple[str, str]:
+    """(message exchange, task exchange) AiiDA uses for ``prefix``: the names its RabbitMQ broker declares."""
+    from aiida.brokers.rabbitmq.utils import get_message_exchange_name, get_task_exchange_name
+
+    return get_message_exchange_name(prefix), get_task_exchange_name(prefix)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import shlex
 import typing as t
 
 import click
@@ -109,6 +110,7 @@ def configure(
         raise click.UsageError('--data-dir and --start-timeout only apply to `--to zmq`')
 
     previous = profile.process_control_backend
+    previous_data_dir = _zmq_data_dir(profile) if previous == ENTRY_POINT else None
     broker_config: dict[str, t.Any] | None
     if backend == 'none':
         name: str | None = None
@@ -140,9 +142,27 @@ def configure(
         click.echo(f'Broker data directory: {broker_data_dir(profile)}')
         click.echo('The broker starts with the daemon: `verdi daemon start`.')
     if previous == ENTRY_POINT and name != ENTRY_POINT:
-        click.echo('Tasks still queued in the aiida-zmq store are not moved to the new broker.')
+        click.echo(f'Tasks still queued in the aiida-zmq store ({previous_data_dir}) are not moved to the new broker.')
+        store_dir = shlex.quote(str(previous_data_dir))
+        if name == 'core.rabbitmq':
+            # The profile no longer names the store (a custom data_dir went with the old config): say where it is.
+            click.echo(
+                'Move them (with the daemon stopped): '
+                f'`aiida-zmq migrate --to rabbitmq --profile {profile.name} --data-dir {store_dir}`'
+            )
+        else:
+            click.echo(
+                f'To run them, switch back (`aiida-zmq configure {profile.name} --data-dir {store_dir}`) and start the '
+                'daemon.'
+            )
     if previous != name:
         _warn_if_daemon_running(profile)
+
+
+def _zmq_data_dir(profile: Profile) -> pathlib.Path:
+    from aiida_zmq.aiida.broker import broker_data_dir
+
+    return broker_data_dir(profile)
 
 
 def _default_profile_name(config: Config) -> str:

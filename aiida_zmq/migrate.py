@@ -14,7 +14,15 @@ for the one task between steps 2 and 3, in both: never in neither. A held task t
 to the source queue when this process's session ends. Results of moved tasks do not reach their original senders
 (AiiDA sends its tasks with ``no_reply``).
 
-No AiiDA import here: the CLI maps a profile to queue and exchange names and to AiiDA's codec.
+The source and destination are kiwipy communicators with ``task_queue(name)``: a running aiida-zmq broker's
+``ZmqCommunicator``, RabbitMQ's, or, for a broker that is not running, the ``OfflineCommunicator`` of
+:mod:`aiida_zmq.aiida.offline`, which works on the broker's store under the broker's lock (as ``submit_offline``
+does): there, the destination's confirm is the store's commit, and acknowledging deletes the row and commits; a task
+not acknowledged simply stays in the store. A broker that starts during a move out of the store waits for the lock;
+one that starts during a move into it takes the store over, and the remaining tasks are sent through it.
+
+No AiiDA import here: the CLI (:mod:`aiida_zmq.admin_cli`) maps a profile to queue and exchange names, to its RabbitMQ
+URL and to AiiDA's codec, and passes them in.
 """
 
 from __future__ import annotations
@@ -30,19 +38,17 @@ __all__ = ('move_queue', 'rabbitmq_communicator')
 LOGGER = logging.getLogger(__name__)
 
 
-def rabbitmq_communicator(url: str, prefix: str, **codec: t.Any) -> kiwipy.Communicator:
-    """A RabbitMQ communicator with AiiDA's exchange names for ``prefix`` (``aiida-<profile uuid>``).
+def rabbitmq_communicator(
+    url: str, *, message_exchange: str, task_exchange: str, **codec: t.Any
+) -> kiwipy.Communicator:
+    """A RabbitMQ communicator on the given exchanges (for a profile, the names AiiDA gives them).
 
     ``codec``: ``encoder`` and ``decoder`` as AiiDA passes them, or nothing for kiwipy's defaults.
     """
-    from aiida.brokers.rabbitmq.utils import get_message_exchange_name, get_task_exchange_name
     from kiwipy.rmq import RmqThreadCommunicator
 
     return RmqThreadCommunicator.connect(
-        connection_params={'url': url},
-        message_exchange=get_message_exchange_name(prefix),
-        task_exchange=get_task_exchange_name(prefix),
-        **codec,
+        connection_params={'url': url}, message_exchange=message_exchange, task_exchange=task_exchange, **codec
     )
 
 
@@ -57,10 +63,21 @@ def move_queue(
     target = destination.task_queue(queue)
     moved = 0
     for task in source.task_queue(queue):
+        failure: Exception | None = None
         with task.processing() as outcome:
-            # Published and confirmed before the source forgets it: an interruption here leaves a copy on each side.
-            target.task_send(task.body, no_reply=True)
-            outcome.set_result(None)
+            try:
+                # Published and confirmed before the source forgets it: an interruption after this line leaves a copy
+                # on each side.
+                target.task_send(task.body, no_reply=True)
+            except Exception as exception:
+                # Not raised through ``processing()``: kiwipy (and aiida-zmq) take an exception there as the task's
+                # outcome and acknowledge the task, which would delete a task the destination never confirmed. With
+                # the outcome left unset the source puts it back.
+                failure = exception
+            else:
+                outcome.set_result(None)
+        if failure is not None:
+            raise failure
         moved += 1
         if on_moved is not None:
             on_moved(moved)

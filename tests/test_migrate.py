@@ -48,7 +48,9 @@ def test_round_trip_through_rabbitmq(zmq_broker, count):
     assert run('migrate', '--to', 'rabbitmq', *target)['moved'] == {queue: count}
     assert producer.admin('status')['queues'][queue]['depth'] == 0
 
-    rabbit = rabbitmq_communicator('amqp://guest:guest@127.0.0.1:5672/', prefix)
+    rabbit = rabbitmq_communicator(
+        'amqp://guest:guest@127.0.0.1:5672/', message_exchange=f'{prefix}.messages', task_exchange=f'{prefix}.tasks'
+    )
     try:
         with rabbit.task_queue(queue).next_task(timeout=5) as task:
             assert task.body == sent[0]  # decoded and encoded again for RabbitMQ, oldest first
