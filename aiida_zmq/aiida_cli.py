@@ -51,7 +51,52 @@ def _broker_config(backend: str, overrides: dict[str, t.Any]) -> dict[str, t.Any
     return config
 
 
-def _warn_if_daemon_running(profile: Profile) -> None:
+def _parse_settings(settings: t.Sequence[str]) -> dict[str, t.Any]:
+    """``OPTION=VALUE`` pairs of ``configure --set``, typed as the broker's options are (see ``ZmqBroker``)."""
+    from aiida_zmq.aiida.broker import ZmqBroker
+
+    fields = {field.name: field for field in ZmqBroker._config_fields}
+    parsed: dict[str, t.Any] = {}
+    for setting in settings:
+        key, separator, text = setting.partition('=')
+        key = key.strip().replace('-', '_')
+        if not separator or key not in fields:
+            raise click.BadParameter(
+                f'{setting!r}: give OPTION=VALUE with OPTION one of {", ".join(sorted(fields))}', param_hint='--set'
+            )
+        field = fields[key]
+        try:
+            value: t.Any = _typed(text.strip(), field.default)
+        except ValueError as exception:
+            raise click.BadParameter(f'{setting!r}: {exception}', param_hint='--set') from None
+        if field.choices and value not in field.choices:
+            raise click.BadParameter(f'{setting!r}: choose one of {", ".join(field.choices)}', param_hint='--set')
+        parsed[key] = value
+    return parsed
+
+
+def _typed(text: str, default: t.Any) -> t.Any:
+    """``text`` as a value of the type of the option's ``default``."""
+    if isinstance(default, bool):
+        if text.lower() in ('1', 'true', 'yes', 'on'):
+            return True
+        if text.lower() in ('0', 'false', 'no', 'off'):
+            return False
+        raise ValueError('expected true or false')
+    if isinstance(default, int):
+        number = int(text)
+        if number < 1:
+            raise ValueError('expected a whole number of at least 1')
+        return number
+    if isinstance(default, float):
+        value = float(text)
+        if value <= 0:
+            raise ValueError('expected a number of seconds above 0')
+        return value
+    return text
+
+
+def _warn_if_daemon_running(profile: Profile, running_with: str = 'with the previous broker') -> None:
     from aiida.engine.daemon.client import DaemonClient
 
     try:
@@ -60,7 +105,7 @@ def _warn_if_daemon_running(profile: Profile) -> None:
         return
     if running:
         click.secho(
-            f'Warning: the daemon of `{profile.name}` is running with the previous broker. Stop and start it '
+            f'Warning: the daemon of `{profile.name}` is running {running_with}. Stop and start it '
             f'(`verdi -p {profile.name} daemon stop; verdi -p {profile.name} daemon start`) to switch.',
             fg='yellow',
             err=True,
@@ -84,15 +129,26 @@ def _warn_if_daemon_running(profile: Profile) -> None:
 @click.option(
     '--start-timeout', type=click.IntRange(min=1), help='Seconds a client waits for the broker (only `--to zmq`).'
 )
+@click.option(
+    '--set',
+    'settings',
+    multiple=True,
+    metavar='OPTION=VALUE',
+    help='Set a broker option (only `--to zmq`), repeatable: peer_timeout, max_deliveries, fsync, heartbeat, codec...',
+)
 @click.option('--force', is_flag=True, help='Store a RabbitMQ configuration even if no RabbitMQ server answers.')
 def configure(
     profile_name: str | None,
     backend: str,
     data_dir: pathlib.Path | None,
     start_timeout: int | None,
+    settings: tuple[str, ...],
     force: bool,
 ) -> None:
-    """Switch the message broker of an existing PROFILE (default: the default profile)."""
+    """Switch the message broker of an existing PROFILE (default: the default profile), or change its options.
+
+    A profile already on this broker keeps its options (data directory included) unless given again.
+    """
     from aiida.common import exceptions
 
     config = _get_config()
@@ -101,15 +157,16 @@ def configure(
     except exceptions.ProfileConfigurationError as exception:
         raise click.ClickException(str(exception))
 
-    overrides: dict[str, t.Any] = {}
+    overrides: dict[str, t.Any] = _parse_settings(settings)
     if data_dir is not None:
         overrides['data_dir'] = str(data_dir.expanduser().absolute())
     if start_timeout is not None:
         overrides['start_timeout'] = start_timeout
     if overrides and backend != ENTRY_POINT:
-        raise click.UsageError('--data-dir and --start-timeout only apply to `--to zmq`')
+        raise click.UsageError('--data-dir, --start-timeout and --set only apply to `--to zmq`')
 
     previous = profile.process_control_backend
+    previous_config = dict(profile.process_control_config or {})
     previous_data_dir = _zmq_data_dir(profile) if previous == ENTRY_POINT else None
     broker_config: dict[str, t.Any] | None
     if backend == 'none':
@@ -127,6 +184,9 @@ def configure(
             broker_config = _broker_config(name, {})
     else:
         name = backend
+        if name == ENTRY_POINT and previous == ENTRY_POINT:
+            # Changing options, not switching: keep what was set before (a custom data_dir above all).
+            overrides = {**previous_config, **overrides}
         try:
             broker_config = _broker_config(name, overrides)
         except exceptions.EntryPointError as exception:
@@ -135,7 +195,15 @@ def configure(
     profile.set_process_controller(name=name, config=broker_config)
     config.update_profile(profile)
     config.store()
-    click.echo(f'Profile `{profile.name}`: broker `{previous}` -> `{name}`.')
+    if previous == name == ENTRY_POINT:
+        assert broker_config is not None
+        changed = {key: value for key, value in broker_config.items() if previous_config.get(key) != value}
+        described = ', '.join(f'{key} {previous_config.get(key)!r} -> {value!r}' for key, value in changed.items())
+        click.echo(f'Profile `{profile.name}`: broker `{name}`, ' + (described or 'options unchanged') + '.')
+        if changed:
+            _warn_if_daemon_running(profile, 'with the previous broker options')
+    else:
+        click.echo(f'Profile `{profile.name}`: broker `{previous}` -> `{name}`.')
     if name == ENTRY_POINT:
         from aiida_zmq.aiida.broker import broker_data_dir
 

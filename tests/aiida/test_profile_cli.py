@@ -14,7 +14,7 @@ def _broker(profile: AiidaZmqProfile) -> str:
     shown = profile.verdi('profile', 'show', profile.name).stdout
     lines = shown.splitlines()
     index = next(i for i, line in enumerate(lines) if line.strip().startswith('process_control'))
-    return '\n'.join(lines[index : index + 12])
+    return '\n'.join(lines[index : index + 16])
 
 
 def test_presto_then_configure_round_trip(tmp_path: Path) -> None:
@@ -41,3 +41,37 @@ def test_presto_then_configure_round_trip(tmp_path: Path) -> None:
     assert unknown.returncode != 0 and 'unknown broker `no.such.broker`' in unknown.stderr
     mixed = profile.aiida_zmq('configure', 'cli', '--to', 'none', '--data-dir', str(data_dir), check=False)
     assert mixed.returncode != 0 and 'only apply to `--to zmq`' in mixed.stderr
+
+
+def test_configure_sets_broker_options_and_keeps_the_others(tmp_path: Path) -> None:
+    """`configure --set` changes options of a profile already on this broker, keeping the rest (its data directory);
+    `circus-config --profile` (and the daemon, which builds the same watcher) passes them to `aiida-zmq serve`."""
+    profile = AiidaZmqProfile('opts', tmp_path)
+    data_dir = tmp_path / 'custom-store'
+    profile.aiida_zmq('presto', '--profile-name', 'opts', '--no-computer', '--data-dir', str(data_dir))
+
+    changed = profile.aiida_zmq(
+        'configure', 'opts', '--set', 'peer_timeout=30', '--set', 'fsync=yes', '--set', 'max-deliveries=5'
+    )
+    assert 'peer_timeout 10.0 -> 30.0' in changed.stdout and 'fsync False -> True' in changed.stdout
+    broker = _broker(profile)
+    assert str(data_dir) in broker  # kept
+    assert 'peer_timeout: 30.0' in broker and 'fsync: true' in broker and 'max_deliveries: 5' in broker
+
+    ini = profile.aiida_zmq('circus-config', '--profile', 'opts').stdout
+    assert '--heartbeat 1.0 --peer-timeout 30.0 --max-deliveries 5 --fsync' in ini
+    assert f'--data-dir {data_dir}' in ini
+
+    for bad, says in (
+        ('nope=1', 'OPTION one of'),
+        ('fsync=maybe', 'expected true or false'),
+        ('max_deliveries=0', 'at least 1'),
+        ('peer_timeout=-2', 'above 0'),
+        ('codec=xml', 'choose one of hybrid, yaml'),
+        ('peer_timeout', 'give OPTION=VALUE'),
+    ):
+        refused = profile.aiida_zmq('configure', 'opts', '--set', bad, check=False)
+        assert refused.returncode == 2 and says in refused.stderr, (bad, refused.stderr)
+    elsewhere = profile.aiida_zmq('configure', 'opts', '--to', 'none', '--set', 'fsync=true', check=False)
+    assert elsewhere.returncode != 0 and 'only apply to `--to zmq`' in elsewhere.stderr
+    assert 'peer_timeout: 30.0' in _broker(profile)  # nothing refused was stored
