@@ -185,8 +185,10 @@ def configure(
     else:
         name = backend
         if name == ENTRY_POINT and previous == ENTRY_POINT:
-            # Changing options, not switching: keep what was set before (a custom data_dir above all).
-            overrides = {**previous_config, **overrides}
+            # Changing options, not switching: keep what was set before (a custom data_dir above all), except options
+            # an earlier release had and this one does not know.
+            known = set(_broker_config(name, {}))
+            overrides = {**{k: v for k, v in previous_config.items() if k in known}, **overrides}
         try:
             broker_config = _broker_config(name, overrides)
         except exceptions.EntryPointError as exception:
