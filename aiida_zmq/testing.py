@@ -8,7 +8,11 @@ Fixtures:
 - ``zmq_communicator``: a started communicator connected to ``zmq_broker``, closed afterwards;
 - ``zmq_arbiter``: a real ``circusd`` running the broker and its events and health plugins on temporary paths, an
   :class:`ArbiterProcess` (``zmq_arbiter_factory`` makes more; ``zmq_arbiter_communicator`` connects to it). See
-  ``docs/circus.md``.
+  ``docs/circus.md``;
+- ``aiida_profile_zmq``: a temporary AiiDA profile whose broker is aiida-zmq, built on aiida-core's own fixtures
+  (``pytest_plugins = ['aiida.tools.pytest_fixtures']``); see its docstring and ``docs/aiida.md``.
+
+Nothing here imports AiiDA until an AiiDA fixture is used: installing aiida-zmq must not change other projects' tests.
 """
 
 from __future__ import annotations
@@ -413,3 +417,35 @@ def zmq_arbiter_communicator(zmq_arbiter: ArbiterProcess) -> Iterator[Any]:
     communicator = zmq_arbiter.connect()
     yield communicator
     communicator.close()
+
+
+# --- AiiDA profile fixture ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='session')
+def aiida_profile_zmq(aiida_config: Any, aiida_profile_factory: Any) -> Iterator[Any]:
+    """A temporary AiiDA profile (``core.sqlite_dos`` storage) whose broker is aiida-zmq, loaded for the session.
+
+    It builds on aiida-core's fixtures, which a ``conftest.py`` enables with
+    ``pytest_plugins = ['aiida.tools.pytest_fixtures']``. Make it the session's profile, and aiida-core's daemon
+    fixtures (``started_daemon_client``, ``submit_and_await``) run their daemon with this broker::
+
+        @pytest.fixture(scope='session', autouse=True)
+        def aiida_profile(aiida_profile_zmq):
+            return aiida_profile_zmq
+
+    The broker's data directory is inside the temporary configuration. The broker starts with the daemon (a process
+    submitted while the daemon is stopped waits in its store) and is stopped with it, at the end at the latest.
+    """
+    from aiida.engine.daemon.client import DaemonNotRunningException, get_daemon_client
+
+    from .aiida.broker import ZmqBroker
+
+    with aiida_profile_factory(
+        aiida_config, broker_backend='zmq', broker_config=ZmqBroker.get_default_config()
+    ) as profile:
+        try:
+            yield profile
+        finally:
+            with contextlib.suppress(DaemonNotRunningException):
+                get_daemon_client(profile.name).stop_daemon(wait=True)
