@@ -59,6 +59,9 @@ class Command(enum.IntEnum):
     TASK_RESULT = 0x18  # B: correlation, final flag, payload (a consumer's reply, forwarded to the sender)
     TASK_GET = 0x19  # C: correlation, queue
     TASK_GOT = 0x1A  # B: correlation, task_id ('' when the queue is empty), attempt, no_reply flag, payload
+    # C, from a sender socket without a session: correlation, reply_to (the session that gets the result; '' for
+    # none), queue, no_reply flag, payload. Answered like TASK_SEND (TASK_CONFIRM or ERROR) on the socket it came from.
+    TASK_SUBMIT = 0x1B
 
     # RPC
     RPC_REGISTER = 0x20  # C: correlation, identifier
@@ -100,6 +103,7 @@ ARGUMENTS: dict[Command, tuple[str, ...]] = {
     Command.TASK_RESULT: ('correlation', 'final', 'payload'),
     Command.TASK_GET: ('correlation', 'queue'),
     Command.TASK_GOT: ('correlation', 'task_id', 'attempt', 'no_reply', 'payload'),
+    Command.TASK_SUBMIT: ('correlation', 'reply_to', 'queue', 'no_reply', 'payload'),
     Command.RPC_REGISTER: ('correlation', 'identifier'),
     Command.RPC_REGISTERED: ('correlation', 'status'),
     Command.RPC_UNREGISTER: ('identifier',),

@@ -84,6 +84,14 @@ def default_endpoint(data_dir: str | os.PathLike[str]) -> str:
 # In-memory state
 
 
+@dataclass(frozen=True)
+class Sender:
+    """A socket that only submits tasks (TASK_SUBMIT) and has no session: answered directly, nothing kept about it."""
+
+    routing_id: bytes
+    socket: zmq.Socket
+
+
 @dataclass(eq=False)
 class Client:
     """A connected client (one communicator), known from its HELLO until its BYE or its silence."""
@@ -202,7 +210,7 @@ class Broker:
         self.orphans: dict[int, StoredTask] = {}  # tasks delivered before a restart, waiting for their holder
         self._orphan_deadline = 0.0
         self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): rejected tasks backing off
-        self._confirms: list[tuple[Client, bytes, int]] = []  # wait for the batch's commit
+        self._confirms: list[tuple[Client | Sender, bytes, int]] = []  # wait for the batch's commit
         self._deliveries: list[tuple[int, int]] = []  # (attempts, task id) to record as delivered
         self._outgoing: list[tuple[Client, StoredTask, Command, bytes]] = []  # deliveries sent after the commit
         self._requeues: list[tuple[int, int]] = []  # (attempts, task id) to record as ready
@@ -395,8 +403,8 @@ class Broker:
         self._dispatch()
         if not self._commit():
             return
-        for client, correlation, task_id in self._confirms:
-            self._send(client, Command.TASK_CONFIRM, correlation, protocol.number(task_id))
+        for peer, correlation, task_id in self._confirms:
+            self._answer(peer, Command.TASK_CONFIRM, correlation, protocol.number(task_id))
         self._confirms.clear()
         for client, correlation, response in self._admin_replies:
             self._send(client, Command.ADMIN_REPLY, correlation, b'ok', response)
@@ -413,8 +421,8 @@ class Broker:
         except StoreError as exception:
             # Nothing of this batch is stored: refuse its tasks loudly rather than confirming them.
             LOGGER.error('%s; refusing the tasks of this batch', exception)
-            for client, correlation, _ in self._confirms:
-                self._send(client, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
+            for peer, correlation, _ in self._confirms:
+                self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
             self._confirms.clear()
             self._undo_outgoing()
             self._forget_uncommitted()
@@ -519,6 +527,13 @@ class Broker:
                     break
                 client.outbound.popleft()
 
+    def _answer(self, peer: Client | Sender, command: Command, *args: bytes) -> None:
+        """Answer a client through its session, a sender directly."""
+        if isinstance(peer, Client):
+            self._send(peer, command, *args)
+        else:
+            self._send_raw(peer.socket, peer.routing_id, command, *args)
+
     def _send_raw(self, socket: zmq.Socket, routing_id: bytes, command: Command, *args: bytes) -> None:
         """Answer a peer that has no session (no Client): best effort, never blocking."""
         try:
@@ -552,6 +567,16 @@ class Broker:
         client = self.clients.get(routing_id)
         if message.command is Command.HELLO:
             self._on_hello(socket, routing_id, message.args)
+            return
+        if message.command is Command.TASK_SUBMIT:
+            # Needs no session: a caller thread's sender socket (see the communicator) never says HELLO.
+            if client is not None:
+                client.last_seen = time.monotonic()
+            try:
+                self._on_task_submit(socket, routing_id, message.args)
+            except (protocol.ProtocolError, UnicodeDecodeError) as exception:
+                self.stats['malformed'] += 1
+                LOGGER.warning('dropped a malformed TASK_SUBMIT from %r: %s', routing_id, exception)
             return
         if client is None:
             self._on_unknown_client(socket, routing_id, message)
@@ -698,18 +723,37 @@ class Broker:
 
     def _on_task_send(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, queue_name, no_reply, payload = args
-        name = bytes(queue_name).decode()
         no_reply_flag = no_reply == protocol.FLAG_TRUE
         reply_to = None if no_reply_flag else client.routing_id
+        self._store_task(client, correlation, queue_name, no_reply_flag, reply_to, payload)
+
+    def _on_task_submit(self, socket: zmq.Socket, routing_id: bytes, args: Sequence[bytes]) -> None:
+        """A task from a caller thread's own socket (no session): the result goes to the session it names."""
+        correlation, reply_to, queue_name, no_reply, payload = args
+        no_reply_flag = no_reply == protocol.FLAG_TRUE
+        session = None if no_reply_flag else bytes(reply_to) or None
+        self._store_task(Sender(routing_id, socket), correlation, queue_name, no_reply_flag, session, payload)
+
+    def _store_task(
+        self,
+        peer: Client | Sender,
+        correlation: bytes,
+        queue_name: bytes,
+        no_reply: bool,
+        reply_to: bytes | None,
+        payload: bytes,
+    ) -> None:
+        """Store a task in this batch; its confirm goes to ``peer`` once the batch is committed."""
+        name = bytes(queue_name).decode()
         try:
-            task_id = self.store.insert(name, payload, no_reply_flag, reply_to, correlation)
+            task_id = self.store.insert(name, payload, no_reply, reply_to, correlation)
         except StoreError as exception:
             LOGGER.error('%s', exception)
-            self._send(client, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
+            self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
             return
-        task = StoredTask(task_id, name, payload, no_reply_flag, reply_to, correlation, 0)
+        task = StoredTask(task_id, name, payload, no_reply, reply_to, correlation, 0)
         self._queue(name).add_new(task, self.config)
-        self._confirms.append((client, correlation, task_id))
+        self._confirms.append((peer, correlation, task_id))
         self.stats['tasks_stored'] += 1
 
     def _on_consume(self, client: Client, args: Sequence[bytes]) -> None:
@@ -1076,5 +1120,5 @@ class Broker:
 
 
 _CORRELATED = frozenset(
-    {Command.TASK_SEND, Command.TASK_GET, Command.RPC_REGISTER, Command.RPC_CALL, Command.ADMIN},
+    {Command.TASK_SEND, Command.TASK_SUBMIT, Command.TASK_GET, Command.RPC_REGISTER, Command.RPC_CALL, Command.ADMIN},
 )
