@@ -960,7 +960,7 @@ class _TaskSender:
             self._close()
 
     def close_if_idle(self) -> None:
-        """Close the socket unless its thread is using it: then that thread closes it once it sees `closed`."""
+        """Close the socket unless its thread is using it; that thread closes it on seeing the communicator closed."""
         if self._busy.acquire(blocking=False):
             try:
                 self._close()
