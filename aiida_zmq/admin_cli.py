@@ -62,25 +62,34 @@ def broker_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
 
 
 def _resolve(endpoint: str | None, data_dir: str | None, profile_name: str | None) -> Target:
+    return _explicit_target(endpoint, data_dir) or _profile_target(profile_name)
+
+
+def _explicit_target(endpoint: str | None, data_dir: str | None, profile: t.Any = None) -> Target | None:
+    """The target given by ``--endpoint`` or ``--data-dir``, if either was given."""
     if endpoint:
-        return Target(endpoint, None, endpoint, f'start the broker that should listen at {endpoint}')
+        return Target(endpoint, None, endpoint, f'start the broker that should listen at {endpoint}', profile)
     if data_dir:
         path = Path(os.path.expanduser(data_dir)).absolute()
-        return Target(None, path, str(path), f'start it with `aiida-zmq serve --data-dir {path}`')
-    return _profile_target(profile_name)
+        return Target(None, path, str(path), f'start it with `aiida-zmq serve --data-dir {path}`', profile)
+    return None
 
 
-def _profile_target(profile_name: str | None) -> Target:
+def _load_profile(profile_name: str | None, what_else: str) -> t.Any:
+    """The AiiDA profile named (default: the default one); a usage error saying ``what_else`` to give otherwise."""
     try:
         from aiida.manage.configuration import get_config
 
         config = get_config(create=False)
-        profile = config.get_profile(profile_name) if profile_name else config.get_profile(config.default_profile_name)
+        return config.get_profile(profile_name) if profile_name else config.get_profile(config.default_profile_name)
     except Exception as exception:
         raise click.UsageError(
-            f'cannot find the AiiDA profile{" " + profile_name if profile_name else ""} ({exception}). '
-            'Give --profile, --data-dir or --endpoint.'
+            f'cannot find the AiiDA profile{" " + profile_name if profile_name else ""} ({exception}). {what_else}'
         ) from None
+
+
+def _profile_target(profile_name: str | None) -> Target:
+    profile = _load_profile(profile_name, 'Give --profile, --data-dir or --endpoint.')
     if profile.process_control_backend != 'zmq':
         raise click.UsageError(
             f'profile `{profile.name}` uses the broker `{profile.process_control_backend}`, not aiida-zmq: '
@@ -380,11 +389,9 @@ def migrate_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
 
 def _migration_target(endpoint: str | None, data_dir: str | None, profile_name: str | None) -> Target:
     profile = _migration_profile(profile_name) if profile_name or not (endpoint or data_dir) else None
-    if endpoint:
-        return Target(endpoint, None, endpoint, f'start the broker that should listen at {endpoint}', profile)
-    if data_dir:
-        path = Path(os.path.expanduser(data_dir)).absolute()
-        return Target(None, path, str(path), f'start it with `aiida-zmq serve --data-dir {path}`', profile)
+    explicit = _explicit_target(endpoint, data_dir, profile)
+    if explicit is not None:
+        return explicit
     from .aiida.broker import broker_data_dir
 
     assert profile is not None  # neither --endpoint nor --data-dir: the profile was loaded above
@@ -394,16 +401,7 @@ def _migration_target(endpoint: str | None, data_dir: str | None, profile_name: 
 
 
 def _migration_profile(profile_name: str | None) -> t.Any:
-    try:
-        from aiida.manage.configuration import get_config
-
-        config = get_config(create=False)
-        profile = config.get_profile(profile_name) if profile_name else config.get_profile(config.default_profile_name)
-    except Exception as exception:
-        raise click.UsageError(
-            f'cannot find the AiiDA profile{" " + profile_name if profile_name else ""} ({exception}). '
-            'Give --profile, or --data-dir and --prefix.'
-        ) from None
+    profile = _load_profile(profile_name, 'Give --profile, or --data-dir and --prefix.')
     if profile.process_control_backend not in MIGRATE_BACKENDS:
         raise click.UsageError(
             f'profile `{profile.name}` uses the broker `{profile.process_control_backend}`: `migrate` moves tasks '
