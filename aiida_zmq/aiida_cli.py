@@ -78,9 +78,11 @@ def _parse_settings(settings: t.Sequence[str]) -> dict[str, t.Any]:
 def _typed(text: str, default: t.Any) -> t.Any:
     """``text`` as a value of the type of the option's ``default``."""
     if isinstance(default, bool):
-        if text.lower() in ('1', 'true', 'yes', 'on'):
+        from aiida_zmq.aiida.broker import FALSE_WORDS, TRUE_WORDS
+
+        if text.lower() in TRUE_WORDS:
             return True
-        if text.lower() in ('0', 'false', 'no', 'off'):
+        if text.lower() in FALSE_WORDS:
             return False
         raise ValueError('expected true or false')
     if isinstance(default, int):
@@ -151,6 +153,8 @@ def configure(
     """
     from aiida.common import exceptions
 
+    from aiida_zmq.aiida.broker import broker_data_dir
+
     config = _get_config()
     try:
         profile = config.get_profile(profile_name)
@@ -167,7 +171,7 @@ def configure(
 
     previous = profile.process_control_backend
     previous_config = dict(profile.process_control_config or {})
-    previous_data_dir = _zmq_data_dir(profile) if previous == ENTRY_POINT else None
+    previous_data_dir = broker_data_dir(profile) if previous == ENTRY_POINT else None
     broker_config: dict[str, t.Any] | None
     if backend == 'none':
         name: str | None = None
@@ -207,8 +211,6 @@ def configure(
     else:
         click.echo(f'Profile `{profile.name}`: broker `{previous}` -> `{name}`.')
     if name == ENTRY_POINT:
-        from aiida_zmq.aiida.broker import broker_data_dir
-
         click.echo(f'Broker data directory: {broker_data_dir(profile)}')
         click.echo('The broker starts with the daemon: `verdi daemon start`.')
     if previous == ENTRY_POINT and name != ENTRY_POINT:
@@ -227,12 +229,6 @@ def configure(
             )
     if previous != name:
         _warn_if_daemon_running(profile)
-
-
-def _zmq_data_dir(profile: Profile) -> pathlib.Path:
-    from aiida_zmq.aiida.broker import broker_data_dir
-
-    return broker_data_dir(profile)
 
 
 def _default_profile_name(config: Config) -> str:

@@ -127,10 +127,14 @@ def _finalize_broker(resources: _BrokerResources, broker_repr: str) -> None:
         resources.release()
 
 
+TRUE_WORDS = ('1', 'true', 'yes', 'on')
+FALSE_WORDS = ('0', 'false', 'no', 'off')
+
+
 def _as_bool(value: t.Any) -> bool:
     """A boolean option as stored in the profile: a bool, or a string typed into ``config.json`` by hand."""
     if isinstance(value, str):
-        return value.strip().lower() in ('1', 'true', 'yes', 'on')
+        return value.strip().lower() in TRUE_WORDS
     return bool(value)
 
 
