@@ -161,13 +161,12 @@ def broker_info_alive(info: BrokerInfo) -> bool:
     pid = info.get('pid')
     if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
-    if not _process_alive_since(pid, None):
-        return False  # gone: no need to look at the lock
     data_dir = info.get('data_dir')
     lock_free = _lock_free(data_dir) if isinstance(data_dir, str) and data_dir else None
-    if lock_free is not None:
-        return not lock_free
-    return _process_alive_since(pid, info.get('started'))
+    if lock_free:
+        return False
+    # Held (or not to be probed): the pid must run; its age counts only where the lock could not be probed.
+    return _process_alive_since(pid, info.get('started') if lock_free is None else None)
 
 
 def read_live_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:
