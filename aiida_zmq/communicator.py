@@ -39,6 +39,7 @@ from typing import Any
 import kiwipy
 import shortuuid
 import zmq
+import zmq.utils.monitor
 from kiwipy.rmq.utils import (
     CANCELLED_KEY,
     EXCEPTION_KEY,
@@ -52,15 +53,35 @@ from kiwipy.rmq.utils import (
 
 from . import protocol
 from .codec import Decoder, Encoder, default_codec
-from .exceptions import AdminError, BrokerRestarted, BrokerUnavailable, MessageTooLarge, TaskNotAccepted
+from .exceptions import (
+    AdminError,
+    BrokerRestarted,
+    BrokerUnavailable,
+    BrokerUnreachable,
+    MessageTooLarge,
+    TaskNotAccepted,
+)
 from .protocol import Command, ErrorCode
+from .ratelimit import RateLimitedLog
 from .security import CurveKeys
 
 __all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect')
 
 LOGGER = logging.getLogger(__name__)
+LIMITED = RateLimitedLog(LOGGER)
 
 DEFAULT_TASK_QUEUE = 'aiida_zmq.tasks'
+
+#: How long a broadcast that arrived while this communicator had no broadcast subscriber waits for one: kiwipy's
+#: ``MESSAGE_TTL`` on the broadcast queue RabbitMQ keeps for a communicator (seconds).
+BROADCAST_TTL = 66.0
+#: At most this many bytes of such broadcasts are kept; the oldest go first.
+BROADCAST_HOLD_BYTES = 16 * 1024 * 1024
+#: Longest queue name or RPC identifier, in UTF-8 bytes (AMQP's limit on names and routing keys).
+MAX_NAME_BYTES = 255
+#: How long a caller's ``task_send`` waits for its own subscriber to take a task the broker handed to this same
+#: communicator (seconds); see :meth:`ZmqCommunicator._wait_taken`.
+SELF_DELIVERY_WAIT = 5.0
 
 TASK_PENDING = 'pending'
 TASK_PROCESSING = 'processing'
@@ -101,7 +122,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         encoder: Encoder | None = None,
         decoder: Decoder | None = None,
         task_queue: str = DEFAULT_TASK_QUEUE,
-        task_prefetch_count: int = 1,
+        task_prefetch_count: int = 0,
         heartbeat: float = 1.0,
         broker_timeout: float = 10.0,
         connect_timeout: float = 10.0,
@@ -129,13 +150,24 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._correlations = itertools.count(1)
         self._closed = False
         self._closed_on_io_thread = False
+        self._draining = False  # closing: messages that already arrived are still handled
 
-        # Subscribers: read by the callback thread, changed by callers.
+        # Subscribers: read by the I/O and callback threads, changed by callers.
         self._lock = threading.RLock()
         self._rpc_subscribers: dict[str, Callable] = {}
         self._broadcast_subscribers: dict[Any, Callable] = {}
+        # This session's broadcast subscription, made once by the first RPC or broadcast subscriber (as kiwipy's RMQ
+        # communicator binds its broadcast queue when it creates its message subscriber) and kept from then on.
+        self._subscription: concurrent.futures.Future | None = None
         self._queues: dict[str, ZmqTaskQueue] = {}
         self._default_queue = self.task_queue(task_queue, prefetch_count=task_prefetch_count)
+        # Tasks handed to this communicator whose subscribers were called (bounded): what a sender waits for when the
+        # broker gave its task to this same communicator (see _wait_taken).
+        self._taken = threading.Condition()
+        self._taken_ids: set[int] = set()
+        self._taken_order: collections.deque[int] = collections.deque()
+        # Weak references to the outcomes of tasks being processed: a task whose outcome is forgotten goes back.
+        self._outcome_refs: set[weakref.ref] = set()
 
         # I/O-thread state: touched only by the I/O thread.
         self._context: zmq.Context = zmq.Context.instance()
@@ -153,6 +185,9 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._registrations: dict[bytes, tuple[str, concurrent.futures.Future]] = {}
         self._gets: dict[bytes, concurrent.futures.Future] = {}
         self._admin_calls: dict[bytes, concurrent.futures.Future] = {}
+        self._dones: dict[bytes, concurrent.futures.Future] = {}  # requests answered DONE (or RPC_UNROUTABLE)
+        self._unheard: collections.deque[tuple[float, bytes]] = collections.deque()  # broadcasts with no subscriber
+        self._unheard_bytes = 0
         # Frames of requests (RPC calls, registrations, gets, admin) until their first answer, to resend them after a
         # HELLO when the broker answers that it had no session for us (it declared us dead, or restarted).
         self._requests: dict[bytes, list[bytes]] = {}
@@ -169,7 +204,10 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._stopping = False
         self._io_thread = threading.Thread(target=self._io_loop, name='aiida-zmq-io', daemon=True)
         self._session_ready = threading.Event()
-        self._callbacks = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='aiida-zmq-callback')
+        self._callback_thread: int | None = None  # ident of the callback thread, once it started
+        self._callbacks = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix='aiida-zmq-callback', initializer=self._on_callback_thread
+        )
         # Each caller thread's task sender; the set (weak: a thread's sender goes with the thread) lets close() close
         # the sockets of idle ones.
         self._local = threading.local()
@@ -188,20 +226,57 @@ class ZmqCommunicator(kiwipy.Communicator):
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._curve is not None:
             self._curve.apply(socket)
+        deadline = time.monotonic() + self._connect_timeout
         try:
-            socket.connect(self.endpoint)
+            _check_ipc_endpoint(self.endpoint)
+            monitor = socket.get_monitor_socket(_CONNECT_EVENTS)
+            try:
+                socket.connect(self.endpoint)
+                self._await_handshake(monitor, deadline)
+            finally:
+                socket.disable_monitor()
+                monitor.close(0)
         except zmq.ZMQError as exception:
             socket.close(0)
             raise ValueError(f'cannot connect to {self.endpoint!r}: {exception}') from exception
+        except BaseException:
+            socket.close(0)
+            raise
         self._socket = socket
         self._io_thread.start()
-        if not self._session_ready.wait(self._connect_timeout):
+        if not self._session_ready.wait(max(deadline - time.monotonic(), 0.0)):
             self.close()
             raise BrokerUnavailable(
                 f'no aiida-zmq broker answered at {self.endpoint} within {self._connect_timeout:.0f}s. Is it running? '
                 'For an AiiDA profile run `verdi daemon start`; standalone run `aiida-zmq serve --data-dir DIR`; '
                 '`aiida-zmq status` shows what is running.'
             )
+
+    def _await_handshake(self, monitor: zmq.Socket, deadline: float) -> None:
+        """Wait until ZeroMQ's handshake with the broker succeeded; fail at once when the answer is already known.
+
+        A refused connection (nothing listens there) or a refused CURVE key is known within milliseconds: waiting
+        ``connect_timeout`` for a WELCOME that cannot come would only hide it.
+        """
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not monitor.poll(int(remaining * 1000) + 1):
+                return  # no verdict in time: the WELCOME wait reports it
+            event = zmq.utils.monitor.recv_monitor_message(monitor)['event']
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                raise BrokerUnavailable(
+                    f'nothing listens at {self.endpoint} (connection refused): the broker is not running there. For '
+                    'an AiiDA profile run `verdi daemon start`; standalone run `aiida-zmq serve --data-dir DIR`; '
+                    '`aiida-zmq status` shows what is running.'
+                )
+            if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                raise BrokerUnavailable(
+                    f'the broker at {self.endpoint} refused the connection handshake (a CURVE key it does not know, or '
+                    'not an aiida-zmq broker): check the client keys (`aiida_zmq.security.client_keys`) and the '
+                    'endpoint.'
+                )
 
     def is_closed(self) -> bool:
         return self._closed
@@ -213,6 +288,8 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._callbacks.shutdown(wait=False, cancel_futures=True)
         for sender in list(self._senders):
             sender.close_if_idle()  # a sender busy in another thread closes its socket itself, seeing _closed
+        with self._taken:
+            self._taken.notify_all()  # a sender waiting for its own subscriber gives up
         if threading.current_thread() is self._io_thread:
             # Closed from an RPC or broadcast subscriber: goodbye after this message (and its answer), then the loop
             # ends and closes the pipe itself.
@@ -246,16 +323,25 @@ class ZmqCommunicator(kiwipy.Communicator):
     # kiwipy.Communicator: RPC -------------------------------------------------------------------------------------
 
     def add_rpc_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        """Register ``subscriber`` for RPCs to ``identifier``; it is reachable when this returns.
+
+        :raises kiwipy.DuplicateSubscriberIdentifier: when this or another client of the broker holds ``identifier``.
+        :raises kiwipy.TimeoutError: when the broker did not answer within ``request_timeout``.
+        """
         self._ensure_open()
         identifier = shortuuid.uuid() if identifier is None else identifier
         key = str(identifier)
+        frame = _name_frame(key, 'an RPC identifier')
         with self._lock:
             if key in self._rpc_subscribers:
                 raise kiwipy.DuplicateSubscriberIdentifier(f"RPC identifier '{identifier}'")
             self._rpc_subscribers[key] = subscriber
         self._not_on_io_thread('add an RPC subscriber')
+        # Subscribed to broadcasts from now on, as kiwipy's RMQ communicator binds its broadcast queue when it first
+        # subscribes anything: the SUBSCRIBE goes out before the registration, so the answer to one covers both.
+        self._subscribe()
         registered: concurrent.futures.Future = concurrent.futures.Future()
-        self._call(lambda: self._io_register(key, registered))
+        self._call(lambda: self._io_register(key, frame, registered))
         try:
             status = registered.result(self._request_timeout)
         except BaseException:
@@ -271,6 +357,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         return identifier
 
     def remove_rpc_subscriber(self, identifier: Any) -> None:
+        """Remove an RPC subscriber; once this returns the broker no longer routes calls for ``identifier`` here."""
         self._ensure_open()
         key = str(identifier)
         with self._lock:
@@ -278,15 +365,36 @@ class ZmqCommunicator(kiwipy.Communicator):
                 del self._rpc_subscribers[key]
             except KeyError:
                 raise ValueError(f"Unknown subscriber '{identifier}'") from None
-        self._call(lambda: self._io_unregister(key))
+        frame = key.encode()  # checked when it was added
+        correlation = self._correlation()
+        done = self._request_done(correlation, protocol.encode(Command.RPC_UNREGISTER, correlation, frame))
+        self._call(lambda: self._registered_rpc.discard(key))
+        # Not answered in time (the broker is restarting): gone here already; the broker learns it when it is back.
+        self._wait_done(done, self._request_timeout)
 
     def rpc_send(self, recipient_id: Any, msg: Any) -> kiwipy.Future:
+        """Send an RPC; returns once the broker handed it to its recipient, with a future of the answer.
+
+        :raises kiwipy.UnroutableError: at once when no client holds ``recipient_id`` (as ``RmqThreadCommunicator``
+            raises from the call, which aiida-core's ``Process.kill`` relies on); :class:`BrokerUnreachable` (also an
+            ``UnroutableError``) when the broker did not answer within ``broker_timeout``. Called from an RPC or
+            broadcast subscriber (on the I/O thread, which brings the answer), it cannot wait: then the future fails
+            with ``UnroutableError`` instead.
+        """
         self._ensure_open()
+        identifier = _name_frame(str(recipient_id), 'an RPC recipient')
         payload = self._encode(msg)
         future: kiwipy.Future = kiwipy.Future()
+        routed: concurrent.futures.Future = concurrent.futures.Future()
         correlation = self._correlation()
-        frames = protocol.encode(Command.RPC_CALL, correlation, str(recipient_id).encode(), payload)
-        self._call(lambda: self._io_rpc_call(correlation, frames, future))
+        frames = protocol.encode(Command.RPC_CALL, correlation, identifier, payload)
+        self._call(lambda: self._io_rpc_call(correlation, frames, future, routed))
+        if not self._wait_done(routed, self._broker_timeout):
+            self._call(lambda: self._io_forget(correlation))
+            raise BrokerUnreachable(
+                f'the broker at {self.endpoint} did not route the RPC to {recipient_id!r} within '
+                f'{self._broker_timeout:.0f}s (is it running? `aiida-zmq status`): it was not sent'
+            )
         return future
 
     # kiwipy.Communicator: tasks -----------------------------------------------------------------------------------
@@ -303,12 +411,17 @@ class ZmqCommunicator(kiwipy.Communicator):
     def task_queue(
         self, queue_name: str, prefetch_size: int | None = None, prefetch_count: int | None = None
     ) -> ZmqTaskQueue:
-        """The task queue ``queue_name`` (one object per name and communicator)."""
+        """The task queue ``queue_name`` (one object per name and communicator).
+
+        ``prefetch_count`` is how many of its tasks this communicator holds at once; 0 (the default, as kiwipy's) for no
+        limit. ``prefetch_size`` (a byte limit in AMQP, unused by kiwipy and AiiDA) is not supported.
+        """
         self._ensure_open()
+        _name_frame(queue_name, 'a task queue name')
         with self._lock:
             queue = self._queues.get(queue_name)
             if queue is None:
-                queue = self._queues[queue_name] = ZmqTaskQueue(self, queue_name, prefetch_count or 1)
+                queue = self._queues[queue_name] = ZmqTaskQueue(self, queue_name, prefetch_count or 0)
             elif prefetch_count is not None:
                 queue.prefetch_count = prefetch_count
             return queue
@@ -316,34 +429,72 @@ class ZmqCommunicator(kiwipy.Communicator):
     # kiwipy.Communicator: broadcasts ------------------------------------------------------------------------------
 
     def add_broadcast_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        """Add a broadcast subscriber; broadcasts the broker takes after this returns reach it.
+
+        Broadcasts that reached this communicator since its first subscriber (of any kind), while it had no
+        broadcast subscriber, and at most ``BROADCAST_TTL`` seconds ago, are handed to it first: RabbitMQ keeps them
+        in the communicator's broadcast queue for as long.
+
+        :raises kiwipy.TimeoutError: when the broker did not confirm the subscription within ``request_timeout``.
+        """
         self._ensure_open()
         identifier = shortuuid.uuid() if identifier is None else identifier
         with self._lock:
             if identifier in self._broadcast_subscribers:
                 raise kiwipy.DuplicateSubscriberIdentifier(f"Broadcast identifier '{identifier}'")
-            first = not self._broadcast_subscribers
             self._broadcast_subscribers[identifier] = subscriber
-        if first:
-            self._call(lambda: self._io_subscribe(True))
+        subscription = self._subscribe()
+        if threading.current_thread() is not self._io_thread:
+            try:
+                subscription.result(self._request_timeout)
+            except BaseException:
+                with self._lock:
+                    self._broadcast_subscribers.pop(identifier, None)
+                raise
+        self._call(self._io_deliver_unheard)
         return identifier
 
     def remove_broadcast_subscriber(self, identifier: Any) -> None:
+        """Remove a broadcast subscriber: it gets nothing once this returns (the session stays subscribed)."""
         self._ensure_open()
         with self._lock:
             try:
                 del self._broadcast_subscribers[identifier]
             except KeyError:
                 raise ValueError(f"Broadcast subscriber '{identifier}' unknown") from None
-            last = not self._broadcast_subscribers
-        if last:
-            self._call(lambda: self._io_subscribe(False))
 
     def broadcast_send(self, body: Any, sender: Any = None, subject: Any = None, correlation_id: Any = None) -> bool:
+        """Send a broadcast; returns ``True`` once the broker sent it to every subscriber.
+
+        ``False`` when the broker did not answer within ``broker_timeout`` (it is down or restarting; the broadcast
+        goes out when it is back), as ``RmqThreadCommunicator`` answers ``False`` for a publish RabbitMQ did not ack.
+        From an RPC or broadcast subscriber (the I/O thread) it cannot wait: ``True`` once queued.
+        """
         self._ensure_open()
         message = {'body': body, 'sender': sender, 'subject': subject, 'correlation_id': correlation_id}
-        frames = protocol.encode(Command.BROADCAST, self._encode(message))
-        self._call(lambda: self._io_send(frames))
+        payload = self._encode(message)
+        correlation = self._correlation()
+        done = self._request_done(correlation, protocol.encode(Command.PUBLISH, correlation, payload))
+        if not self._wait_done(done, self._broker_timeout):
+            LIMITED.warning(
+                'the broker at %s did not take a broadcast within %.0fs: it goes out once the broker is back',
+                self.endpoint,
+                self._broker_timeout,
+                key='publish-timeout',
+            )
+            return False
         return True
+
+    def _subscribe(self) -> concurrent.futures.Future:
+        """This session's broadcast subscription: asked for once (the first call), in force when the future is done."""
+        with self._lock:
+            subscription = self._subscription
+            if subscription is None or (subscription.done() and subscription.exception() is not None):
+                subscription = self._subscription = concurrent.futures.Future()
+                correlation = self._correlation()
+                frames = protocol.encode(Command.SUBSCRIBE, correlation)
+                self._call(lambda: self._io_subscribe(correlation, frames, subscription))
+            return subscription
 
     # Administration (not part of kiwipy) ---------------------------------------------------------------------------
 
@@ -392,6 +543,26 @@ class ZmqCommunicator(kiwipy.Communicator):
 
     # Helpers for callers ------------------------------------------------------------------------------------------
 
+    def _request_done(self, correlation: bytes, frames: list[bytes]) -> concurrent.futures.Future:
+        """Send a request the broker answers ``DONE``; the future is done then (or fails with the broker's error)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._call(lambda: self._io_expect_done(correlation, frames, done))
+        return done
+
+    def _wait_done(self, done: concurrent.futures.Future, timeout: float) -> bool:
+        """Wait for a request's answer; ``False`` if none came in time. Raises what the answer raises.
+
+        On the I/O thread, which would have to bring the answer, it does not wait (and answers ``True``): what is in
+        force when such a call returns is then only what the broker does next, in order.
+        """
+        if threading.current_thread() is self._io_thread:
+            return True
+        try:
+            done.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
+
     def _correlation(self) -> bytes:
         return protocol.number(next(self._correlations))
 
@@ -416,11 +587,12 @@ class ZmqCommunicator(kiwipy.Communicator):
     def _send_task(self, queue: str, task: Any, no_reply: bool) -> kiwipy.Future | None:
         self._ensure_open()
         self._not_on_io_thread('send a task')
+        queue_frame = _name_frame(queue, 'a task queue name')
         payload = self._encode(task)
         correlation = self._correlation()
-        reply_to = b'' if no_reply else self._routing_id  # the result comes back to this communicator's session
+        # The session gets the result (unless no_reply), and the confirm says whether the task went to it.
         frames = protocol.encode(
-            Command.TASK_SUBMIT, correlation, reply_to, queue.encode(), protocol.flag(no_reply), payload
+            Command.TASK_SUBMIT, correlation, self._routing_id, queue_frame, protocol.flag(no_reply), payload
         )
         result: kiwipy.Future | None = None
         if not no_reply:
@@ -429,11 +601,46 @@ class ZmqCommunicator(kiwipy.Communicator):
             self._task_results[correlation] = result
         try:
             # As RmqThreadCommunicator waits for RabbitMQ's publisher confirm: return once the task is on disk.
-            self._task_sender().submit(correlation, frames, self._confirm_timeout)
+            task_id, held_here = self._task_sender().submit(correlation, frames, self._confirm_timeout)
         except BaseException:
             self._task_results.pop(correlation, None)
             raise
+        if held_here:
+            self._wait_taken(task_id)
         return result
+
+    def _wait_taken(self, task_id: int) -> None:
+        """Wait (bounded) until this communicator's subscriber was called with a task it sent to itself.
+
+        Why: with RabbitMQ, a task a process sends to itself reaches its subscriber while its ``task_send`` still
+        waits (for the confirm, through the communicator's one loop thread). plumpy relies on that: its subscriber
+        schedules the work on the caller's event loop and then adds a done callback from the communicator's thread,
+        which asyncio's debug mode rejects if the loop already finished the work. Here the confirm reaches the caller
+        on its own socket while the task is handed to the callback thread, so the caller's loop would run ahead;
+        waiting here for the hand-over gives back RabbitMQ's order. Not from the callback thread itself, which is
+        the one that must take the task.
+        """
+        if threading.get_ident() == self._callback_thread:
+            return
+        deadline = time.monotonic() + SELF_DELIVERY_WAIT
+        with self._taken:
+            while task_id not in self._taken_ids and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._taken.wait(remaining)
+
+    def _on_callback_thread(self) -> None:
+        self._callback_thread = threading.get_ident()
+
+    def _mark_taken(self, task_id: int) -> None:
+        """The subscribers of a delivered task were called (or it could not be): see :meth:`_wait_taken`."""
+        with self._taken:
+            self._taken_ids.add(task_id)
+            self._taken_order.append(task_id)
+            if len(self._taken_order) > 1000:
+                self._taken_ids.discard(self._taken_order.popleft())
+            self._taken.notify_all()
 
     def _task_sender(self) -> _TaskSender:
         sender: _TaskSender | None = getattr(self._local, 'sender', None)
@@ -465,7 +672,12 @@ class ZmqCommunicator(kiwipy.Communicator):
                 self._wake_pending = False
                 calls = self._calls
                 while calls:
-                    calls.popleft()()
+                    call = calls.popleft()
+                    try:
+                        call()
+                    except Exception:
+                        # Nothing a caller passes may stop this thread: every caller would hang.
+                        LIMITED.log(logging.ERROR, 'a call on the I/O thread failed', key='io-call', exc_info=True)
                 if socket in events:
                     for _ in range(1000):
                         try:
@@ -556,26 +768,46 @@ class ZmqCommunicator(kiwipy.Communicator):
                     future.set_exception(BrokerRestarted(f'the broker restarted during the call ({correlation!r})'))
             self._rpc_results.clear()
         if resumed:
+            # The session's state again, in the order it was built: subscription first, as in add_rpc_subscriber.
+            if self._subscribed:
+                self._io_write(protocol.encode(Command.SUBSCRIBE, self._correlation()))
             for identifier in self._registered_rpc:
                 self._io_write(protocol.encode(Command.RPC_REGISTER, self._correlation(), identifier.encode()))
             for queue, prefetch in self._consuming.items():
-                self._io_write(protocol.encode(Command.CONSUME, queue.encode(), protocol.number(prefetch)))
-            if self._subscribed:
-                self._io_write(protocol.encode(Command.SUBSCRIBE))
+                self._io_write(
+                    protocol.encode(Command.CONSUME, self._correlation(), queue.encode(), protocol.number(prefetch))
+                )
         waiting, self._waiting_welcome = self._waiting_welcome, []
         for frames in waiting:
             self._io_write(frames)
         self._session_ready.set()
 
     def _io_say_goodbye(self) -> None:
+        self._io_drain()
         if self._welcomed:
             self._io_write(protocol.encode(Command.BYE))
         self._stopping = True
 
+    def _io_drain(self, limit: int = 10_000) -> None:
+        """Handle what already arrived before closing, as kiwipy's RMQ communicator still handles a message it was
+        delivered before ``close()``: an RPC request or a broadcast sent just before is not lost. Tasks are not started
+        (the callback thread is stopped): the goodbye gives them back."""
+        assert self._socket is not None
+        self._draining = True
+        try:
+            for _ in range(limit):
+                try:
+                    frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                self._io_receive(frames)
+        finally:
+            self._draining = False
+
     def _io_shutdown(self) -> None:
         self._stopping = True
         closed = kiwipy.CommunicatorClosed('the communicator was closed')
-        tables = (self._task_results, self._rpc_results, self._gets, self._admin_calls)
+        tables = (self._task_results, self._rpc_results, self._gets, self._admin_calls, self._dones)
         for table in tables:
             for future in list(table.values()):  # a caller thread may add a task's result future meanwhile
                 if not future.done():
@@ -597,30 +829,46 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._requests[correlation] = frames
         self._io_send(frames)
 
-    def _io_rpc_call(self, correlation: bytes, frames: list[bytes], future: concurrent.futures.Future) -> None:
-        self._rpc_results[correlation] = future
+    def _io_expect_done(self, correlation: bytes, frames: list[bytes], done: concurrent.futures.Future) -> None:
+        self._dones[correlation] = done
         self._io_request(correlation, frames)
 
-    def _io_register(self, identifier: str, future: concurrent.futures.Future) -> None:
+    def _io_forget(self, correlation: bytes) -> None:
+        """A caller stopped waiting for this request (no answer in time): it is not to go out any more."""
+        self._dones.pop(correlation, None)
+        self._rpc_results.pop(correlation, None)
+        frames = self._requests.pop(correlation, None)
+        if frames is not None:
+            self._waiting_welcome = [waiting for waiting in self._waiting_welcome if waiting is not frames]
+
+    def _io_rpc_call(
+        self,
+        correlation: bytes,
+        frames: list[bytes],
+        future: concurrent.futures.Future,
+        routed: concurrent.futures.Future,
+    ) -> None:
+        self._rpc_results[correlation] = future
+        self._io_expect_done(correlation, frames, routed)
+
+    def _io_register(self, identifier: str, frame: bytes, future: concurrent.futures.Future) -> None:
         correlation = self._correlation()
         self._registrations[correlation] = (identifier, future)
-        self._io_request(correlation, protocol.encode(Command.RPC_REGISTER, correlation, identifier.encode()))
+        self._io_request(correlation, protocol.encode(Command.RPC_REGISTER, correlation, frame))
 
-    def _io_unregister(self, identifier: str) -> None:
-        self._registered_rpc.discard(identifier)
-        self._io_send(protocol.encode(Command.RPC_UNREGISTER, identifier.encode()))
+    def _io_subscribe(self, correlation: bytes, frames: list[bytes], done: concurrent.futures.Future) -> None:
+        self._subscribed = True
+        self._io_expect_done(correlation, frames, done)
 
-    def _io_subscribe(self, subscribe: bool) -> None:
-        self._subscribed = subscribe
-        self._io_send(protocol.encode(Command.SUBSCRIBE if subscribe else Command.UNSUBSCRIBE))
-
-    def _io_consume(self, queue: str, prefetch: int | None) -> None:
+    def _io_consume(self, queue: str, prefetch: int | None, done: concurrent.futures.Future) -> None:
+        correlation = self._correlation()
         if prefetch is None:
             self._consuming.pop(queue, None)
-            self._io_send(protocol.encode(Command.CANCEL, queue.encode()))
+            frames = protocol.encode(Command.CANCEL, correlation, queue.encode())
         else:
             self._consuming[queue] = prefetch
-            self._io_send(protocol.encode(Command.CONSUME, queue.encode(), protocol.number(prefetch)))
+            frames = protocol.encode(Command.CONSUME, correlation, queue.encode(), protocol.number(prefetch))
+        self._io_expect_done(correlation, frames, done)
 
     def _io_get(self, correlation: bytes, queue: str, future: concurrent.futures.Future) -> None:
         self._gets[correlation] = future
@@ -658,7 +906,11 @@ class ZmqCommunicator(kiwipy.Communicator):
             handler(self, args)
         except (protocol.ProtocolError, UnicodeDecodeError) as exception:
             # A malformed message must not kill the I/O thread (every caller would hang): log it and drop it.
-            LOGGER.warning('dropped a malformed %s from the broker: %s', command.name, exception)
+            LIMITED.warning(
+                'dropped a malformed %s from the broker: %s', command.name, exception, key=('malformed', command)
+            )
+        except Exception:
+            LIMITED.log(logging.ERROR, 'handling %s failed', command.name, key=('handler', command), exc_info=True)
 
     def _io_on_heartbeat(self, args: Sequence[bytes]) -> None:
         pass
@@ -725,10 +977,20 @@ class ZmqCommunicator(kiwipy.Communicator):
         if not future.done():
             future.set_result(status)
 
+    def _io_on_done(self, args: Sequence[bytes]) -> None:
+        done = self._dones.pop(bytes(args[0]), None)
+        if done is not None and not done.done():
+            done.set_result(None)
+
     def _io_on_rpc_unroutable(self, args: Sequence[bytes]) -> None:
-        future = self._rpc_results.pop(bytes(args[0]), None)
+        correlation = bytes(args[0])
+        error = kiwipy.UnroutableError(bytes(args[1]).decode(errors='replace'))
+        routed = self._dones.pop(correlation, None)
+        if routed is not None and not routed.done():
+            routed.set_exception(error)  # before routing: the caller's rpc_send raises it
+        future = self._rpc_results.pop(correlation, None)
         if future is not None and not future.done():
-            future.set_exception(kiwipy.UnroutableError(bytes(args[1]).decode(errors='replace')))
+            future.set_exception(error)  # after routing (the recipient went away), or a caller that did not wait
 
     def _io_on_task_deliver(self, args: Sequence[bytes]) -> None:
         queue, task_id, attempt, no_reply, payload = args
@@ -759,17 +1021,40 @@ class ZmqCommunicator(kiwipy.Communicator):
         # broadcast subscriber answers at once or returns a future (plumpy schedules the work on its own loop), and two
         # thread hand-overs less halve what the communicator adds to a round trip. Task subscribers, which may load a
         # process from the database, stay on the callback thread, so that heartbeats never wait for them.
-        if not self._closed:
+        if not self._closed or self._draining:
             self._run_rpc(bytes(args[0]), bytes(args[1]).decode(), args[2])
 
     def _io_on_broadcast(self, args: Sequence[bytes]) -> None:
-        if not self._closed:  # on this thread, like RPC subscribers (see above)
-            self._run_broadcast(args[0])
+        # On this thread, like RPC subscribers (see above).
+        if self._closed and not self._draining:
+            return
+        self._unheard.append((time.monotonic(), args[0]))
+        self._unheard_bytes += len(args[0])
+        self._io_deliver_unheard()
+
+    def _io_deliver_unheard(self) -> None:
+        """Hand waiting broadcasts to the subscribers, oldest first; without subscribers they wait (bounded)."""
+        unheard = self._unheard
+        expired = time.monotonic() - BROADCAST_TTL
+        while unheard and (unheard[0][0] < expired or self._unheard_bytes > BROADCAST_HOLD_BYTES):
+            self._unheard_bytes -= len(unheard.popleft()[1])
+            LIMITED.info('a broadcast nobody here subscribed to in time was dropped', key='broadcast-expired')
+        while unheard:
+            with self._lock:
+                subscribers = list(self._broadcast_subscribers.values())
+            if not subscribers:
+                return
+            _, payload = unheard.popleft()
+            self._unheard_bytes -= len(payload)
+            self._run_broadcast(payload, subscribers)
 
     def _run_in_callback_thread(self, function: Callable[..., None], *args: Any) -> None:
         if self._closed:
             return  # closing: the broker gets held tasks back from our goodbye
-        self._callbacks.submit(function, *args)
+        try:
+            self._callbacks.submit(function, *args)
+        except RuntimeError:
+            return  # closed meanwhile (the executor is shut down): as above
 
     def _io_on_error(self, args: Sequence[bytes]) -> None:
         correlation, code, text_bytes = bytes(args[0]), bytes(args[1]), bytes(args[2])
@@ -785,7 +1070,7 @@ class ZmqCommunicator(kiwipy.Communicator):
             return
         exception = broker_error(code, text)
         LOGGER.warning('broker error %s: %s', code.decode(errors='replace'), text)
-        for table in (self._rpc_results, self._gets, self._admin_calls):
+        for table in (self._dones, self._rpc_results, self._gets, self._admin_calls):
             future = table.pop(correlation, None)
             if future is not None and not future.done():
                 future.set_exception(exception)
@@ -796,9 +1081,19 @@ class ZmqCommunicator(kiwipy.Communicator):
     # Callback thread ----------------------------------------------------------------------------------------------
 
     def _run_task(self, queue_name: str, task: ZmqIncomingTask) -> None:
+        try:
+            self._call_task_subscribers(queue_name, task)
+        finally:
+            self._mark_taken(task.task_id)
+
+    def _call_task_subscribers(self, queue_name: str, task: ZmqIncomingTask) -> None:
         with self._lock:
             queue = self._queues.get(queue_name)
             subscribers = list(queue._subscribers.values()) if queue is not None else []
+        if not subscribers:
+            # The last subscriber went while the task was on its way: it goes back as if never delivered.
+            task.requeue()
+            return
         try:
             body = task.body
         except Exception:
@@ -819,7 +1114,7 @@ class ZmqCommunicator(kiwipy.Communicator):
                 return
             task.finish_with(result)
             return
-        # Nobody took it (no subscriber left, or all refused): back to the queue, counted and backed off.
+        # Every subscriber refused it: back to the queue, counted and backed off.
         task.reject()
 
     def _run_rpc(self, call_id: bytes, identifier: str, payload: bytes) -> None:
@@ -846,16 +1141,14 @@ class ZmqCommunicator(kiwipy.Communicator):
             return
         _follow_future(result, answer)
 
-    def _run_broadcast(self, payload: bytes) -> None:
+    def _run_broadcast(self, payload: bytes, subscribers: list[Callable]) -> None:
         try:
             message = self._decoder(payload)
             body, sender = message['body'], message['sender']
             subject, correlation_id = message['subject'], message['correlation_id']
         except Exception:
-            LOGGER.exception('dropped an undecodable broadcast')
+            LIMITED.log(logging.ERROR, 'dropped an undecodable broadcast', key='broadcast-undecodable', exc_info=True)
             return
-        with self._lock:
-            subscribers = list(self._broadcast_subscribers.values())
         for subscriber in subscribers:
             try:
                 subscriber(self, body, sender, subject, correlation_id)
@@ -886,6 +1179,7 @@ def _follow_future(result: Any, answer: Callable[[bool, dict], None]) -> None:
 
 _IO_HANDLERS: dict[Command, Callable[[ZmqCommunicator, Sequence[bytes]], None]] = {
     Command.WELCOME: ZmqCommunicator._io_on_welcome,
+    Command.DONE: ZmqCommunicator._io_on_done,
     Command.HEARTBEAT: ZmqCommunicator._io_on_heartbeat,
     Command.TASK_DELIVER: ZmqCommunicator._io_on_task_deliver,
     Command.TASK_RESULT: ZmqCommunicator._io_on_task_result,
@@ -903,6 +1197,7 @@ _IO_HANDLERS: dict[Command, Callable[[ZmqCommunicator, Sequence[bytes]], None]] 
 # Answers to requests kept in ``_requests``: their first frame is the request's correlation.
 _ANSWERS = frozenset(
     {
+        Command.DONE,
         Command.RPC_RESULT,
         Command.RPC_UNROUTABLE,
         Command.RPC_REGISTERED,
@@ -911,6 +1206,46 @@ _ANSWERS = frozenset(
         Command.ERROR,
     }
 )
+
+
+_CONNECT_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+
+
+def _check_ipc_endpoint(endpoint: str) -> None:
+    """Refuse at once an ``ipc://`` endpoint with no socket file: no broker can answer there."""
+    if not endpoint.startswith('ipc://'):
+        return
+    path = endpoint[len('ipc://') :]
+    if path.startswith('@'):
+        return  # an abstract socket (Linux) has no file
+    if not os.path.exists(path):
+        parent = os.path.dirname(path) or '.'
+        where = 'the directory does not exist either' if not os.path.isdir(parent) else 'no broker created it'
+        raise BrokerUnavailable(
+            f'no broker socket at {path} ({where}): the broker is not running there. For an AiiDA profile run '
+            '`verdi daemon start`; standalone run `aiida-zmq serve --data-dir DIR`; `aiida-zmq status` shows what is '
+            'running.'
+        )
+
+
+def _name_frame(value: Any, what: str) -> bytes:
+    """A queue name or RPC identifier as its frame, checked on the caller's thread (the I/O thread must not fail)."""
+    if not isinstance(value, str):
+        raise TypeError(f'{what} must be a str, not {type(value).__name__} ({value!r})')
+    try:
+        data = value.encode('utf-8')
+    except UnicodeEncodeError as exception:
+        raise ValueError(f'{what} {value!r} is not valid text ({exception.reason}): use a plain UTF-8 name') from None
+    if not data:
+        raise ValueError(f'{what} must not be empty')
+    if len(data) > MAX_NAME_BYTES:
+        raise ValueError(f'{what} is {len(data)} bytes long in UTF-8: at most {MAX_NAME_BYTES} are allowed')
+    return data
 
 
 def broker_error(code: bytes, text: str) -> Exception:
@@ -972,8 +1307,9 @@ class _TaskSender:
             self._socket.close(0)
             self._socket = None
 
-    def submit(self, correlation: bytes, frames: list[bytes], timeout: float) -> int:
-        """Send ``frames`` (a ``TASK_SUBMIT``) and return the task id once the broker confirms it is stored."""
+    def submit(self, correlation: bytes, frames: list[bytes], timeout: float) -> tuple[int, bool]:
+        """Send ``frames`` (a ``TASK_SUBMIT``); once the broker confirms it is stored, return the task id and
+        whether the broker handed the task to the sender's own session."""
         communicator = self._communicator
         deadline = time.monotonic() + timeout
         with self._busy:
@@ -988,9 +1324,9 @@ class _TaskSender:
                     )
                 socket = self._ready_socket()
                 if socket.poll(int(min(remaining, self.CHECK_INTERVAL) * 1000) + 1):
-                    task_id = self._answer(correlation, socket.recv_multipart())
-                    if task_id is not None:
-                        return task_id
+                    confirmed = self._answer(correlation, socket.recv_multipart())
+                    if confirmed is not None:
+                        return confirmed
                 elif communicator._welcomes != welcomes:
                     # Welcomed again: the broker restarted (or we were cut off), and may have lost the task with it.
                     welcomes = communicator._welcomes
@@ -1012,8 +1348,8 @@ class _TaskSender:
         except zmq.Again:
             raise kiwipy.DeliveryFailed(f'the broker at {self._communicator.endpoint} took no task in time') from None
 
-    def _answer(self, correlation: bytes, frames: list[bytes]) -> int | None:
-        """The task id confirmed for ``correlation``; ``None`` for another answer (to an earlier copy)."""
+    def _answer(self, correlation: bytes, frames: list[bytes]) -> tuple[int, bool] | None:
+        """The confirm for ``correlation`` (task id, held here); ``None`` for another answer (to an earlier copy)."""
         try:
             message = protocol.decode(frames)
         except protocol.ProtocolError as exception:
@@ -1026,7 +1362,7 @@ class _TaskSender:
         if not args or bytes(args[0]) != correlation:
             return None
         if message.command is Command.TASK_CONFIRM:
-            return protocol.to_int(args[1])
+            return protocol.to_int(args[1]), args[2] == protocol.FLAG_TRUE
         if message.command is Command.ERROR:
             raise broker_error(bytes(args[1]), bytes(args[2]).decode(errors='replace'))
         return None
@@ -1035,7 +1371,7 @@ class _TaskSender:
 class ZmqTaskQueue:
     """A named task queue of a communicator: send to it, subscribe to it, or take tasks from it one by one."""
 
-    def __init__(self, communicator: ZmqCommunicator, name: str, prefetch_count: int = 1) -> None:
+    def __init__(self, communicator: ZmqCommunicator, name: str, prefetch_count: int = 0) -> None:
         self._communicator = communicator
         self.name = name
         self.prefetch_count = prefetch_count
@@ -1045,6 +1381,11 @@ class ZmqTaskQueue:
         return self._communicator._send_task(self.name, task, no_reply)
 
     def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
+        """Add a task subscriber; the broker hands this communicator tasks of the queue once this returns.
+
+        If the broker does not answer within ``request_timeout`` (it is restarting), the subscriber is kept and the
+        broker learns of it when it is back, as of every consumer of this session.
+        """
         communicator = self._communicator
         communicator._ensure_open()
         identifier = shortuuid.uuid() if identifier is None else identifier
@@ -1054,11 +1395,11 @@ class ZmqTaskQueue:
             first = not self._subscribers
             self._subscribers[identifier] = subscriber
         if first:
-            prefetch = self.prefetch_count
-            communicator._call(lambda: communicator._io_consume(self.name, prefetch))
+            self._consume(self.prefetch_count)
         return identifier
 
     def remove_task_subscriber(self, identifier: Any) -> None:
+        """Remove a task subscriber; with the last one gone, the broker hands out no more tasks here."""
         communicator = self._communicator
         communicator._ensure_open()
         with communicator._lock:
@@ -1068,7 +1409,21 @@ class ZmqTaskQueue:
                 raise ValueError(f"Unknown task subscriber '{identifier}'") from None
             last = not self._subscribers
         if last:
-            communicator._call(lambda: communicator._io_consume(self.name, None))
+            self._consume(None)
+
+    def _consume(self, prefetch: int | None) -> None:
+        """Start (``prefetch``) or stop (``None``) consuming the queue, waiting for the broker's answer."""
+        communicator = self._communicator
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        communicator._call(lambda: communicator._io_consume(self.name, prefetch, done))
+        if not communicator._wait_done(done, communicator._request_timeout):
+            LIMITED.warning(
+                'the broker at %s did not answer a %s of queue %s in time: it will on reconnection',
+                communicator.endpoint,
+                'subscription' if prefetch is not None else 'cancellation',
+                self.name,
+                key='consume-timeout',
+            )
 
     def _get(self, timeout: float) -> ZmqIncomingTask | None:
         communicator = self._communicator
@@ -1128,6 +1483,7 @@ class ZmqIncomingTask:
         self._state = TASK_PENDING
         self._decoded = False
         self._body: Any = None
+        self._outcome_ref: weakref.ref | None = None
 
     @property
     def body(self) -> Any:
@@ -1145,13 +1501,24 @@ class ZmqIncomingTask:
         return self._state
 
     def process(self) -> kiwipy.Future:
-        """Start processing: the task is answered when the returned future is done."""
+        """Start processing: the task is answered when the returned future is done.
+
+        A future dropped without an outcome (garbage-collected) gives the task back, as kiwipy's RMQ task does.
+        """
         if self._state != TASK_PENDING:
             raise kiwipy.InvalidStateError(f'The task is {self._state}')
         self._state = TASK_PROCESSING
         outcome: kiwipy.Future = kiwipy.Future()
         outcome.add_done_callback(self._on_outcome)
+        # The communicator keeps the weak reference alive, so the callback fires even if this task object goes too.
+        self._outcome_ref = weakref.ref(outcome, self._outcome_forgotten)
+        self._communicator._outcome_refs.add(self._outcome_ref)
         return outcome
+
+    def _outcome_forgotten(self, reference: weakref.ref) -> None:
+        self._communicator._outcome_refs.discard(reference)
+        if self._state == TASK_PROCESSING:
+            self.requeue()
 
     @contextlib.contextmanager
     def processing(self) -> Iterator[kiwipy.Future]:
@@ -1174,6 +1541,9 @@ class ZmqIncomingTask:
                 self.requeue()
 
     def _on_outcome(self, outcome: concurrent.futures.Future) -> None:
+        if self._outcome_ref is not None:
+            self._communicator._outcome_refs.discard(self._outcome_ref)
+            self._outcome_ref = None
         if outcome.cancelled():
             self._state = TASK_PENDING
             self.requeue()

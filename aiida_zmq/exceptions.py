@@ -9,6 +9,7 @@ __all__ = (
     'BrokerRestarted',
     'BrokerRunning',
     'BrokerUnavailable',
+    'BrokerUnreachable',
     'MessageTooLarge',
     'StoreError',
     'TaskNotAccepted',
@@ -41,3 +42,11 @@ class BrokerRestarted(kiwipy.DeliveryFailed):
 
 class AdminError(RuntimeError):
     """The broker refused an administrative request (unknown operation, bad argument)."""
+
+
+class BrokerUnreachable(kiwipy.UnroutableError):
+    """The broker did not answer in time whether it routed a message (it is down or restarting): it was not routed.
+
+    An ``UnroutableError``, so that callers that handle a message nobody can receive (aiida-core's ``Process.kill``
+    sending kills to its children) handle this too.
+    """

@@ -1,8 +1,8 @@
-"""The aiida-zmq wire protocol (AZMQ/1): the one place that knows how messages look on the wire.
+"""The aiida-zmq wire protocol (AZMQ/2): the one place that knows how messages look on the wire.
 
 Every message is a ZeroMQ multipart message. Seen from a client's DEALER socket it is::
 
-    frame 0   signature  b'AZMQ/1'  (protocol name and version)
+    frame 0   signature  b'AZMQ/2'  (protocol name and version)
     frame 1   command    one byte (see :class:`Command`)
     frame 2.. arguments  a fixed number per command (see :data:`ARGUMENTS`)
 
@@ -31,7 +31,7 @@ __all__ = (
 )
 
 PROTOCOL_NAME = b'AZMQ'
-VERSION = 1
+VERSION = 2
 SIGNATURE = b'AZMQ/%d' % VERSION
 
 FLAG_TRUE = b'1'
@@ -46,12 +46,18 @@ class Command(enum.IntEnum):
     WELCOME = 0x02  # B: epoch, heartbeat_ms, max_message_bytes
     HEARTBEAT = 0x03  # C/B: (none)
     BYE = 0x04  # C: (none); a clean goodbye: held tasks go back without counting as a failed delivery
+    # B: correlation; the request with that correlation is in force (SUBSCRIBE, CONSUME, CANCEL, RPC_UNREGISTER), done
+    # (PUBLISH: sent to every subscriber) or routed (RPC_CALL: handed to its recipient). The caller returns then, as
+    # kiwipy's RMQ communicator returns once RabbitMQ answered the matching AMQP method.
+    DONE = 0x05
 
     # Tasks
     TASK_SEND = 0x10  # C: correlation, queue, no_reply flag, payload
-    TASK_CONFIRM = 0x11  # B: correlation, task_id      (sent only after the task is committed to disk)
-    CONSUME = 0x12  # C: queue, prefetch (0 = unlimited)
-    CANCEL = 0x13  # C: queue
+    # B: correlation, task_id, held_here (sent only after the task is committed to disk; held_here = 1 when the task
+    # was handed in the same batch to the sender's own session, whose subscriber the sender waits for)
+    TASK_CONFIRM = 0x11
+    CONSUME = 0x12  # C: correlation, queue, prefetch (0 = unlimited); answered DONE
+    CANCEL = 0x13  # C: correlation, queue; answered DONE
     TASK_DELIVER = 0x14  # B: queue, task_id, attempt, no_reply flag, payload
     TASK_REPLY = 0x15  # C: task_id, attempt, final flag, payload (final=1 also acknowledges the task)
     TASK_ACK = 0x16  # C: task_id, attempt
@@ -59,24 +65,26 @@ class Command(enum.IntEnum):
     TASK_RESULT = 0x18  # B: correlation, final flag, payload (a consumer's reply, forwarded to the sender)
     TASK_GET = 0x19  # C: correlation, queue
     TASK_GOT = 0x1A  # B: correlation, task_id ('' when the queue is empty), attempt, no_reply flag, payload
-    # C, from a sender socket without a session: correlation, reply_to (the session that gets the result; '' for
-    # none), queue, no_reply flag, payload. Answered like TASK_SEND (TASK_CONFIRM or ERROR) on the socket it came from.
+    # C, from a sender socket without a session: correlation, session (the routing id of the sender's session, which
+    # gets the results unless no_reply), queue, no_reply flag, payload. Answered like TASK_SEND (TASK_CONFIRM or ERROR)
+    # on the socket it came from.
     TASK_SUBMIT = 0x1B
 
     # RPC
     RPC_REGISTER = 0x20  # C: correlation, identifier
     RPC_REGISTERED = 0x21  # B: correlation, status ('ok' or 'duplicate')
-    RPC_UNREGISTER = 0x22  # C: identifier
-    RPC_CALL = 0x23  # C: correlation, identifier, payload
+    RPC_UNREGISTER = 0x22  # C: correlation, identifier; answered DONE
+    RPC_CALL = 0x23  # C: correlation, identifier, payload; answered DONE once routed, or RPC_UNROUTABLE
     RPC_REQUEST = 0x24  # B: call_id, identifier, payload
     RPC_REPLY = 0x25  # C: call_id, final flag, payload
     RPC_RESULT = 0x26  # B: correlation, final flag, payload
     RPC_UNROUTABLE = 0x27  # B: correlation, reason
 
     # Broadcast
-    SUBSCRIBE = 0x30  # C: (none); from now on this client receives every broadcast
+    SUBSCRIBE = 0x30  # C: correlation; from now on this client receives every broadcast; answered DONE
     UNSUBSCRIBE = 0x31  # C: (none)
-    BROADCAST = 0x32  # C->B and B->C: payload
+    BROADCAST = 0x32  # B: payload (a broadcast, to every subscribed client)
+    PUBLISH = 0x33  # C: correlation, payload; a broadcast for every subscribed client; answered DONE
 
     # Administration (status, peer-gone, dead letters): small JSON documents, never task payloads
     ADMIN = 0x40  # C: correlation, request (JSON object with an "op" key)
@@ -92,10 +100,11 @@ ARGUMENTS: dict[Command, tuple[str, ...]] = {
     Command.WELCOME: ('epoch', 'heartbeat_ms', 'max_message_bytes'),
     Command.HEARTBEAT: (),
     Command.BYE: (),
+    Command.DONE: ('correlation',),
     Command.TASK_SEND: ('correlation', 'queue', 'no_reply', 'payload'),
-    Command.TASK_CONFIRM: ('correlation', 'task_id'),
-    Command.CONSUME: ('queue', 'prefetch'),
-    Command.CANCEL: ('queue',),
+    Command.TASK_CONFIRM: ('correlation', 'task_id', 'held_here'),
+    Command.CONSUME: ('correlation', 'queue', 'prefetch'),
+    Command.CANCEL: ('correlation', 'queue'),
     Command.TASK_DELIVER: ('queue', 'task_id', 'attempt', 'no_reply', 'payload'),
     Command.TASK_REPLY: ('task_id', 'attempt', 'final', 'payload'),
     Command.TASK_ACK: ('task_id', 'attempt'),
@@ -103,18 +112,19 @@ ARGUMENTS: dict[Command, tuple[str, ...]] = {
     Command.TASK_RESULT: ('correlation', 'final', 'payload'),
     Command.TASK_GET: ('correlation', 'queue'),
     Command.TASK_GOT: ('correlation', 'task_id', 'attempt', 'no_reply', 'payload'),
-    Command.TASK_SUBMIT: ('correlation', 'reply_to', 'queue', 'no_reply', 'payload'),
+    Command.TASK_SUBMIT: ('correlation', 'session', 'queue', 'no_reply', 'payload'),
     Command.RPC_REGISTER: ('correlation', 'identifier'),
     Command.RPC_REGISTERED: ('correlation', 'status'),
-    Command.RPC_UNREGISTER: ('identifier',),
+    Command.RPC_UNREGISTER: ('correlation', 'identifier'),
     Command.RPC_CALL: ('correlation', 'identifier', 'payload'),
     Command.RPC_REQUEST: ('call_id', 'identifier', 'payload'),
     Command.RPC_REPLY: ('call_id', 'final', 'payload'),
     Command.RPC_RESULT: ('correlation', 'final', 'payload'),
     Command.RPC_UNROUTABLE: ('correlation', 'reason'),
-    Command.SUBSCRIBE: (),
+    Command.SUBSCRIBE: ('correlation',),
     Command.UNSUBSCRIBE: (),
     Command.BROADCAST: ('payload',),
+    Command.PUBLISH: ('correlation', 'payload'),
     Command.ADMIN: ('correlation', 'request'),
     Command.ADMIN_REPLY: ('correlation', 'status', 'response'),
     Command.ERROR: ('correlation', 'code', 'text'),

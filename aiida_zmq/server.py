@@ -210,7 +210,8 @@ class Broker:
         self.orphans: dict[int, StoredTask] = {}  # tasks delivered before a restart, waiting for their holder
         self._orphan_deadline = 0.0
         self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): rejected tasks backing off
-        self._confirms: list[tuple[Client | Sender, bytes, int]] = []  # wait for the batch's commit
+        # (peer, correlation, task id, sender's session): confirms wait for the batch's commit
+        self._confirms: list[tuple[Client | Sender, bytes, int, bytes | None]] = []
         self._deliveries: list[tuple[int, int]] = []  # (attempts, task id) to record as delivered
         self._outgoing: list[tuple[Client, StoredTask, Command, bytes]] = []  # deliveries sent after the commit
         self._requeues: list[tuple[int, int]] = []  # (attempts, task id) to record as ready
@@ -403,15 +404,19 @@ class Broker:
         self._dispatch()
         if not self._commit():
             return
-        for peer, correlation, task_id in self._confirms:
-            self._answer(peer, Command.TASK_CONFIRM, correlation, protocol.number(task_id))
+        # Deliveries before confirms: a sender whose task went to its own session learns it from the confirm
+        # (``held_here``) and waits for its subscriber, as the one loop thread of kiwipy's RMQ communicator makes it.
+        for client, task, command, first in self._outgoing:
+            self._send_delivery(client, task, command, first)
+        self._outgoing.clear()
+        for peer, correlation, task_id, session in self._confirms:
+            holder = self.clients.get(session) if session is not None else None
+            held_here = holder is not None and task_id in holder.held
+            self._answer(peer, Command.TASK_CONFIRM, correlation, protocol.number(task_id), protocol.flag(held_here))
         self._confirms.clear()
         for client, correlation, response in self._admin_replies:
             self._send(client, Command.ADMIN_REPLY, correlation, b'ok', response)
         self._admin_replies.clear()
-        for client, task, command, first in self._outgoing:
-            self._send_delivery(client, task, command, first)
-        self._outgoing.clear()
         self._flush_outbound()
 
     def _commit(self) -> bool:
@@ -421,7 +426,7 @@ class Broker:
         except StoreError as exception:
             # Nothing of this batch is stored: refuse its tasks loudly rather than confirming them.
             LOGGER.error('%s; refusing the tasks of this batch', exception)
-            for peer, correlation, _ in self._confirms:
+            for peer, correlation, _, _ in self._confirms:
                 self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
             self._confirms.clear()
             self._undo_outgoing()
@@ -723,16 +728,13 @@ class Broker:
 
     def _on_task_send(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, queue_name, no_reply, payload = args
-        no_reply_flag = no_reply == protocol.FLAG_TRUE
-        reply_to = None if no_reply_flag else client.routing_id
-        self._store_task(client, correlation, queue_name, no_reply_flag, reply_to, payload)
+        self._store_task(client, correlation, queue_name, no_reply == protocol.FLAG_TRUE, client.routing_id, payload)
 
     def _on_task_submit(self, socket: zmq.Socket, routing_id: bytes, args: Sequence[bytes]) -> None:
         """A task from a caller thread's own socket (no session): the result goes to the session it names."""
-        correlation, reply_to, queue_name, no_reply, payload = args
-        no_reply_flag = no_reply == protocol.FLAG_TRUE
-        session = None if no_reply_flag else bytes(reply_to) or None
-        self._store_task(Sender(routing_id, socket), correlation, queue_name, no_reply_flag, session, payload)
+        correlation, session, queue_name, no_reply, payload = args
+        sender, no_reply_flag = Sender(routing_id, socket), no_reply == protocol.FLAG_TRUE
+        self._store_task(sender, correlation, queue_name, no_reply_flag, bytes(session) or None, payload)
 
     def _store_task(
         self,
@@ -740,11 +742,16 @@ class Broker:
         correlation: bytes,
         queue_name: bytes,
         no_reply: bool,
-        reply_to: bytes | None,
+        session: bytes | None,
         payload: bytes,
     ) -> None:
-        """Store a task in this batch; its confirm goes to ``peer`` once the batch is committed."""
+        """Store a task in this batch; its confirm goes to ``peer`` once the batch is committed.
+
+        ``session`` is the sender's session: it gets the task's results (unless ``no_reply``), and the confirm says
+        whether the task went to that same session in this batch.
+        """
         name = bytes(queue_name).decode()
+        reply_to = None if no_reply else session
         try:
             task_id = self.store.insert(name, payload, no_reply, reply_to, correlation)
         except StoreError as exception:
@@ -753,22 +760,26 @@ class Broker:
             return
         task = StoredTask(task_id, name, payload, no_reply, reply_to, correlation, 0)
         self._queue(name).add_new(task, self.config)
-        self._confirms.append((peer, correlation, task_id))
+        self._confirms.append((peer, correlation, task_id, session))
         self.stats['tasks_stored'] += 1
 
     def _on_consume(self, client: Client, args: Sequence[bytes]) -> None:
-        name = bytes(args[0]).decode()
-        client.prefetch[name] = protocol.to_int(args[1])
+        correlation, queue_name, prefetch = args
+        name = bytes(queue_name).decode()
+        client.prefetch[name] = protocol.to_int(prefetch)
         queue = self._queue(name)
         if client not in queue.consumers:
             queue.consumers.append(client)
+        self._send(client, Command.DONE, correlation)
 
     def _on_cancel(self, client: Client, args: Sequence[bytes]) -> None:
-        name = bytes(args[0]).decode()
+        correlation, queue_name = args
+        name = bytes(queue_name).decode()
         client.prefetch.pop(name, None)
         queue = self.queues.get(name)
         if queue is not None and client in queue.consumers:
             queue.consumers.remove(client)
+        self._send(client, Command.DONE, correlation)
 
     def _held_task(self, client: Client, args: Sequence[bytes]) -> StoredTask | None:
         task_id, attempt = protocol.to_int(args[0]), protocol.to_int(args[1])
@@ -932,10 +943,12 @@ class Broker:
         self._send(client, Command.RPC_REGISTERED, correlation, b'ok')
 
     def _on_rpc_unregister(self, client: Client, args: Sequence[bytes]) -> None:
-        identifier = bytes(args[0]).decode()
+        correlation, identifier_bytes = args
+        identifier = bytes(identifier_bytes).decode()
         if self.rpc_owners.get(identifier) is client:
             del self.rpc_owners[identifier]
         client.rpc_identifiers.discard(identifier)
+        self._send(client, Command.DONE, correlation)
 
     def _on_rpc_call(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, identifier, payload = args
@@ -948,6 +961,8 @@ class Broker:
         self.calls[call_id] = RpcCall(client, correlation, owner)
         owner.calls_in.add(call_id)
         self._send(owner, Command.RPC_REQUEST, protocol.number(call_id), identifier, payload)
+        # After the request: a client calling its own subscriber has it handled when its rpc_send returns.
+        self._send(client, Command.DONE, correlation)
 
     def _on_rpc_reply(self, client: Client, args: Sequence[bytes]) -> None:
         call_id = protocol.to_int(args[0])
@@ -966,16 +981,18 @@ class Broker:
 
     def _on_subscribe(self, client: Client, args: Sequence[bytes]) -> None:
         client.subscribed = True
+        self._send(client, Command.DONE, args[0])
 
     def _on_unsubscribe(self, client: Client, args: Sequence[bytes]) -> None:
         client.subscribed = False
 
-    def _on_broadcast(self, client: Client, args: Sequence[bytes]) -> None:
-        payload = args[0]
+    def _on_publish(self, client: Client, args: Sequence[bytes]) -> None:
+        correlation, payload = args
         self.stats['broadcasts'] += 1
         for peer in self.clients.values():
             if peer.subscribed:
                 self._send(peer, Command.BROADCAST, payload)
+        self._send(client, Command.DONE, correlation)
 
     # Administration -----------------------------------------------------------------------------------------------
 
@@ -1082,7 +1099,7 @@ class Broker:
         Command.RPC_REPLY: _on_rpc_reply,
         Command.SUBSCRIBE: _on_subscribe,
         Command.UNSUBSCRIBE: _on_unsubscribe,
-        Command.BROADCAST: _on_broadcast,
+        Command.PUBLISH: _on_publish,
         Command.ADMIN: _on_admin,
     }
 
@@ -1120,5 +1137,17 @@ class Broker:
 
 
 _CORRELATED = frozenset(
-    {Command.TASK_SEND, Command.TASK_SUBMIT, Command.TASK_GET, Command.RPC_REGISTER, Command.RPC_CALL, Command.ADMIN},
+    {
+        Command.TASK_SEND,
+        Command.TASK_SUBMIT,
+        Command.TASK_GET,
+        Command.RPC_REGISTER,
+        Command.RPC_CALL,
+        Command.RPC_UNREGISTER,
+        Command.CONSUME,
+        Command.CANCEL,
+        Command.SUBSCRIBE,
+        Command.PUBLISH,
+        Command.ADMIN,
+    },
 )

@@ -208,7 +208,7 @@ def test_damaged_messages(rig, messages, hello):
 
 @settings(FUZZ, max_examples=25)
 @given(
-    command=st.sampled_from([Command.TASK_SEND, Command.RPC_CALL, Command.BROADCAST, Command.ADMIN, Command.HELLO]),
+    command=st.sampled_from([Command.TASK_SEND, Command.RPC_CALL, Command.PUBLISH, Command.ADMIN, Command.HELLO]),
     extra=st.integers(min_value=1, max_value=3000),
     hello=st.booleans(),
 )
@@ -219,8 +219,8 @@ def test_oversized_messages(rig, command, extra, hello):
         args = [b'1'] * len(ARGUMENTS[command])
         args[-1] = b'x' * (MAX_BYTES + extra)
         socket.send_multipart(protocol.encode(command, *args))
-        if command is not Command.BROADCAST and (hello or command is Command.HELLO):
-            # Requests get an ERROR naming the limit (broadcasts have no correlation to answer on).
+        if hello or command is Command.HELLO:
+            # Requests get an ERROR naming the limit.
             assert socket.poll(5000)
             answer = protocol.decode(socket.recv_multipart())
             assert answer.command is Command.ERROR and answer.args[1] == protocol.ErrorCode.TOO_LARGE
@@ -233,7 +233,7 @@ HUGE_SENDER = """
 import sys, zmq
 socket = zmq.Context().socket(zmq.DEALER)
 socket.connect(sys.argv[1])
-socket.send_multipart([b'AZMQ/1', bytes([0x10]), b'1', b'q', b'1', b'x' * int(sys.argv[2])])
+socket.send_multipart([b'AZMQ/2', bytes([0x10]), b'1', b'q', b'1', b'x' * int(sys.argv[2])])
 socket.send_multipart([b'x' * int(sys.argv[2])])
 socket.close(linger=2000)
 """
@@ -401,9 +401,12 @@ class FakeBroker:
             elif decoded.command is Command.RPC_CALL:
                 correlation, _identifier, payload = decoded.args
                 response = self.codec.encode({'result': self.codec.decode(payload)})
+                self.router.send_multipart([routing_id, *protocol.encode(Command.DONE, correlation)])
                 self.router.send_multipart(
                     [routing_id, *protocol.encode(Command.RPC_RESULT, correlation, b'1', response)]
                 )
+            elif decoded.command in (Command.SUBSCRIBE, Command.CONSUME, Command.CANCEL, Command.PUBLISH):
+                self.router.send_multipart([routing_id, *protocol.encode(Command.DONE, decoded.args[0])])
 
     def inject(self, frames: list[bytes]) -> None:
         """Send ``frames`` to the communicator; returns once they are on the socket."""
@@ -417,7 +420,7 @@ class FakeBroker:
 
 
 BROKER_COMMANDS = [
-    Command.WELCOME, Command.HEARTBEAT, Command.TASK_CONFIRM, Command.TASK_DELIVER, Command.TASK_RESULT,
+    Command.WELCOME, Command.HEARTBEAT, Command.DONE, Command.TASK_CONFIRM, Command.TASK_DELIVER, Command.TASK_RESULT,
     Command.TASK_GOT, Command.RPC_REGISTERED, Command.RPC_REQUEST, Command.RPC_RESULT, Command.RPC_UNROUTABLE,
     Command.BROADCAST, Command.ADMIN_REPLY, Command.ERROR,
 ]  # fmt: skip
