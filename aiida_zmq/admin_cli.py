@@ -504,7 +504,7 @@ def migrate(
 
 
 def _migration_broker(target: Target, codec: dict[str, t.Any], direction: str) -> t.Any:
-    """The aiida-zmq side: the running broker, else the store of the stopped one (``OfflineCommunicator``).
+    """The aiida-zmq side: the running broker, else the store of the stopped one (``ProfileCommunicator``, offline).
 
     Whether a broker runs is decided per operation, under the broker's lock, not once here: a broker that starts after
     this look is seen by the offline side (it refuses to take from a store a broker holds, and sends through it).
@@ -518,7 +518,7 @@ def _migration_broker(target: Target, codec: dict[str, t.Any], direction: str) -
             click.echo(f'aiida-zmq: no broker is running for {target.label}: {target.start_hint}.', err=True)
             click.echo(f'  ({exception})', err=True)
             sys.exit(EXIT_NOT_RUNNING)
-    from .aiida.offline import OfflineCommunicator
+    from .aiida.communicator import ProfileCommunicator
     from .codec import default_codec
     from .store import STORE_FILENAME
 
@@ -533,21 +533,24 @@ def _migration_broker(target: Target, codec: dict[str, t.Any], direction: str) -
             err=True,
         )
     profile_name = target.profile.name if target.profile is not None else str(target.data_dir)
-    return OfflineCommunicator(
+    return ProfileCommunicator(
         data_dir=str(target.data_dir),
         profile_name=profile_name,
         task_queue='',  # only ``task_queue(name)`` is used here
         encoder=codec.get('encoder', default_codec().encode),
         decoder=codec.get('decoder', default_codec().decode),
         connect=lambda: _open(target, **codec),
+        daemon_running=lambda: False,  # a broker that starts meanwhile is seen by its lock and broker.json
     )
 
 
 def _zmq_depths(zmq_side: t.Any, target: Target) -> dict[str, int]:
     """Tasks waiting on the aiida-zmq side, by queue: the broker's count, or the store's (ready and held)."""
-    from .aiida.offline import OfflineCommunicator
+    from .aiida.communicator import Mode, ProfileCommunicator
 
-    online = zmq_side.online(wait=False) if isinstance(zmq_side, OfflineCommunicator) else zmq_side
+    online = zmq_side
+    if isinstance(zmq_side, ProfileCommunicator):
+        online = zmq_side.connection if zmq_side.mode() is Mode.ONLINE else None
     if online is None:
         return _offline_depths(target.data_dir) or {}
     return {name: int(queue.get('depth', 0)) for name, queue in online.admin('status')['queues'].items()}

@@ -65,7 +65,7 @@ from .protocol import Command, ErrorCode
 from .ratelimit import RateLimitedLog
 from .security import CurveKeys
 
-__all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect')
+__all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect', 'encode_name')
 
 LOGGER = logging.getLogger(__name__)
 LIMITED = RateLimitedLog(LOGGER)
@@ -281,6 +281,10 @@ class ZmqCommunicator(kiwipy.Communicator):
     def is_closed(self) -> bool:
         return self._closed
 
+    def in_touch(self) -> bool:
+        """Whether the broker answers: welcomed, and heard from within two heartbeats (not part of kiwipy)."""
+        return self._welcomed and time.monotonic() - self._last_heard < 2 * self._heartbeat + 0.5
+
     def close(self) -> None:
         if self._closed:
             return
@@ -331,7 +335,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._ensure_open()
         identifier = shortuuid.uuid() if identifier is None else identifier
         key = str(identifier)
-        frame = _name_frame(key, 'an RPC identifier')
+        frame = encode_name(key, 'an RPC identifier')
         with self._lock:
             if key in self._rpc_subscribers:
                 raise kiwipy.DuplicateSubscriberIdentifier(f"RPC identifier '{identifier}'")
@@ -382,7 +386,7 @@ class ZmqCommunicator(kiwipy.Communicator):
             with ``UnroutableError`` instead.
         """
         self._ensure_open()
-        identifier = _name_frame(str(recipient_id), 'an RPC recipient')
+        identifier = encode_name(str(recipient_id), 'an RPC recipient')
         payload = self._encode(msg)
         future: kiwipy.Future = kiwipy.Future()
         routed: concurrent.futures.Future = concurrent.futures.Future()
@@ -417,7 +421,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         limit. ``prefetch_size`` (a byte limit in AMQP, unused by kiwipy and AiiDA) is not supported.
         """
         self._ensure_open()
-        _name_frame(queue_name, 'a task queue name')
+        encode_name(queue_name, 'a task queue name')
         with self._lock:
             queue = self._queues.get(queue_name)
             if queue is None:
@@ -587,7 +591,7 @@ class ZmqCommunicator(kiwipy.Communicator):
     def _send_task(self, queue: str, task: Any, no_reply: bool) -> kiwipy.Future | None:
         self._ensure_open()
         self._not_on_io_thread('send a task')
-        queue_frame = _name_frame(queue, 'a task queue name')
+        queue_frame = encode_name(queue, 'a task queue name')
         payload = self._encode(task)
         correlation = self._correlation()
         # The session gets the result (unless no_reply), and the confirm says whether the task went to it.
@@ -1233,8 +1237,13 @@ def _check_ipc_endpoint(endpoint: str) -> None:
         )
 
 
-def _name_frame(value: Any, what: str) -> bytes:
-    """A queue name or RPC identifier as its frame, checked on the caller's thread (the I/O thread must not fail)."""
+def encode_name(value: Any, what: str) -> bytes:
+    """A queue name or RPC identifier as its frame, checked where the caller can be told (the I/O thread must not
+    fail on it): a non-empty ``str`` of at most :data:`MAX_NAME_BYTES` bytes of UTF-8.
+
+    :raises TypeError: for anything but a ``str``.
+    :raises ValueError: for an empty, too long or unencodable name (a lone surrogate).
+    """
     if not isinstance(value, str):
         raise TypeError(f'{what} must be a str, not {type(value).__name__} ({value!r})')
     try:

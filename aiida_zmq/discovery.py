@@ -25,6 +25,7 @@ __all__ = (
     'default_ipc_bind',
     'discover_endpoint',
     'find_broker_via_arbiter',
+    'lock_held',
     'read_broker_info',
     'wait_for_broker_info',
     'watcher_pids_from_stats',
@@ -142,6 +143,11 @@ def _lock_free(data_dir: str | os.PathLike[str]) -> bool | None:
         finally:
             os.close(fd)  # releases the shared lock if we got it
     return None
+
+
+def lock_held(data_dir: str | os.PathLike[str]) -> bool:
+    """Whether someone (a running or starting broker, an offline submit) holds the data directory's lock now."""
+    return _lock_free(data_dir) is False
 
 
 def broker_info_alive(info: BrokerInfo) -> bool:

@@ -15,8 +15,8 @@ to the source queue when this process's session ends. Results of moved tasks do 
 (AiiDA sends its tasks with ``no_reply``).
 
 The source and destination are kiwipy communicators with ``task_queue(name)``: a running aiida-zmq broker's
-``ZmqCommunicator``, RabbitMQ's, or, for a broker that is not running, the ``OfflineCommunicator`` of
-:mod:`aiida_zmq.aiida.offline`, which works on the broker's store under the broker's lock (as ``submit_offline``
+``ZmqCommunicator``, RabbitMQ's, or, for a broker that is not running, an offline ``ProfileCommunicator`` of
+:mod:`aiida_zmq.aiida.communicator`, which works on the broker's store under the broker's lock (as ``submit_offline``
 does): there, the destination's confirm is the store's commit, and acknowledging deletes the row and commits; a task
 not acknowledged simply stays in the store. A broker that starts during a move out of the store waits for the lock;
 one that starts during a move into it takes the store over, and the remaining tasks are sent through it.

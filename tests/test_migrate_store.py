@@ -6,12 +6,14 @@ is the order the migration relies on: a task leaves its source only after the de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import kiwipy
 import pytest
 
 import aiida_zmq
 from aiida_zmq import store
-from aiida_zmq.aiida.offline import OfflineCommunicator
+from aiida_zmq.aiida.communicator import ProfileCommunicator
 from aiida_zmq.codec import default_codec
 from aiida_zmq.exceptions import BrokerRunning
 from aiida_zmq.migrate import move_queue
@@ -25,15 +27,16 @@ def _no_broker() -> aiida_zmq.ZmqCommunicator:
     raise AssertionError('the offline side was asked to connect to a broker')
 
 
-def _offline(data_dir) -> OfflineCommunicator:
+def _offline(data_dir, connect: Callable[[], aiida_zmq.ZmqCommunicator] = _no_broker) -> ProfileCommunicator:
     codec = default_codec()
-    return OfflineCommunicator(
+    return ProfileCommunicator(
         data_dir=str(data_dir),
         profile_name='test',
         task_queue=QUEUE,
         encoder=codec.encode,
         decoder=codec.decode,
-        connect=_no_broker,
+        connect=connect,
+        daemon_running=lambda: False,
     )
 
 
@@ -67,14 +70,21 @@ def test_from_a_stopped_store_to_a_broker_and_back(tmp_path, zmq_broker) -> None
         source.close()
 
 
-def test_a_store_held_by_a_broker_is_not_touched(tmp_path, zmq_broker_factory) -> None:
+def test_a_store_held_by_a_broker_is_read_through_it(tmp_path, zmq_broker_factory) -> None:
+    """With a broker holding the store, the profile's communicator is online: its tasks come through the broker,
+    and nothing reads or writes the store behind the broker's back."""
     data_dir = tmp_path / 'running'
     _fill_store(data_dir)
     zmq_broker_factory(data_dir=data_dir)  # holds the store's lock from now on
-    source = _offline(data_dir)
+    source = _offline(data_dir, connect=lambda: aiida_zmq.connect(data_dir=data_dir))
     try:
         with pytest.raises(BrokerRunning):
-            move_queue(source, source, QUEUE)
+            store.submit_offline(data_dir, QUEUE, b'behind its back')
+        bodies = []
+        for task in source.task_queue(QUEUE):
+            bodies.append(task.body)
+        assert bodies == BODIES
+        assert source.connection is not None and source.connection.admin('status')['queues'][QUEUE]['depth'] == 5
     finally:
         source.close()
 

@@ -262,7 +262,7 @@ def test_oversized_message_refused_clearly(zmq_broker_factory):
 def test_wrong_endpoint_and_down_broker_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match='unsupported endpoint'):
         aiida_zmq.connect('http://localhost:1234')
-    with pytest.raises(ConnectionError, match='no broker socket at .*nobody.sock'):
+    with pytest.raises(ConnectionError, match=r'no broker socket at .*nobody\.sock'):
         aiida_zmq.connect(f'ipc://{tmp_path}/nobody.sock', connect_timeout=0.5)
     with pytest.raises(ConnectionError, match='aiida-zmq serve --data-dir'):
         aiida_zmq.connect(data_dir=tmp_path)

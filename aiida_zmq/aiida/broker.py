@@ -32,6 +32,9 @@ if t.TYPE_CHECKING:
     from aiida.manage.configuration.profile import Profile
     from kiwipy import Communicator
 
+    from aiida_zmq.aiida.communicator import ProfileCommunicator
+    from aiida_zmq.communicator import ZmqCommunicator
+
 __all__ = ('ZmqBroker', 'aiida_codec', 'broker_data_dir', 'launch_queue_name')
 
 LOGGER = logging.getLogger(__name__)
@@ -113,7 +116,7 @@ class _BrokerResources:
     """What a :class:`ZmqBroker` owns; kept apart so a finalizer can release it without a reference to the broker."""
 
     def __init__(self) -> None:
-        self.communicator: Communicator | None = None
+        self.communicator: ProfileCommunicator | None = None
 
     def release(self) -> None:
         if self.communicator is not None:
@@ -388,44 +391,59 @@ class ZmqBroker(Broker):
     # --- Broker interface ------------------------------------------------------------------------------------------
 
     def get_communicator(self) -> Communicator:
-        """Return the profile's communicator: connected to its broker, or offline when neither broker nor daemon runs.
+        """Return the profile's communicator (:class:`aiida_zmq.aiida.communicator.ProfileCommunicator`).
 
-        With the daemon running but no broker yet, the broker is attached to the daemon and waited for (bounded by
-        ``start_timeout``). With neither running, the communicator is an :class:`OfflineCommunicator`: ``submit()``
-        stores the task for when the daemon starts, and ``run()`` works without a broker.
+        It is online while a broker or the daemon runs and offline otherwise, switching by itself (see its module).
+        Created online (the daemon runs), it connects at once; with the daemon running but no broker yet, the broker
+        is attached to the daemon and waited for (bounded by ``start_timeout``). Offline, ``submit()`` stores the task
+        for when the daemon starts, and ``run()`` works without a broker.
 
         :raises ConnectionError: when the daemon runs but its broker did not come up in time (the message says why and
             what to do).
         """
         if self._resources.communicator is None:
-            self._resources.communicator = self._create_communicator()
+            communicator = self._profile_communicator()
+            try:
+                communicator.mode()  # online now: connect now, so that a failure shows here
+            except BaseException:
+                communicator.close()
+                raise
+            self._resources.communicator = communicator
         return self._resources.communicator
 
     def codec(self) -> tuple[t.Callable[[t.Any], bytes], t.Callable[[bytes], t.Any]]:
         """Return the (encoder, decoder) of the profile's messages: :func:`aiida_codec` of its ``codec`` option."""
         return aiida_codec(str(self._option('codec')))
 
-    def _create_communicator(self) -> Communicator:
-        info = discovery.read_live_broker_info(self._data_dir)
-        if info is None:
-            client = self._running_daemon_client() if _as_bool(self._option('attach_to_daemon')) else None
-            if client is None:
-                LOGGER.info('neither broker nor daemon runs for `%s`: offline communicator', self._profile.name)
-                return self._offline_communicator()
-            info = self.find_broker()
-        return self._connect(info)
+    def _profile_communicator(self) -> ProfileCommunicator:
+        from aiida_zmq.aiida.communicator import ProfileCommunicator
 
-    def _connect(self, info: dict[str, t.Any] | None = None) -> Communicator:
+        encoder, decoder = self.codec()
+        return ProfileCommunicator(
+            data_dir=str(self._data_dir),
+            profile_name=self._profile.name,
+            task_queue=self.queue_name,
+            encoder=encoder,
+            decoder=decoder,
+            connect=self._connect,
+            daemon_running=self._daemon_brings_broker,
+        )
+
+    def _daemon_brings_broker(self) -> bool:
+        """Whether the profile's daemon runs and runs the broker (so a broker that is down is coming back)."""
+        return _as_bool(self._option('attach_to_daemon')) and self._running_daemon_client() is not None
+
+    def _connect(self) -> ZmqCommunicator:
+        """A started connection to the profile's broker, bringing the broker up in a running daemon if needed."""
         from aiida.manage.configuration import get_config_option
 
         import aiida_zmq
-        from aiida_zmq.aiida.offline import StoreFallbackCommunicator
 
-        info = info or self.find_broker(wait=False)
+        info = self.find_broker(wait=_as_bool(self._option('attach_to_daemon')))
         endpoint = discovery.choose_endpoint(info)
         encoder, decoder = self.codec()
         LOGGER.debug('connecting to the broker of %s at %s (pid %s)', self._profile.name, endpoint, info.get('pid'))
-        communicator = aiida_zmq.connect(
+        return aiida_zmq.connect(
             endpoint,
             encoder=encoder,
             decoder=decoder,
@@ -434,46 +452,22 @@ class ZmqBroker(Broker):
             heartbeat=float(self._option('heartbeat')),
             name=f'aiida-{self._profile.name}-{os.getpid()}',
         )
-        return StoreFallbackCommunicator(
-            communicator,
-            data_dir=str(self._data_dir),
-            profile_name=self._profile.name,
-            task_queue=self.queue_name,
-            encoder=encoder,
-            decoder=decoder,
-        )
-
-    def _offline_communicator(self) -> Communicator:
-        from aiida_zmq.aiida.offline import OfflineCommunicator
-
-        encoder, decoder = self.codec()
-        return OfflineCommunicator(
-            data_dir=str(self._data_dir),
-            profile_name=self._profile.name,
-            task_queue=self.queue_name,
-            encoder=encoder,
-            decoder=decoder,
-            connect=self._connect,
-        )
 
     def is_offline(self) -> bool:
-        """Whether this broker's communicator (if any) works without a broker process."""
-        from aiida_zmq.aiida.offline import OfflineCommunicator
+        """Whether this broker's communicator (if any) is offline now: no broker and no daemon."""
+        from aiida_zmq.aiida.communicator import Mode
 
-        return isinstance(self._resources.communicator, OfflineCommunicator)
+        communicator = self._resources.communicator
+        return communicator is not None and communicator.mode() is Mode.OFFLINE
 
     def iterate_tasks(self) -> Iterator[t.Any]:
         """Iterate over the tasks of the launch queue (``verdi process repair``).
 
         With the broker running, through it; with the broker stopped (``verdi process repair`` wants the daemon
-        stopped, and the broker stops with it), straight from the store, under the broker's lock.
+        stopped, and the broker stops with it), straight from the store, under the broker's lock. The communicator's
+        mode decides at the start of the iteration (see :class:`aiida_zmq.aiida.communicator.ProfileTaskQueue`).
         """
-        from aiida_zmq.aiida.offline import OfflineCommunicator
-
-        communicator = self.get_communicator()
-        if isinstance(communicator, OfflineCommunicator):
-            communicator = communicator.online(wait=False) or communicator
-        yield from t.cast(t.Any, communicator).task_queue(self.queue_name)
+        yield from self.get_communicator().task_queue(self.queue_name)
 
     def check_service_reachable(self) -> bool:
         """Whether a broker process answers; ``False`` while the broker is not running (even though submit works)."""
@@ -487,19 +481,12 @@ class ZmqBroker(Broker):
         return True
 
     def _admin_status(self, timeout: float) -> dict[str, t.Any]:
-        """Ask the running broker for its status, through this broker's communicator or a short-lived one."""
-        from aiida_zmq.aiida.offline import OfflineCommunicator, StoreFallbackCommunicator
-        from aiida_zmq.communicator import ZmqCommunicator
-
+        """Ask the running broker for its status, through this broker's connection or a short-lived one."""
         communicator = self._resources.communicator
-        if isinstance(communicator, OfflineCommunicator):
-            communicator = communicator.online(wait=False)
-        if isinstance(communicator, StoreFallbackCommunicator):
-            communicator = communicator.wrapped
-        if isinstance(communicator, ZmqCommunicator) and not communicator.is_closed():
-            return communicator.admin('status', timeout=timeout)
-        temporary = t.cast(StoreFallbackCommunicator, self._connect()).wrapped
-        assert isinstance(temporary, ZmqCommunicator)
+        connection = communicator.connection if communicator is not None else None
+        if connection is not None and connection.in_touch():
+            return connection.admin('status', timeout=timeout)
+        temporary = self._connect()
         try:
             return temporary.admin('status', timeout=timeout)
         finally:

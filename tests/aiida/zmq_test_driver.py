@@ -149,6 +149,86 @@ def cmd_submit_held_parent(args: argparse.Namespace) -> dict[str, t.Any]:
     return {'pks': [submit(JobParentWorkChain, code=code, x=orm.Int(i), y=orm.Int(1)).pk for i in range(args.count)]}
 
 
+def cmd_submit_two_children(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Submit work chains with a quick child, then a held job (:class:`zmq_test_workflows.TwoChildrenWorkChain`)."""
+    from aiida import orm
+    from aiida.engine import submit
+    from zmq_test_workflows import TwoChildrenWorkChain
+
+    code = _hold_code(args.hold_file)
+    return {'pks': [submit(TwoChildrenWorkChain, code=code, x=orm.Int(i), y=orm.Int(1)).pk for i in range(args.count)]}
+
+
+def cmd_make_zombie(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Store an active process node with no task anywhere: what ``verdi process repair`` calls a zombie."""
+    from aiida import orm
+    from plumpy import ProcessState
+
+    node = orm.WorkflowNode()
+    node.set_process_state(ProcessState.CREATED)
+    node.store()
+    return {'pk': node.pk}
+
+
+def cmd_bury(args: argparse.Namespace) -> dict[str, t.Any]:
+    """End a process node by hand (killed, sealed): for a zombie a test made, which no worker can continue."""
+    from aiida import orm
+    from plumpy import ProcessState
+
+    node = orm.load_node(args.pk)
+    node.set_process_state(ProcessState.KILLED)
+    node.seal()
+    return {'buried': args.pk}
+
+
+def cmd_send_continue(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Send a continue task for ``pk`` as AiiDA's controller does (with the daemon stopped: into the store)."""
+    from aiida.manage import get_manager
+
+    get_manager().get_process_controller().continue_process(args.pk, nowait=True, no_reply=True)
+    return {'sent': args.pk}
+
+
+def cmd_repair_session(args: argparse.Namespace) -> dict[str, t.Any]:
+    """An interpreter that connected while the daemon ran, repairing after the daemon stopped, as ``verdi process
+    repair`` does (same calls): tasks of terminated processes acknowledged, zombies revived."""
+    from pathlib import Path
+
+    from aiida.engine.processes.control import get_active_processes, get_process_tasks, iterate_process_tasks
+    from aiida.manage import get_manager
+
+    manager = get_manager()
+    communicator = manager.get_communicator()
+    Path(args.ready_file).write_text(repr(communicator))
+    deadline = time.monotonic() + 120
+    while not Path(args.go_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = time.monotonic()
+    broker = manager.get_broker()
+    active = list(get_active_processes(project='id'))
+    tasks = get_process_tasks(broker)
+    acknowledged = []
+    for task in iterate_process_tasks(broker):
+        pid = task.body.get('args', {}).get('pid', None)
+        if pid not in active:
+            with task.processing() as outcome:
+                outcome.set_result(False)
+            acknowledged.append(pid)
+    zombies = sorted(set(active) - set(tasks))
+    controller = manager.get_process_controller()
+    for pid in zombies:
+        controller.continue_process(pid)
+    return {
+        'communicator': repr(communicator),
+        'active': active,
+        'tasks': tasks,
+        'acknowledged': acknowledged,
+        'revived': zombies,
+        'tasks_after': get_process_tasks(broker),
+        'elapsed_s': time.monotonic() - started,
+    }
+
+
 def cmd_session(args: argparse.Namespace) -> dict[str, t.Any]:
     """A long-lived session (a notebook): connect while the daemon runs, then submit when told (after a stop)."""
     from pathlib import Path
@@ -195,6 +275,21 @@ def main() -> int:
     held_parent.add_argument('count', type=int)
     held_parent.add_argument('hold_file')
     held_parent.set_defaults(function=cmd_submit_held_parent)
+    two = commands.add_parser('submit-two-children')
+    two.add_argument('count', type=int)
+    two.add_argument('hold_file')
+    two.set_defaults(function=cmd_submit_two_children)
+    commands.add_parser('make-zombie').set_defaults(function=cmd_make_zombie)
+    bury = commands.add_parser('bury')
+    bury.add_argument('pk', type=int)
+    bury.set_defaults(function=cmd_bury)
+    send_continue = commands.add_parser('send-continue')
+    send_continue.add_argument('pk', type=int)
+    send_continue.set_defaults(function=cmd_send_continue)
+    repair = commands.add_parser('repair-session')
+    repair.add_argument('ready_file')
+    repair.add_argument('go_file')
+    repair.set_defaults(function=cmd_repair_session)
     session = commands.add_parser('session')
     session.add_argument('ready_file')
     session.add_argument('go_file')

@@ -27,3 +27,35 @@ class JobParentWorkChain(WorkChain):
 
     def collect(self) -> None:
         self.out('sum', self.ctx.job.outputs.sum)
+
+
+class TwoChildrenWorkChain(WorkChain):
+    """Submits a quick child and waits for it, then a held job and waits for that.
+
+    Killed in its second step, it has a finished child and a running one: aiida-core's ``Process.kill`` sends a kill
+    to every child, and the finished one's has nobody to go to (``UnroutableError`` from ``rpc_send``, which it
+    expects from the call itself).
+    """
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input('code', valid_type=orm.AbstractCode)
+        spec.input('x', valid_type=orm.Int)
+        spec.input('y', valid_type=orm.Int)
+        spec.output('sum', valid_type=orm.Int)
+        spec.outline(cls.submit_quick, cls.submit_job, cls.collect)
+
+    def submit_quick(self):
+        from aiida_zmq.aiida.demo_workflows import AddWorkChain
+
+        return ToContext(quick=self.submit(AddWorkChain, x=self.inputs.x, y=self.inputs.y))
+
+    def submit_job(self):
+        calculation = CalculationFactory('core.arithmetic.add')
+        options = {'resources': {'num_machines': 1}}
+        inputs = {'code': self.inputs.code, 'x': self.inputs.x, 'y': self.inputs.y, 'metadata': {'options': options}}
+        return ToContext(job=self.submit(calculation, **inputs))
+
+    def collect(self) -> None:
+        self.out('sum', self.ctx.job.outputs.sum)
