@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import uuid
 from concurrent.futures import Future
@@ -27,6 +28,7 @@ class ClientSpec:
     codec: str = 'default'  # 'default' (the broker's own), 'aiida' (AiiDA's YAML) or 'json'
     queue: str = 'aiida-zmq-bench.tasks'
     prefetch: int = AIIDA_PREFETCH
+    source: str | None = None  # an earlier aiida-zmq's source tree to import instead (``--baseline``)
 
     def with_fresh_queue(self) -> ClientSpec:
         """The same spec with a task queue of its own (core.zeromq has only one queue, so this is a no-op there)."""
@@ -55,8 +57,21 @@ def codec(name: str) -> dict[str, Any]:
     return {}
 
 
+def _use_source(spec: ClientSpec) -> None:
+    """Import aiida_zmq from ``spec.source`` in this (spawned, fresh) actor: the baseline of a before/after run."""
+    if spec.source is None:
+        return
+    if 'aiida_zmq' in sys.modules:
+        loaded = sys.modules['aiida_zmq'].__file__ or ''
+        if not loaded.startswith(spec.source):
+            raise RuntimeError(f'aiida_zmq was imported from {loaded} before the baseline {spec.source}')
+        return
+    sys.path.insert(0, spec.source)
+
+
 def preload(spec: ClientSpec) -> None:
     """Import what :func:`connect` needs, so that timing a connection does not time imports."""
+    _use_source(spec)
     codec(spec.codec)
     if spec.kind == 'aiida-zmq':
         import aiida_zmq.communicator  # noqa: F401  (kiwipy and its imports, as for the others)
@@ -68,6 +83,7 @@ def preload(spec: ClientSpec) -> None:
 
 def connect(spec: ClientSpec) -> Any:
     """Return a started ``kiwipy.Communicator`` for ``spec``."""
+    _use_source(spec)
     kw = codec(spec.codec)
     if spec.kind == 'aiida-zmq':
         import aiida_zmq

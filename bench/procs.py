@@ -43,10 +43,14 @@ def stop_actor(proc: multiprocessing.context.SpawnProcess, timeout: float = 5.0)
         _actors.remove(proc)
 
 
-def popen(args: Sequence[str], log_path: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def popen(
+    args: Sequence[str], log_path: str, env: dict[str, str] | None = None, cwd: str | None = None
+) -> subprocess.Popen[bytes]:
     """Start a subprocess (its output to ``log_path``) and register it for cleanup."""
     with open(log_path, 'ab') as log:
-        proc = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            list(args), stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL, cwd=cwd
+        )
     _popens.append(proc)
     return proc
 

@@ -25,7 +25,7 @@ if __package__ in (None, ''):  # run as a script: python bench/run.py
 
 from bench import e2e, procs, report, scale
 from bench.floors import FLOORS
-from bench.servers import BROKERS, AiidaZmqServer, BrokerServer, CoreZeromqServer, RabbitMQ, make_spec
+from bench.servers import BROKERS, OPT_IN, AiidaZmqServer, BrokerServer, CoreZeromqServer, RabbitMQ, make_spec
 from bench.workloads import WORKLOADS, Sizes
 
 ALL = [*WORKLOADS, *FLOORS, 'e2e', 'scale']
@@ -36,7 +36,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='python -m bench.run', description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true', help='smaller workloads, 1 repetition, --scale 100000')
     parser.add_argument('--only', action='append', default=[], metavar='NAME', help=f'repeatable; one of {ALL}')
-    parser.add_argument('--brokers', default=','.join(BROKERS), help=f'comma-separated subset of {list(BROKERS)}')
+    parser.add_argument(
+        '--brokers', default=None, help=f'comma-separated subset of {list(BROKERS)} (default: all but {sorted(OPT_IN)})'
+    )
+    parser.add_argument(
+        '--baseline',
+        type=Path,
+        default=None,
+        metavar='TREE',
+        help='also measure the aiida-zmq of this source tree (e.g. `git worktree add /tmp/base REV`), as '
+        'aiida-zmq-baseline: before and after in one run',
+    )
     parser.add_argument('--reps', type=int, default=None, help='repetitions (default 3, 1 with --quick)')
     parser.add_argument('--scale', type=int, default=None, metavar='N', help='tasks for the scale workload')
     parser.add_argument('--no-scale', action='store_true', help='skip the scale workload')
@@ -58,7 +68,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f'unknown workload(s) {unknown}; choose from {ALL}')
     args.workloads = only or [name for name in ALL if not (name == 'scale' and args.no_scale)]
+    if args.brokers is None:
+        args.brokers = ','.join(name for name in BROKERS if name not in OPT_IN or args.baseline is not None)
     args.brokers = [b for b in args.brokers.split(',') if b]
+    if 'aiida-zmq-baseline' in args.brokers and args.baseline is None:
+        parser.error('aiida-zmq-baseline needs --baseline TREE')
+    if args.baseline is not None:
+        args.baseline = str(args.baseline.resolve())
+        if not (Path(args.baseline) / 'aiida_zmq' / '__init__.py').exists():
+            parser.error(f'--baseline {args.baseline} is not an aiida-zmq source tree (no aiida_zmq/__init__.py)')
     if set(args.brokers) - set(BROKERS):
         parser.error(f'unknown broker(s) {sorted(set(args.brokers) - set(BROKERS))}; choose from {list(BROKERS)}')
     args.reps = args.reps or (1 if args.quick else 3)
@@ -97,23 +115,30 @@ def available_brokers(wanted: list[str], rmq: RabbitMQ) -> tuple[list[str], dict
     return [b for b in wanted if b not in skipped], skipped
 
 
-def start_servers(brokers: list[str], root: Path) -> tuple[dict[str, str], dict[str, str], list[BrokerServer]]:
+def source_of(name: str, args: argparse.Namespace) -> str | None:
+    """The source tree a broker variant runs from: the baseline's, else the installed one (``None``)."""
+    return args.baseline if name == 'aiida-zmq-baseline' else None
+
+
+def start_servers(
+    brokers: list[str], root: Path, args: argparse.Namespace
+) -> tuple[dict[str, str], dict[str, str], list[BrokerServer]]:
     """Fresh broker processes for one repetition: endpoints by broker name, start errors, servers to stop."""
     endpoints, errors, servers = {}, {}, []
-    by_kind: dict[str, str | Exception] = {}
+    by_kind: dict[tuple[str, str | None], str | Exception] = {}
     for name in brokers:
-        kind = BROKERS[name][0]
+        kind, source = BROKERS[name][0], source_of(name, args)
         if kind == 'rabbitmq':
             endpoints[name] = RabbitMQ().endpoint
             continue
-        if kind not in by_kind:
-            server: BrokerServer = AiidaZmqServer(root) if kind == 'aiida-zmq' else CoreZeromqServer(root)
+        if (kind, source) not in by_kind:
+            server: BrokerServer = AiidaZmqServer(root, source) if kind == 'aiida-zmq' else CoreZeromqServer(root)
             servers.append(server)
             try:
-                by_kind[kind] = server.start()
+                by_kind[kind, source] = server.start()
             except Exception as exc:
-                by_kind[kind] = exc
-        found = by_kind[kind]
+                by_kind[kind, source] = exc
+        found = by_kind[kind, source]
         if isinstance(found, Exception):
             errors[name] = f'{kind} did not start: {found}'
         else:
@@ -134,14 +159,14 @@ def run_all(args: argparse.Namespace, root: Path, rmq: RabbitMQ, result: dict[st
     for rep in range(args.reps):
         print(f'repetition {rep + 1} of {args.reps}', flush=True)
         order = brokers[rep % len(brokers) :] + brokers[: rep % len(brokers)] if brokers else []
-        endpoints, errors, servers = start_servers(order, root) if broker_workloads else ({}, {}, [])
+        endpoints, errors, servers = start_servers(order, root, args) if broker_workloads else ({}, {}, [])
         try:
             for workload in broker_workloads:
                 for name in order:
                     if name in errors:
                         records.append(measure(workload, name, rep, _raiser(errors[name])))
                         continue
-                    spec = make_spec(name, endpoints[name])
+                    spec = make_spec(name, endpoints[name], source_of(name, args))
                     records.append(measure(workload, name, rep, lambda w=workload, s=spec: WORKLOADS[w](s, sizes)))
         finally:
             for server in servers:

@@ -23,7 +23,10 @@ BROKERS: dict[str, tuple[str, str]] = {
     'core.zeromq': ('core.zeromq', 'default'),
     'rabbitmq-yaml': ('rabbitmq', 'aiida'),
     'rabbitmq-json': ('rabbitmq', 'json'),
+    # Run from an earlier source tree given with ``--baseline`` (a before/after comparison in one run): not by default.
+    'aiida-zmq-baseline': ('aiida-zmq', 'default'),
 }
+OPT_IN = {'aiida-zmq-baseline'}
 RMQ_HOST, RMQ_PORT = '127.0.0.1', 5672
 RMQ_URL = f'amqp://guest:guest@{RMQ_HOST}:{RMQ_PORT}/'
 READY_TIMEOUT = 30.0
@@ -74,14 +77,26 @@ class BrokerServer:
 
 
 class AiidaZmqServer(BrokerServer):
-    """``aiida-zmq serve --data-dir DIR --bind ipc://DIR/b.sock``; ready once ``broker.json`` exists."""
+    """``aiida-zmq serve --data-dir DIR --bind ipc://DIR/b.sock``; ready once ``broker.json`` exists.
+
+    With ``source``, the broker of that source tree (an earlier aiida-zmq) instead of the installed one.
+    """
 
     kind = 'aiida-zmq'
 
+    def __init__(self, root: Path, source: str | None = None) -> None:
+        super().__init__(root)
+        self.source = source
+
     def start(self) -> str:
         self.endpoint = f'ipc://{self.dir}/b.sock'
-        args = [_venv_script('aiida-zmq'), 'serve', '--data-dir', str(self.dir), '--bind', self.endpoint]
-        self.proc = popen(args, self.log, env=child_env())
+        serve = ['serve', '--data-dir', str(self.dir), '--bind', self.endpoint]
+        if self.source is None:
+            self.proc = popen([_venv_script('aiida-zmq'), *serve], self.log, env=child_env())
+        else:
+            # From the baseline's tree (``-m`` puts the working directory first on ``sys.path``).
+            command = [sys.executable, '-m', 'aiida_zmq.cli', *serve]
+            self.proc = popen(command, self.log, env=child_env(PYTHONPATH=self.source), cwd=self.source)
         wait_until(lambda: self._alive() and (self.dir / 'broker.json').exists(), READY_TIMEOUT, 'aiida-zmq ready')
         return self.endpoint
 
@@ -180,6 +195,6 @@ class RabbitMQ:
         return out or 'unknown'
 
 
-def make_spec(name: str, endpoint: str) -> ClientSpec:
+def make_spec(name: str, endpoint: str, source: str | None = None) -> ClientSpec:
     kind, codec = BROKERS[name]
-    return ClientSpec(kind=kind, endpoint=endpoint, codec=codec)
+    return ClientSpec(kind=kind, endpoint=endpoint, codec=codec, source=source)
