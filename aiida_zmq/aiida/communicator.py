@@ -116,6 +116,7 @@ class ProfileCommunicator(kiwipy.Communicator):
         self._connected_rpc: set[str] = set()
         self._connected_broadcast: set[t.Any] = set()
         self._connected_tasks: dict[str, set[t.Any]] = {}
+        self._out_of_sync = False  # the registry changed while offline: sync when going online
         # Offline deliveries run here, as a broker's would on the connection's threads: never on the caller's.
         self._local = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='aiida-zmq-offline')
         self._watcher: threading.Thread | None = None
@@ -160,7 +161,9 @@ class ProfileCommunicator(kiwipy.Communicator):
         if self._connection is None or self._connection.is_closed():
             LOGGER.info('a broker runs for `%s`: connecting to it', self._profile_name)
             self._connection = self._connect()
-        self._sync()
+            self._out_of_sync = True
+        if self._out_of_sync:
+            self._sync()
 
     def _sync(self) -> None:
         """Bring the connection in line with the registry (what was added or removed while offline)."""
@@ -192,6 +195,7 @@ class ProfileCommunicator(kiwipy.Communicator):
             for identifier in list(subscribers.keys() - connected):
                 queue.add_task_subscriber(_Delivered(self, subscribers[identifier]), identifier)
                 connected.add(identifier)
+        self._out_of_sync = False  # only now: a sync that failed half-way (the broker went again) is taken up again
 
     def _watch(self) -> None:
         """While offline with subscribers, look for a broker in the background, to make them live once it runs."""
@@ -262,6 +266,8 @@ class ProfileCommunicator(kiwipy.Communicator):
             if mode is Mode.ONLINE:
                 self._online().add_rpc_subscriber(_Delivered(self, subscriber), key)
                 self._connected_rpc.add(key)
+            else:
+                self._out_of_sync = True
             self._rpc[key] = subscriber
         return identifier
 
@@ -275,6 +281,8 @@ class ProfileCommunicator(kiwipy.Communicator):
             if mode is Mode.ONLINE and key in self._connected_rpc:
                 self._connected_rpc.discard(key)
                 self._online().remove_rpc_subscriber(key)
+            elif key in self._connected_rpc:
+                self._out_of_sync = True
 
     def rpc_send(self, recipient_id: t.Any, msg: t.Any) -> kiwipy.Future:
         """Online: through the broker. Offline: to a subscriber of this communicator, else :class:`BrokerNotRunning`
@@ -314,6 +322,8 @@ class ProfileCommunicator(kiwipy.Communicator):
             if mode is Mode.ONLINE:
                 self._online().add_broadcast_subscriber(_Delivered(self, subscriber), identifier)
                 self._connected_broadcast.add(identifier)
+            else:
+                self._out_of_sync = True
             self._broadcast[identifier] = subscriber
         return identifier
 
@@ -326,6 +336,8 @@ class ProfileCommunicator(kiwipy.Communicator):
             if mode is Mode.ONLINE and identifier in self._connected_broadcast:
                 self._connected_broadcast.discard(identifier)
                 self._online().remove_broadcast_subscriber(identifier)
+            elif identifier in self._connected_broadcast:
+                self._out_of_sync = True
 
     def broadcast_send(
         self, body: t.Any, sender: t.Any = None, subject: t.Any = None, correlation_id: t.Any = None
@@ -450,6 +462,8 @@ class ProfileTaskQueue:
                 queue = communicator._online().task_queue(self.name, prefetch_count=prefetch)
                 queue.add_task_subscriber(_Delivered(communicator, subscriber), identifier)
                 communicator._connected_tasks.setdefault(self.name, set()).add(identifier)
+            else:
+                communicator._out_of_sync = True
             subscribers[identifier] = subscriber
         return identifier
 
@@ -463,6 +477,8 @@ class ProfileTaskQueue:
             if mode is Mode.ONLINE and identifier in connected:
                 connected.discard(identifier)
                 communicator._online().task_queue(self.name).remove_task_subscriber(identifier)
+            elif identifier in connected:
+                communicator._out_of_sync = True
 
     def _stored(self) -> OfflineTaskQueue:
         communicator = self._communicator
