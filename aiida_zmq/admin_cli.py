@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sqlite3
 import sys
 import time
@@ -362,9 +363,11 @@ def dead_letter_drop(target: Target, ids: tuple[int, ...], all_: bool, yes: bool
 # migrate ----------------------------------------------------------------------------------------------------------
 
 DEFAULT_RABBITMQ_URL = 'amqp://guest:guest@127.0.0.1:5672/'
-# The profile brokers ``migrate --profile`` works with: this one, or RabbitMQ once the profile was switched to it
-# (``aiida-zmq configure P --to core.rabbitmq`` before the move: its tasks are still in the aiida-zmq store).
-MIGRATE_BACKENDS = ('zmq', 'core.rabbitmq')
+# The profile brokers ``migrate --profile`` works with: this one, RabbitMQ once the profile was switched to it
+# (``aiida-zmq configure P --to core.rabbitmq`` before the move: its tasks are still in the aiida-zmq store), and
+# core.zeromq (``migrate --from core.zeromq`` before switching by hand).
+MIGRATE_BACKENDS = ('zmq', 'core.rabbitmq', 'core.zeromq')
+MIGRATE_SERVERS = ('rabbitmq', 'core.zeromq')
 
 
 def migrate_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
@@ -405,16 +408,16 @@ def _migration_profile(profile_name: str | None) -> t.Any:
     if profile.process_control_backend not in MIGRATE_BACKENDS:
         raise click.UsageError(
             f'profile `{profile.name}` uses the broker `{profile.process_control_backend}`: `migrate` moves tasks '
-            f'between aiida-zmq and RabbitMQ; switch it with `aiida-zmq configure {profile.name}` first.'
+            f'between aiida-zmq and RabbitMQ or core.zeromq; switch it with `aiida-zmq configure {profile.name}` first.'
         )
     return profile
 
 
 @click.command()
 @migrate_options
-@click.option('--to', 'direction', flag_value='to', help='Move tasks from this broker to RabbitMQ.')
-@click.option('--from', 'direction', flag_value='from', help='Move tasks from RabbitMQ to this broker.')
-@click.argument('server', type=click.Choice(['rabbitmq']), required=False, default='rabbitmq')
+@click.option('--to', 'direction', flag_value='to', help='Move tasks from this broker to SERVER.')
+@click.option('--from', 'direction', flag_value='from', help='Move tasks from SERVER to this broker.')
+@click.argument('server', type=click.Choice(MIGRATE_SERVERS), required=False, default='rabbitmq')
 @click.option(
     '--rabbitmq-url',
     default=None,
@@ -436,17 +439,33 @@ def migrate(
     dry_run: bool,
     as_json: bool,
 ) -> None:
-    """Move queued tasks to RabbitMQ (`--to rabbitmq`) or back (`--from rabbitmq`), with the queues AiiDA uses.
+    """Move queued tasks to RabbitMQ (`--to rabbitmq`) or back (`--from rabbitmq`), with the queues AiiDA uses; or
+    a profile's tasks from core.zeromq (`--from core.zeromq`) or to it (`--to core.zeromq`), without switching it.
 
     Stop the daemon first (`verdi daemon stop`), so that no worker takes tasks during the move. With the broker
-    stopped, the tasks are moved straight from (or into) its store, under its lock; with a broker running, through it.
-    Safe to interrupt: a task is always on at least one side (see docs/operations.md).
+    stopped, the tasks are moved straight from (or into) its store, under its lock; with a broker running, through it
+    (core.zeromq: only with both brokers stopped). Safe to interrupt: a task is always on at least one side, and a
+    rerun finishes the move (see docs/rabbitmq.md and docs/core-zeromq.md).
     """
     from . import migrate as migration
     from .exceptions import BrokerRunning
 
     if direction is None:
-        raise click.UsageError('say which way: `--to rabbitmq` or `--from rabbitmq`')
+        raise click.UsageError(f'say which way: `--to {server}` or `--from {server}`')
+    if server == 'core.zeromq':
+        if target.endpoint or rabbitmq_url or prefix or queues:
+            raise click.UsageError(
+                'a move from or to core.zeromq works on the files of both stopped brokers, with the launch queue of '
+                'the profile: give --profile (and --data-dir for another store), not --endpoint, --rabbitmq-url, '
+                '--prefix or --queue'
+            )
+        _migrate_core_zeromq(target, direction, dry_run, as_json)
+        return
+    if target.profile is not None and target.profile.process_control_backend == 'core.zeromq':
+        raise click.UsageError(
+            f'profile `{target.profile.name}` uses core.zeromq: switch it to aiida-zmq first (`aiida-zmq configure '
+            f'{target.profile.name}` moves its tasks), then move them to RabbitMQ.'
+        )
     profile_queue, profile_prefix = _profile_migration_defaults(target)
     prefix = prefix or profile_prefix
     if prefix is None:
@@ -501,6 +520,34 @@ def migrate(
     else:
         for queue, count in moved.items():
             click.echo(f'moved {count} task(s) of {queue} {direction} RabbitMQ')
+
+
+def _migrate_core_zeromq(target: Target, direction: str, dry_run: bool, as_json: bool) -> None:
+    """``migrate --from/--to core.zeromq``: the move ``aiida-zmq configure`` makes when switching, without a switch."""
+    from .aiida_cli import echo_core_zeromq_move, move_core_zeromq_tasks
+    from .migrate import INTO_STORE, OUT_OF_STORE
+
+    profile = target.profile
+    if profile is None:
+        raise click.UsageError('give the profile whose tasks move: --profile PROFILE')
+    assert target.data_dir is not None  # a profile target, or --data-dir
+    codec = 'hybrid'
+    if profile.process_control_backend == 'zmq':
+        codec = str((profile.process_control_config or {}).get('codec') or codec)
+    argv = ['aiida-zmq', 'migrate', f'--{direction}', 'core.zeromq', '--profile', profile.name]
+    argv += ['--data-dir', str(target.data_dir)]
+    report = move_core_zeromq_tasks(
+        profile,
+        INTO_STORE if direction == 'from' else OUT_OF_STORE,
+        target.data_dir,
+        codec,
+        dry_run=dry_run,
+        command=shlex.join(argv),
+    )
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        echo_core_zeromq_move(report, profile, target.data_dir)
 
 
 def _migration_broker(target: Target, codec: dict[str, t.Any], direction: str) -> t.Any:

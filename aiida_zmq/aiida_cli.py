@@ -4,6 +4,10 @@ aiida-core's own CLI only knows its own brokers (``verdi profile configure-broke
 presto`` fixed choices), so this project brings the two commands a user needs. The main ``aiida-zmq`` group
 (:mod:`aiida_zmq.cli`) adds them with :func:`register`; ``python -m aiida_zmq.aiida_cli`` runs them standalone.
 
+Switching between this broker and ``core.zeromq`` (aiida-core 2.9's own ZeroMQ broker, what ``verdi presto`` sets up
+without RabbitMQ) moves the profile's queued tasks too, with both brokers stopped: :func:`move_core_zeromq_tasks`, on
+:mod:`aiida_zmq.migrate` (``aiida-zmq migrate --from core.zeromq`` does the same by hand).
+
 AiiDA is imported inside the commands only: ``aiida-zmq serve`` must not pay for it.
 """
 
@@ -20,11 +24,15 @@ if t.TYPE_CHECKING:
     from aiida.manage.configuration.config import Config
     from aiida.manage.configuration.profile import Profile
 
-__all__ = ('configure', 'presto', 'register')
+    from aiida_zmq.core_zeromq import CoreZeromqDir
+    from aiida_zmq.migrate import CoreZeromqMove
+
+__all__ = ('configure', 'core_zeromq_dir', 'echo_core_zeromq_move', 'move_core_zeromq_tasks', 'presto', 'register')
 
 LOGGER = logging.getLogger(__name__)
 
 ENTRY_POINT = 'zmq'
+CORE_ZEROMQ = 'core.zeromq'
 PRESTO_PREFIX = 'zmq-presto'
 
 
@@ -114,6 +122,105 @@ def _warn_if_daemon_running(profile: Profile, running_with: str = 'with the prev
         )
 
 
+def _daemon_running(profile: Profile) -> bool:
+    """Whether the profile's daemon runs (its circus pid file names a live arbiter)."""
+    from aiida.engine.daemon.client import DaemonClient
+
+    try:
+        client = DaemonClient(profile)
+        return bool(client.is_daemon_running and not client._is_pid_file_stale)
+    except Exception:  # no daemon directory yet, unreadable PID file: no daemon
+        return False
+
+
+def core_zeromq_dir(profile: Profile) -> CoreZeromqDir:
+    """core.zeromq's broker directory of a profile, where aiida-core puts it (whatever the profile's broker is now)."""
+    from aiida.manage.configuration import get_config
+
+    from aiida_zmq.core_zeromq import CoreZeromqDir
+
+    return CoreZeromqDir(get_config().filepaths(profile)['broker_service']['dir'])
+
+
+def move_core_zeromq_tasks(
+    profile: Profile, direction: str, data_dir: pathlib.Path, codec: str, *, dry_run: bool, command: str
+) -> CoreZeromqMove:
+    """Move a profile's queued tasks from core.zeromq into the aiida-zmq store in ``data_dir`` (``direction`` ``in``)
+    or back (``out``), with the profile's launch queue and ``codec``; see :mod:`aiida_zmq.migrate`.
+
+    Refuses (a :class:`click.ClickException`, exit code 1, nothing changed) while the daemon, core.zeromq's broker or
+    an aiida-zmq broker on ``data_dir`` runs, saying what to stop and to run ``command`` again. A dry run refuses
+    nothing: it says what would refuse.
+    """
+    from aiida_zmq import migrate
+    from aiida_zmq.aiida.broker import aiida_codec, launch_queue_name
+    from aiida_zmq.core_zeromq import CoreZeromqRunning
+    from aiida_zmq.exceptions import BrokerRunning, StoreError
+
+    directory = core_zeromq_dir(profile)
+    again = f'then run `{command}` again'
+    daemon = f'the daemon of profile `{profile.name}` is running: stop it first (`verdi -p {profile.name} daemon stop`)'
+    if _daemon_running(profile):
+        if not dry_run:
+            raise click.ClickException(f'{daemon}, {again}. Nothing was moved or changed.')
+        click.secho(f'Note: {daemon}; until then the move would be refused.', fg='yellow', err=True)
+    elif dry_run and (pid := directory.broker_pid()) is not None:
+        stop = f'Note: the core.zeromq broker runs (pid {pid}): stop it first (`kill {pid}`).'
+        click.secho(stop, fg='yellow', err=True)
+    queue = launch_queue_name(profile)
+    encoder, decoder = aiida_codec(codec)
+    try:
+        if direction == migrate.INTO_STORE:
+            return migrate.import_from_core_zeromq(directory, data_dir, queue, encoder, dry_run=dry_run)
+        return migrate.export_to_core_zeromq(data_dir, directory, queue, decoder, dry_run=dry_run)
+    except CoreZeromqRunning as exception:
+        message = str(exception).replace('PROFILE', profile.name)
+        raise click.ClickException(f'{message}; {again}.')
+    except BrokerRunning:
+        raise click.ClickException(
+            f'an aiida-zmq broker is running on {data_dir} (`aiida-zmq status --data-dir {data_dir}` shows it): stop '
+            f'it first, {again}. Nothing was moved or changed.'
+        )
+    except StoreError as exception:
+        raise click.ClickException(f'{exception}. Nothing was moved or changed.')
+
+
+def echo_core_zeromq_move(report: CoreZeromqMove, profile: Profile, data_dir: pathlib.Path) -> None:
+    """Say what a move from or to core.zeromq did (or would do)."""
+    from aiida_zmq.migrate import INTO_STORE
+
+    core_zeromq = f"core.zeromq's {core_zeromq_dir(profile).tasks_dir}"
+    ours = f'the aiida-zmq store in {data_dir}'
+    source, destination = (core_zeromq, ours) if report.direction == INTO_STORE else (ours, core_zeromq)
+    verb = 'Would move' if report.dry_run else 'Moved'
+    held = f', {report.processing} held by a worker when it stopped (they run again)' if report.processing else ''
+    if report.moved:
+        click.echo(f'{verb} {report.moved} task(s) from {source} to {destination} ({report.pending} waiting{held}).')
+    elif not report.finished:
+        click.echo(f'{verb} 0 tasks from {source} to {destination}: there are none.')
+    if report.finished:
+        verb = 'Would finish' if report.dry_run else 'Finished'
+        click.echo(f'{verb} the move of {report.finished} task(s) that an interrupted run had started.')
+    if report.withdrawn:
+        click.echo(
+            f'Withdrew {report.withdrawn} copy(ies) of task(s) run by the other broker after an interrupted move '
+            '(each task runs once).'
+        )
+    for line in report.left:
+        click.secho(f'Left: {line}', fg='yellow', err=True)
+
+
+def _core_zeromq_direction(previous: str | None, name: str | None) -> str | None:
+    """``in`` or ``out`` when switching from or to core.zeromq moves tasks, else ``None``."""
+    from aiida_zmq.migrate import INTO_STORE, OUT_OF_STORE
+
+    if previous == CORE_ZEROMQ and name == ENTRY_POINT:
+        return INTO_STORE
+    if previous == ENTRY_POINT and name == CORE_ZEROMQ:
+        return OUT_OF_STORE
+    return None
+
+
 @click.command('configure')
 @click.argument('profile_name', metavar='[PROFILE]', required=False)
 @click.option(
@@ -139,6 +246,7 @@ def _warn_if_daemon_running(profile: Profile, running_with: str = 'with the prev
     help='Set a broker option (only `--to zmq`), repeatable: peer_timeout, max_deliveries, fsync, heartbeat, codec...',
 )
 @click.option('--force', is_flag=True, help='Store a RabbitMQ configuration even if no RabbitMQ server answers.')
+@click.option('--dry-run', is_flag=True, help='Show what would change and which tasks would move; change nothing.')
 def configure(
     profile_name: str | None,
     backend: str,
@@ -146,10 +254,13 @@ def configure(
     start_timeout: int | None,
     settings: tuple[str, ...],
     force: bool,
+    dry_run: bool,
 ) -> None:
     """Switch the message broker of an existing PROFILE (default: the default profile), or change its options.
 
-    A profile already on this broker keeps its options (data directory included) unless given again.
+    A profile already on this broker keeps its options (data directory included) unless given again. From
+    `core.zeromq` (and back, `--to core.zeromq`) the queued tasks move with it: stop the daemon first. Safe to
+    interrupt: run it again to finish, no task is lost or doubled.
     """
     from aiida.common import exceptions
 
@@ -198,6 +309,38 @@ def configure(
         except exceptions.EntryPointError as exception:
             raise click.ClickException(f'unknown broker `{backend}`: {exception}')
 
+    direction = _core_zeromq_direction(previous, name)
+    if direction is not None:
+        # Tasks first, then the profile: interrupted, the profile still names the side that holds the rest, and the
+        # same command finishes the move.
+        if name == ENTRY_POINT:
+            assert broker_config is not None
+            destination = (
+                pathlib.Path(broker_config['data_dir']) if broker_config.get('data_dir') else broker_data_dir(profile)
+            )
+            codec = str(broker_config.get('codec') or 'hybrid')
+        else:
+            assert previous_data_dir is not None
+            destination, codec = previous_data_dir, str(previous_config.get('codec') or 'hybrid')
+        argv = ['aiida-zmq', 'configure', profile.name] + ([] if name == ENTRY_POINT else ['--to', str(name)])
+        report = move_core_zeromq_tasks(
+            profile, direction, destination, codec, dry_run=dry_run, command=shlex.join(argv)
+        )
+        echo_core_zeromq_move(report, profile, destination)
+    elif previous == CORE_ZEROMQ and previous != name:
+        waiting = len(core_zeromq_dir(profile).task_files())
+        if waiting:
+            click.secho(
+                f'Warning: {waiting} task(s) queued in core.zeromq are not moved to `{name}`. To move them, switch to '
+                f'aiida-zmq first (`aiida-zmq configure {profile.name}`, which moves them), then move them on from '
+                'there (`aiida-zmq migrate --to rabbitmq`, for RabbitMQ).',
+                fg='yellow',
+                err=True,
+            )
+    if dry_run:
+        click.echo(f'Would switch profile `{profile.name}`: broker `{previous}` -> `{name}`. Nothing was changed.')
+        return
+
     profile.set_process_controller(name=name, config=broker_config)
     config.update_profile(profile)
     config.store()
@@ -213,7 +356,16 @@ def configure(
     if name == ENTRY_POINT:
         click.echo(f'Broker data directory: {broker_data_dir(profile)}')
         click.echo('The broker starts with the daemon: `verdi daemon start`.')
-    if previous == ENTRY_POINT and name != ENTRY_POINT:
+    if direction is not None:
+        if name == ENTRY_POINT:
+            # core.zeromq drops tasks under load (a full send queue, a close): their processes wait forever.
+            click.echo(
+                f'Processes whose task core.zeromq lost are not in its directory: `verdi -p {profile.name} process '
+                'repair` finds them and queues them again (with the daemon stopped).'
+            )
+        else:
+            click.echo('The core.zeromq broker starts with the daemon: `verdi daemon start`.')
+    elif previous == ENTRY_POINT and name != ENTRY_POINT:
         click.echo(f'Tasks still queued in the aiida-zmq store ({previous_data_dir}) are not moved to the new broker.')
         store_dir = shlex.quote(str(previous_data_dir))
         if name == 'core.rabbitmq':

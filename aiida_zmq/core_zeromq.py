@@ -227,6 +227,11 @@ class CoreZeromqDir:
         """The retired files by task id (moved, not deleted yet: a move was interrupted between the two)."""
         return {task_file.task_id: task_file.path for task_file in self._files(self.retired_dir, RETIRED)}
 
+    def tidy(self) -> None:
+        """Remove the directory of retired files once it is empty (ours: a finished move leaves nothing behind)."""
+        with contextlib.suppress(OSError):
+            self.retired_dir.rmdir()
+
     def sync(self) -> None:
         """Make the renames and writes so far durable (the directories' entries)."""
         for directory in (self.pending_dir, self.processing_dir, self.retired_dir):

@@ -247,20 +247,22 @@ def import_from_core_zeromq(
 
     ``on_event(event, zeromq_id)`` is called after each durable step: ``copied``, ``retired``, ``moved``, ``withdrawn``.
 
-    :raises CoreZeromqRunning: core.zeromq's broker runs: checked first, and noticed during the move when a file it
-        took disappears (the copy of that task is withdrawn and the move stops; rerun it with the broker stopped).
+    :raises CoreZeromqRunning: core.zeromq's broker runs (not checked for a dry run): checked first, and noticed during
+        the move when a file it took disappears (the copy of that task is withdrawn and the move stops; rerun it with
+        the broker stopped).
     :raises BrokerRunning: a broker of this project holds ``data_dir``.
     """
     report = CoreZeromqMove(INTO_STORE, dry_run=dry_run)
-    source.refuse_if_running()
-    if dry_run:
+    if dry_run:  # changes nothing, so it need not wait for anything to stop (the CLI says what would refuse)
         return _plan_import(source, Path(data_dir), report)
+    source.refuse_if_running()
     directory = ensure_private_dir(data_dir)
     with broker_lock(directory, blocking=False):
         journal = MoveJournal(directory / STORE_FILENAME)
         try:
             _settle_import(journal, source, report, on_event)
             _import_files(journal, source, queue, encoder, report, batch_size, on_event)
+            source.tidy()
         finally:
             journal.close()
         os.chmod(directory / STORE_FILENAME, 0o600)
@@ -456,11 +458,12 @@ def export_to_core_zeromq(
     does a task whose body is not JSON (core.zeromq carries JSON only): ``left`` says so.
     ``on_event(event, zeromq_id)``: ``written`` (step 1 of a task), ``moved`` (its step 2), ``withdrawn``.
 
-    :raises CoreZeromqRunning: core.zeromq's broker runs.
+    :raises CoreZeromqRunning: core.zeromq's broker runs (not for a dry run).
     :raises BrokerRunning: a broker of this project holds ``data_dir``.
     """
     report = CoreZeromqMove(OUT_OF_STORE, dry_run=dry_run)
-    target.refuse_if_running()
+    if not dry_run:
+        target.refuse_if_running()
     path = Path(data_dir) / STORE_FILENAME
     if not path.exists():
         report.left.append(f'there is no task store in {data_dir}: nothing to move')

@@ -160,7 +160,7 @@ def test_every_task_moves_once_in_core_zeromqs_order(core_zeromq: CoreZeromqDir,
     report = _import(core_zeromq, tmp_path / 'data')
     assert (report.moved, report.pending, report.processing, report.left) == (COUNT, COUNT - HELD, HELD, [])
     assert _stored_pids(tmp_path / 'data') == list(range(COUNT))  # submission order, held ones in their place
-    assert core_zeromq.task_files() == [] and core_zeromq.retired_files() == {}
+    assert core_zeromq.task_files() == [] and not core_zeromq.retired_dir.exists()
     assert _import(core_zeromq, tmp_path / 'data').moved == 0
     assert _stored_pids(tmp_path / 'data') == list(range(COUNT))
 
@@ -213,8 +213,7 @@ def test_refused_while_core_zeromqs_broker_runs(core_zeromq: CoreZeromqDir, tmp_
     try:
         with pytest.raises(CoreZeromqRunning, match=rf'running \(pid {service.process.pid}.*daemon stop.*kill'):
             _import(core_zeromq, tmp_path / 'data')
-        with pytest.raises(CoreZeromqRunning):
-            _import(core_zeromq, tmp_path / 'data', dry_run=True)
+        assert _import(core_zeromq, tmp_path / 'data', dry_run=True).moved == COUNT  # a dry run looks all the same
         assert not (tmp_path / 'data').exists()
     finally:
         service.stop()
