@@ -283,6 +283,7 @@ def configure(
     previous = profile.process_control_backend
     previous_config = dict(profile.process_control_config or {})
     previous_data_dir = broker_data_dir(profile) if previous == ENTRY_POINT else None
+    previous_url = _rabbitmq_url(profile) if previous == 'core.rabbitmq' else None
     broker_config: dict[str, t.Any] | None
     if backend == 'none':
         name: str | None = None
@@ -379,8 +380,33 @@ def configure(
                 f'To run them, switch back (`aiida-zmq configure {profile.name} --data-dir {store_dir}`) and start the '
                 'daemon.'
             )
+    elif previous == 'core.rabbitmq' and name == ENTRY_POINT:
+        # The profile no longer names the RabbitMQ server: say which one holds the tasks.
+        url = f' --rabbitmq-url {shlex.quote(previous_url)}' if previous_url else ''
+        click.echo(
+            'Tasks still queued in RabbitMQ are not moved by the switch. Move them (with the daemon stopped): '
+            f'`aiida-zmq migrate --from rabbitmq --profile {profile.name}{url}`'
+        )
     if previous != name:
         _warn_if_daemon_running(profile)
+
+
+def _rabbitmq_url(profile: Profile) -> str | None:
+    """The AMQP URL of a profile on RabbitMQ, for a command to print: a password other than the default ``guest``
+    is replaced by ``PASSWORD`` (the terminal is no place for it)."""
+    import urllib.parse
+
+    from aiida.brokers.rabbitmq.broker import RabbitmqBroker
+
+    try:
+        url = RabbitmqBroker(profile).get_url()
+    except Exception:  # an incomplete configuration: the default URL of `migrate` applies
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.password and parts.password != 'guest':
+        netloc = f'{parts.username}:PASSWORD@{parts.hostname}' + (f':{parts.port}' if parts.port else '')
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 def _default_profile_name(config: Config) -> str:

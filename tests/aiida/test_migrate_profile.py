@@ -8,6 +8,7 @@ the broker's store itself (the documented recipe); with a broker running, throug
 from __future__ import annotations
 
 import re
+import shlex
 import socket
 import sqlite3
 import subprocess
@@ -80,6 +81,26 @@ def test_recipe_with_the_daemon_stopped(aiida_zmq_profile_factory) -> None:
     profile.verdi('daemon', 'start', '2')
     try:
         _wait_done(profile, first + late)
+    finally:
+        profile.daemon_stop()
+
+    # Coming (back) from RabbitMQ, as docs/coming-from-rabbitmq.md says: processes submitted on RabbitMQ with the
+    # daemon stopped wait there; `migrate --from rabbitmq` (the profile's own server) moves them, then the switch.
+    on_rabbitmq = profile.driver('submit', 'add', '2')['pks']
+    assert profile.broker_pid() is None and _stored(profile) == 0
+    dry = profile.aiida_zmq('migrate', '--from', 'rabbitmq', '--profile', profile.name, '--dry-run')
+    assert 'would move 2 task(s)' in dry.stdout, dry.stdout
+    moved = profile.aiida_zmq('migrate', '--from', 'rabbitmq', '--profile', profile.name)
+    assert 'moved 2 task(s)' in moved.stdout and _stored(profile) == 2, moved.stdout
+    switched = profile.aiida_zmq('configure', profile.name)
+    assert 'broker `core.rabbitmq` -> `zmq`' in switched.stdout, switched.stdout
+    hint = re.search(r'`(aiida-zmq migrate --from rabbitmq [^`]+)`', switched.stdout)
+    assert hint, switched.stdout
+    rest = profile.aiida_zmq(*shlex.split(hint.group(1))[1:])  # what was left in RabbitMQ: nothing, as it says
+    assert 'moved 0 task(s)' in rest.stdout and _stored(profile) == 2, rest.stdout
+    profile.daemon_start(2)
+    try:
+        _wait_done(profile, on_rabbitmq)
     finally:
         profile.daemon_stop()
 
