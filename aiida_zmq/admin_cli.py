@@ -445,7 +445,7 @@ def migrate(
     Stop the daemon first (`verdi daemon stop`), so that no worker takes tasks during the move. With the broker
     stopped, the tasks are moved straight from (or into) its store, under its lock; with a broker running, through it
     (core.zeromq: only with both brokers stopped). Safe to interrupt: a task is always on at least one side, and a
-    rerun finishes the move (see docs/rabbitmq.md and docs/core-zeromq.md).
+    rerun finishes the move (docs/coming-from-rabbitmq.md, docs/coming-from-core-zeromq.md).
     """
     from . import migrate as migration
     from .exceptions import BrokerRunning

@@ -193,7 +193,7 @@ def echo_core_zeromq_move(report: CoreZeromqMove, profile: Profile, data_dir: pa
     ours = f'the aiida-zmq store in {data_dir}'
     source, destination = (core_zeromq, ours) if report.direction == INTO_STORE else (ours, core_zeromq)
     verb = 'Would move' if report.dry_run else 'Moved'
-    held = f', {report.processing} held by a worker when it stopped (they run again)' if report.processing else ''
+    held = f', {report.processing} held by a worker when it stopped: they run again' if report.processing else ''
     if report.moved:
         click.echo(f'{verb} {report.moved} task(s) from {source} to {destination} ({report.pending} waiting{held}).')
     elif not report.finished:
