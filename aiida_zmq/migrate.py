@@ -263,6 +263,10 @@ def import_from_core_zeromq(
             _settle_import(journal, source, report, on_event)
             _import_files(journal, source, queue, encoder, report, batch_size, on_event)
             source.tidy()
+        except BaseException:
+            # Ctrl-C or an error inside a batch: ``close()`` would commit it, maybe a row without its journal entry.
+            journal.rollback()
+            raise
         finally:
             journal.close()
         os.chmod(directory / STORE_FILENAME, 0o600)
@@ -478,6 +482,9 @@ def export_to_core_zeromq(
             for start in range(0, len(waiting), batch_size):
                 _export_batch(journal, target, waiting[start : start + batch_size], decoder, report, on_event)
             _left_in_store(journal, queue, report)
+        except BaseException:
+            journal.rollback()  # as above: a row deleted without its journal entry would be taken for one run here
+            raise
         finally:
             journal.close()
     LOGGER.info('moved %d task(s) of %s to %s', report.moved, queue, target.service_dir)

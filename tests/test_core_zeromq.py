@@ -334,3 +334,43 @@ def test_moved_back_then_forth_again(core_zeromq: CoreZeromqDir, tmp_path: Path)
     )
     assert _import(core_zeromq, data_dir).moved == COUNT
     assert _stored_pids(data_dir) == list(range(COUNT))
+
+
+# --- Ctrl-C: an exception inside a batch must not commit half of it --------------------------------------------------
+
+
+def _interrupt_on_call(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
+    """Ctrl-C while the ``number``-th journal entry is written: between a task's row and its entry."""
+    from aiida_zmq.migrate import MoveJournal
+
+    original, calls = MoveJournal.record, []
+
+    def record(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MoveJournal, 'record', record)
+
+
+def test_ctrl_c_between_a_copy_and_its_journal_entry(
+    core_zeromq: CoreZeromqDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _interrupt_on_call(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _import(core_zeromq, tmp_path / 'data')
+    monkeypatch.undo()
+    _import(core_zeromq, tmp_path / 'data')
+    assert _stored_pids(tmp_path / 'data') == list(range(COUNT))
+
+
+def test_ctrl_c_between_forgetting_a_row_and_its_journal_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir, directory = tmp_path / 'data', CoreZeromqDir(tmp_path / 'service')
+    _fill_store(data_dir, range(3))
+    _interrupt_on_call(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _export(data_dir, directory)
+    monkeypatch.undo()
+    _export(data_dir, directory)
+    assert _stored_pids(data_dir) == [] and _core_zeromq_pids(directory) == [0, 1, 2]
