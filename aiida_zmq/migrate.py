@@ -39,6 +39,7 @@ import re
 import sqlite3
 import time
 import typing as t
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,11 +129,12 @@ CREATE TABLE IF NOT EXISTS core_zeromq_moves (
     updated REAL NOT NULL,
     PRIMARY KEY (direction, zeromq_id)
 );
+CREATE TABLE IF NOT EXISTS core_zeromq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# The core.zeromq task id of a task written by :func:`export_to_core_zeromq`: the row it was and that row's creation
-# time, so that a rerun can tell the row it came from (row ids are never reused within a store; the time tells a
-# store that was replaced).
-_EXPORT_ID = re.compile(r'^aiida-zmq-(\d+)-(\d+)$')
+# The core.zeromq task id of a task written by :func:`export_to_core_zeromq`: the store it came from (an id the
+# journal draws once) and its row there (row ids are never reused within a store), so that a rerun can tell its own
+# files, and the row each came from, from the files of any other store.
+_EXPORT_ID = re.compile(r'^aiida-zmq-([0-9a-f]{12})-(\d+)$')
 
 Event = Callable[[str, str], None]
 
@@ -155,6 +157,10 @@ class MoveJournal(TaskStore):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         super().__init__(path, fsync=True)
         self._db.executescript(_JOURNAL_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO core_zeromq_meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex[:12],)
+        )
+        self.store_id: str = self._db.execute("SELECT value FROM core_zeromq_meta WHERE key='store_id'").fetchone()[0]
 
     def entries(self, direction: str) -> dict[str, JournalEntry]:
         rows = self._db.execute(
@@ -172,21 +178,23 @@ class MoveJournal(TaskStore):
         )
 
     @staticmethod
-    def peek(path: str | os.PathLike[str], direction: str) -> dict[str, JournalEntry]:
-        """The entries, read-only (a dry run): none when there is no store or no journal yet."""
+    def peek(path: str | os.PathLike[str], direction: str) -> tuple[str | None, dict[str, JournalEntry]]:
+        """The store id and the entries, read-only (a dry run): nothing when there is no store or journal yet."""
         try:
             database = sqlite3.connect(f'file:{path}?mode=ro', uri=True, timeout=10.0)
         except sqlite3.Error:
-            return {}
+            return None, {}
         try:
             rows = database.execute(
                 'SELECT zeromq_id, task_id, state FROM core_zeromq_moves WHERE direction=?', (direction,)
             ).fetchall()
+            store_id = database.execute("SELECT value FROM core_zeromq_meta WHERE key='store_id'").fetchone()
         except sqlite3.Error:  # no store file, or a store without a journal: nothing was ever moved
-            return {}
+            return None, {}
         finally:
             database.close()
-        return {zeromq_id: JournalEntry(task_id, state) for zeromq_id, task_id, state in rows}
+        entries = {zeromq_id: JournalEntry(task_id, state) for zeromq_id, task_id, state in rows}
+        return (store_id[0] if store_id else None), entries
 
 
 @dataclass
@@ -275,7 +283,7 @@ def import_from_core_zeromq(
 
 
 def _plan_import(source: CoreZeromqDir, data_dir: Path, report: CoreZeromqMove) -> CoreZeromqMove:
-    entries = MoveJournal.peek(data_dir / STORE_FILENAME, INTO_STORE)
+    _, entries = MoveJournal.peek(data_dir / STORE_FILENAME, INTO_STORE)
     for task_file in source.task_files():
         entry = entries.get(task_file.task_id)
         if entry is not None and entry.state == COPIED:
@@ -449,14 +457,15 @@ def export_to_core_zeromq(
     """Move the tasks of ``queue`` in the store of ``data_dir`` (waiting, and held when the broker stopped: both would
     run) into core.zeromq's ``pending/``, where its broker runs them. Both brokers stopped. Per batch, oldest first:
 
-    1. write: each task becomes ``pending/<created us>_aiida-zmq-<row>-<created us>.json``, as core.zeromq writes one
+    1. write: each task becomes ``pending/<created us>_aiida-zmq-<store id>-<row>.json``, as core.zeromq writes one
        (complete and synced under a temporary name, then renamed in); the directory is synced;
     2. forget: the rows are deleted and recorded as ``moved`` in the journal, in one transaction; commit.
 
     A task is in the store until its step 2 and in core.zeromq's queue from its step 1: on both only in between. The
-    file name says which row a task came from, so a rerun first settles every such file without a journal entry: its
-    row still there -> step 2 was not done, it is done now; its row gone -> this broker ran the task after the
-    interrupted move (the daemon was started before the rerun), and the file, ours, is a duplicate: it is deleted.
+    file name says which store and row a task came from, so a rerun first settles every file of this store without a
+    journal entry: its row still there -> step 2 was not done, it is done now; its row gone -> this broker ran the task
+    after the interrupted move (the daemon was started before the rerun), and the file, ours, is a duplicate: it is
+    deleted. Files written from another store are core.zeromq's tasks like any other.
 
     Tasks of other queues and dead letters stay in the store (core.zeromq has one queue and no dead letters), and so
     does a task whose body is not JSON (core.zeromq carries JSON only): ``left`` says so.
@@ -492,8 +501,8 @@ def export_to_core_zeromq(
 
 
 def _plan_export(path: Path, target: CoreZeromqDir, queue: str, report: CoreZeromqMove) -> CoreZeromqMove:
-    entries = MoveJournal.peek(path, OUT_OF_STORE)
-    report.finished = sum(1 for zeromq_id in target.index() if _EXPORT_ID.match(zeromq_id) and zeromq_id not in entries)
+    store_id, entries = MoveJournal.peek(path, OUT_OF_STORE)
+    report.finished = sum(1 for zeromq_id in target.index() if _own_export(zeromq_id, store_id, entries) is not None)
     task_store = TaskStore(path)
     try:
         waiting = _waiting_tasks(task_store, queue)
@@ -506,13 +515,17 @@ def _plan_export(path: Path, target: CoreZeromqDir, queue: str, report: CoreZero
     return report
 
 
-def _created_us(created: float) -> int:
-    return int(created * 1_000_000)
+def export_id(store_id: str, task_id: int) -> str:
+    """The core.zeromq task id of task ``task_id`` of the store ``store_id``, written for core.zeromq."""
+    return f'aiida-zmq-{store_id}-{task_id}'
 
 
-def export_id(task_id: int, created: float) -> str:
-    """The core.zeromq task id of a task of the store written for core.zeromq."""
-    return f'aiida-zmq-{task_id}-{_created_us(created)}'
+def _own_export(zeromq_id: str, store_id: str | None, entries: dict[str, JournalEntry]) -> int | None:
+    """The row a file written by this store came from, if the journal does not say yet that it was moved."""
+    match = _EXPORT_ID.match(zeromq_id)
+    if match is None or match.group(1) != store_id or zeromq_id in entries:
+        return None
+    return int(match.group(2))
 
 
 def _waiting_tasks(task_store: TaskStore, queue: str) -> list[tuple[int, float, str]]:
@@ -526,18 +539,16 @@ def _settle_export(journal: MoveJournal, target: CoreZeromqDir, report: CoreZero
     target.remove_temporary_files()  # ours, never renamed in: core.zeromq never saw them
     entries = journal.entries(OUT_OF_STORE)
     unsettled = {
-        zeromq_id: task_file
+        zeromq_id: (task_id, task_file)
         for zeromq_id, task_file in target.index().items()
-        if _EXPORT_ID.match(zeromq_id) and zeromq_id not in entries
+        if (task_id := _own_export(zeromq_id, journal.store_id, entries)) is not None
     }
     if not unsettled:
         return
-    created = {row['id']: row['created'] for row in journal.list_tasks(None, limit=2**62) if row['state'] != 'dead'}
-    for zeromq_id, task_file in unsettled.items():
-        match = _EXPORT_ID.match(zeromq_id)
-        assert match is not None
-        task_id = int(match.group(1))
-        if task_id in created and export_id(task_id, created[task_id]) == zeromq_id:
+    rows = journal.load_tasks(task_id for task_id, _ in unsettled.values())
+    present = {task.id for task in rows if task.state != DEAD}
+    for zeromq_id, (task_id, task_file) in unsettled.items():
+        if task_id in present:
             journal.delete([task_id])
             journal.record(OUT_OF_STORE, zeromq_id, task_id, MOVED)
             report.finished += 1
@@ -563,7 +574,7 @@ def _export_batch(
     states = {task_id: state for task_id, _, state in batch}
     written: list[tuple[int, str]] = []
     for task in journal.load_tasks(created):
-        zeromq_id = export_id(task.id, created[task.id])
+        zeromq_id = export_id(journal.store_id, task.id)
         try:
             target.write_pending(zeromq_id, decoder(task.payload), created[task.id])
         except Exception as exception:  # a body core.zeromq cannot carry, or one that does not decode

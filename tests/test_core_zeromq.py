@@ -374,3 +374,17 @@ def test_ctrl_c_between_forgetting_a_row_and_its_journal_entry(tmp_path: Path, m
     monkeypatch.undo()
     _export(data_dir, directory)
     assert _stored_pids(data_dir) == [] and _core_zeromq_pids(directory) == [0, 1, 2]
+
+
+def test_files_written_from_another_store_are_left_alone(tmp_path: Path) -> None:
+    """Two stores moved into one core.zeromq (a profile that changed its data directory): the second move's rerun
+    must not take the first one's files for its own duplicates."""
+    directory = CoreZeromqDir(tmp_path / 'service')
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    _fill_store(first, range(2))
+    assert _export(first, directory).moved == 2
+    _fill_store(second, range(10, 13))
+    assert _mover('out', directory, second, 'written', '1').returncode == -signal.SIGKILL
+    report = _export(second, directory)
+    assert (report.withdrawn, report.finished, report.moved) == (0, 1, 2), report
+    assert sorted(_core_zeromq_pids(directory)) == [0, 1, 10, 11, 12]
