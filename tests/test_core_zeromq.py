@@ -62,7 +62,9 @@ class CoreZeromqService:
             what='the core.zeromq broker to write its pid file',
         )
         assert self.process.poll() is None, 'the core.zeromq broker exited'
-        wait_until((service_dir / 'broker.sockets').exists, timeout=30, what='its sockets file')
+        # Its status file comes last in its start-up. A SIGTERM before then can be lost: its handler may run before the
+        # service marks itself running, which then runs on (a race of core.zeromq 2.9.4, seen here under load).
+        wait_until((service_dir / 'broker.status').exists, timeout=30, what='its status file')
         self.endpoint = f'ipc://{(service_dir / "broker.sockets").read_text().strip()}/router.sock'
 
     def communicator(self, **options):

@@ -139,6 +139,8 @@ def test_switch_from_core_zeromq_interrupted_twice_then_back(core_zeromq_profile
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert f'`verdi -p {profile.name} daemon stop`' in refused.stderr and 'Nothing was moved' in refused.stderr
     assert profile.backend() == 'core.zeromq' and sorted(profile.core_zeromq_pids()) == sorted(every)
+    looked = profile.aiida_zmq('configure', profile.name, '--dry-run')  # a dry run looks all the same, and warns
+    assert 'Would move 10 task(s)' in looked.stdout and 'daemon stop' in looked.stderr, looked.stdout + looked.stderr
 
     profile.daemon_stop()
     assert profile.core_zeromq.broker_pid() is None and sorted(profile.core_zeromq_pids()) == sorted(every)
