@@ -2,9 +2,10 @@
 
 Three kinds of thread meet here:
 
-- callers (any thread) call the public methods and hand work to the I/O thread, with one exception: a task send.
-  Each caller thread sends its tasks on a socket of its own (:class:`_TaskSender`) and waits there for the broker's
-  confirm; the two thread hand-overs it saves were a third of a send's time;
+- callers (any thread) call the public methods and hand work to the I/O thread, with three exceptions: a task send,
+  a broadcast and an RPC to another client. For those, each caller thread sends on a socket of its own
+  (:class:`_DirectSocket`) and waits there for the broker's answer; the two thread hand-overs that saves were a third
+  of a send's time;
 - the I/O thread owns the DEALER socket: it sends, receives, heartbeats, notices a lost or restarted broker and
   says HELLO again, re-registering this communicator's subscriptions by itself. It also runs RPC and broadcast
   subscribers, as kiwipy's RMQ communicator runs them on its event-loop thread: they answer at once or return a
@@ -208,10 +209,10 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._callbacks = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix='aiida-zmq-callback', initializer=self._on_callback_thread
         )
-        # Each caller thread's task sender; the set (weak: a thread's sender goes with the thread) lets close() close
-        # the sockets of idle ones.
+        # Each caller thread's direct socket; the set (weak: a thread's socket goes with the thread) lets close() close
+        # the idle ones.
         self._local = threading.local()
-        self._senders: weakref.WeakSet[_TaskSender] = weakref.WeakSet()
+        self._senders: weakref.WeakSet[_DirectSocket] = weakref.WeakSet()
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -389,16 +390,36 @@ class ZmqCommunicator(kiwipy.Communicator):
         identifier = encode_name(str(recipient_id), 'an RPC recipient')
         payload = self._encode(msg)
         future: kiwipy.Future = kiwipy.Future()
-        routed: concurrent.futures.Future = concurrent.futures.Future()
         correlation = self._correlation()
-        frames = protocol.encode(Command.RPC_CALL, correlation, identifier, payload)
-        self._call(lambda: self._io_rpc_call(correlation, frames, future, routed))
-        if not self._wait_done(routed, self._broker_timeout):
-            self._call(lambda: self._io_forget(correlation))
-            raise BrokerUnreachable(
-                f'the broker at {self.endpoint} did not route the RPC to {recipient_id!r} within '
-                f'{self._broker_timeout:.0f}s (is it running? `aiida-zmq status`): it was not sent'
-            )
+        unreachable = BrokerUnreachable(
+            f'the broker at {self.endpoint} did not route the RPC to {recipient_id!r} within '
+            f'{self._broker_timeout:.0f}s (is it running? `aiida-zmq status`): it was not sent'
+        )
+        with self._lock:
+            own = str(recipient_id) in self._rpc_subscribers
+        if own or threading.current_thread() is self._io_thread:
+            # Through the session: to one's own subscriber the request comes on the session ahead of the answer, so it
+            # is handled when this returns; on the I/O thread nothing can wait.
+            routed: concurrent.futures.Future = concurrent.futures.Future()
+            frames = protocol.encode(Command.RPC_CALL, correlation, identifier, payload)
+            self._call(lambda: self._io_rpc_call(correlation, frames, future, routed))
+            if not self._wait_done(routed, self._broker_timeout):
+                self._call(lambda: self._io_forget(correlation))
+                raise unreachable
+            return future
+        # To another client: on this thread's own socket, the reply to the session (known before the send).
+        frames = protocol.encode(Command.RPC_SUBMIT, correlation, self._routing_id, identifier, payload)
+        self._rpc_results[correlation] = future
+        try:
+            answer = self._direct().request(correlation, frames, self._broker_timeout)
+            if answer.command is not Command.DONE:
+                raise _answer_error(answer)
+        except _NoAnswer:
+            self._rpc_results.pop(correlation, None)
+            raise unreachable from None
+        except BaseException:
+            self._rpc_results.pop(correlation, None)
+            raise
         return future
 
     # kiwipy.Communicator: tasks -----------------------------------------------------------------------------------
@@ -478,8 +499,13 @@ class ZmqCommunicator(kiwipy.Communicator):
         message = {'body': body, 'sender': sender, 'subject': subject, 'correlation_id': correlation_id}
         payload = self._encode(message)
         correlation = self._correlation()
-        done = self._request_done(correlation, protocol.encode(Command.PUBLISH, correlation, payload))
-        if not self._wait_done(done, self._broker_timeout):
+        frames = protocol.encode(Command.PUBLISH, correlation, payload)
+        if threading.current_thread() is self._io_thread:
+            self._request_done(correlation, frames)  # through the session, not waited for
+            return True
+        try:
+            answer = self._direct().request(correlation, frames, self._broker_timeout)
+        except _NoAnswer:
             LIMITED.warning(
                 'the broker at %s did not take a broadcast within %.0fs: it goes out once the broker is back',
                 self.endpoint,
@@ -487,6 +513,8 @@ class ZmqCommunicator(kiwipy.Communicator):
                 key='publish-timeout',
             )
             return False
+        if answer.command is not Command.DONE:
+            raise _answer_error(answer)
         return True
 
     def _subscribe(self) -> concurrent.futures.Future:
@@ -605,12 +633,20 @@ class ZmqCommunicator(kiwipy.Communicator):
             self._task_results[correlation] = result
         try:
             # As RmqThreadCommunicator waits for RabbitMQ's publisher confirm: return once the task is on disk.
-            task_id, held_here = self._task_sender().submit(correlation, frames, self._confirm_timeout)
+            answer = self._direct().request(correlation, frames, self._confirm_timeout)
+            if answer.command is not Command.TASK_CONFIRM:
+                raise _answer_error(answer)
+        except _NoAnswer:
+            self._task_results.pop(correlation, None)
+            raise kiwipy.DeliveryFailed(
+                f'the broker at {self.endpoint} did not confirm the task within {self._confirm_timeout:.0f}s; it may '
+                'or may not have been stored. Check the broker with `aiida-zmq status`.'
+            ) from None
         except BaseException:
             self._task_results.pop(correlation, None)
             raise
-        if held_here:
-            self._wait_taken(task_id)
+        if answer.args[2] == protocol.FLAG_TRUE:  # held_here
+            self._wait_taken(protocol.to_int(answer.args[1]))
         return result
 
     def _wait_taken(self, task_id: int) -> None:
@@ -646,12 +682,13 @@ class ZmqCommunicator(kiwipy.Communicator):
                 self._taken_ids.discard(self._taken_order.popleft())
             self._taken.notify_all()
 
-    def _task_sender(self) -> _TaskSender:
-        sender: _TaskSender | None = getattr(self._local, 'sender', None)
-        if sender is None or sender.closed:
-            sender = self._local.sender = _TaskSender(self)
-            self._senders.add(sender)
-        return sender
+    def _direct(self) -> _DirectSocket:
+        """This thread's direct socket (see :class:`_DirectSocket`), created at its first request."""
+        direct: _DirectSocket | None = getattr(self._local, 'direct', None)
+        if direct is None or direct.closed:
+            direct = self._local.direct = _DirectSocket(self)
+            self._senders.add(direct)
+        return direct
 
     # I/O thread ---------------------------------------------------------------------------------------------------
 
@@ -1257,6 +1294,16 @@ def encode_name(value: Any, what: str) -> bytes:
     return data
 
 
+def _answer_error(answer: protocol.Message) -> Exception:
+    """The exception for a direct request's answer that is not the one it hoped for (``ERROR``, ``RPC_UNROUTABLE``)."""
+    args = answer.args
+    if answer.command is Command.RPC_UNROUTABLE:
+        return kiwipy.UnroutableError(bytes(args[1]).decode(errors='replace'))
+    if answer.command is Command.ERROR:
+        return broker_error(bytes(args[1]), bytes(args[2]).decode(errors='replace'))
+    return kiwipy.DeliveryFailed(f'unexpected answer {answer.command.name} from the broker')
+
+
 def broker_error(code: bytes, text: str) -> Exception:
     """The exception a caller gets for the broker's ``ERROR`` answer to its request."""
     if code == ErrorCode.TOO_LARGE:
@@ -1266,27 +1313,34 @@ def broker_error(code: bytes, text: str) -> Exception:
     return kiwipy.DeliveryFailed(f'{code.decode(errors="replace")}: {text}')
 
 
-class _TaskSender:
-    """One caller thread's own DEALER socket for its task sends (``TASK_SUBMIT``), used by that thread only.
+class _NoAnswer(Exception):
+    """The broker did not answer a direct request in time (internal: each caller says what that means for it)."""
 
-    Why: a send through the I/O thread crosses two threads (caller to I/O thread, confirm back), each a wake-up, and
-    those cost a third of a confirmed send (bench, ``tasks``). Here the caller sends, then waits on its own socket
-    for the confirm. The socket has no session: the broker answers it directly and routes the task's result to the
-    communicator's session (``reply_to``), where the I/O thread resolves the future.
 
-    At least once, as through the session: a broker that dies holding an unconfirmed task may have lost it, so when
-    the I/O thread has been welcomed again (:attr:`ZmqCommunicator._welcomes` changed) the task is sent again. A
-    confirm for an earlier copy is ignored; the copy itself may be delivered too.
+class _DirectSocket:
+    """One caller thread's own DEALER socket for the requests that need no session, used by that thread only.
+
+    ``TASK_SUBMIT`` (a task send), ``PUBLISH`` (a broadcast) and ``RPC_SUBMIT`` (an RPC to another client) go out on
+    it, and the caller waits on it for the broker's answer (``TASK_CONFIRM``, ``DONE``, ``RPC_UNROUTABLE``, ``ERROR``).
+    Why: through the I/O thread, a request crosses two threads (caller to I/O thread, answer back), each a wake-up,
+    and those cost a third of a confirmed send (bench, ``tasks``) and half of what waiting for a broadcast's or an
+    RPC's routing costs. Answers that need the session (a task's result, an RPC's reply) still come to the session,
+    named in the request, where the I/O thread resolves the caller's future.
+
+    At least once, as through the session: a broker that dies holding an unanswered request may have lost it, so when
+    the I/O thread has been welcomed again (:attr:`ZmqCommunicator._welcomes` changed) the request is sent again; an
+    ``RPC_SUBMIT`` the broker refused because it did not know the session yet is sent again then too. An answer to an
+    earlier copy is ignored; the copy itself may take effect too.
     """
 
-    #: How often a waiting sender looks whether the communicator was closed or met a restarted broker (seconds).
+    #: How often a waiting caller looks whether the communicator was closed or met a restarted broker (seconds).
     CHECK_INTERVAL = 0.05
 
     def __init__(self, communicator: ZmqCommunicator) -> None:
         self._communicator = communicator
         self._busy = threading.Lock()  # held while the owner thread uses the socket; close_if_idle() respects it
         socket = communicator._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)  # nothing to flush at close: an unconfirmed task is the caller's to resend
+        socket.setsockopt(zmq.LINGER, 0)  # nothing to flush at close: an unanswered request is the caller's to resend
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if communicator._curve is not None:
@@ -1316,9 +1370,12 @@ class _TaskSender:
             self._socket.close(0)
             self._socket = None
 
-    def submit(self, correlation: bytes, frames: list[bytes], timeout: float) -> tuple[int, bool]:
-        """Send ``frames`` (a ``TASK_SUBMIT``); once the broker confirms it is stored, return the task id and
-        whether the broker handed the task to the sender's own session."""
+    def request(self, correlation: bytes, frames: list[bytes], timeout: float) -> protocol.Message:
+        """Send ``frames`` and return the broker's answer that carries ``correlation``.
+
+        :raises _NoAnswer: when none came within ``timeout`` seconds.
+        :raises kiwipy.CommunicatorClosed: when the communicator was closed meanwhile.
+        """
         communicator = self._communicator
         deadline = time.monotonic() + timeout
         with self._busy:
@@ -1327,42 +1384,39 @@ class _TaskSender:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise kiwipy.DeliveryFailed(
-                        f'the broker at {communicator.endpoint} did not confirm the task within {timeout:.0f}s; it may '
-                        'or may not have been stored. Check the broker with `aiida-zmq status`.'
-                    )
+                    raise _NoAnswer()
                 socket = self._ready_socket()
                 if socket.poll(int(min(remaining, self.CHECK_INTERVAL) * 1000) + 1):
-                    confirmed = self._answer(correlation, socket.recv_multipart())
-                    if confirmed is not None:
-                        return confirmed
+                    answer = self._answer(correlation, socket.recv_multipart())
+                    if answer is not None:
+                        return answer
                 elif communicator._welcomes != welcomes:
-                    # Welcomed again: the broker restarted (or we were cut off), and may have lost the task with it.
+                    # Welcomed again: the broker restarted (or we were cut off), and may have lost the request.
                     welcomes = communicator._welcomes
                     self._send(frames, deadline)
 
     def _ready_socket(self) -> zmq.Socket:
         if self._communicator._closed:
             self._close()
-            raise kiwipy.CommunicatorClosed('the communicator was closed while a task was being sent')
+            raise kiwipy.CommunicatorClosed('the communicator was closed while a request was on its way')
         assert self._socket is not None
         return self._socket
 
     def _send(self, frames: list[bytes], deadline: float) -> None:
         socket = self._ready_socket()
-        # Blocks only while the socket's queue is full; the confirm timeout bounds it.
+        # Blocks only while the socket's queue is full; the caller's timeout bounds it.
         socket.setsockopt(zmq.SNDTIMEO, max(int((deadline - time.monotonic()) * 1000), 1))
         try:
             socket.send_multipart(frames)
         except zmq.Again:
-            raise kiwipy.DeliveryFailed(f'the broker at {self._communicator.endpoint} took no task in time') from None
+            raise _NoAnswer() from None
 
-    def _answer(self, correlation: bytes, frames: list[bytes]) -> tuple[int, bool] | None:
-        """The confirm for ``correlation`` (task id, held here); ``None`` for another answer (to an earlier copy)."""
+    def _answer(self, correlation: bytes, frames: list[bytes]) -> protocol.Message | None:
+        """The answer for ``correlation``; ``None`` for another one (to an earlier copy) or for "no session yet"."""
         try:
             message = protocol.decode(frames)
         except protocol.ProtocolError as exception:
-            LOGGER.warning('dropped a malformed answer to a task send: %s', exception)
+            LIMITED.warning('dropped a malformed answer to a direct request: %s', exception, key='direct-malformed')
             return None
         args = message.args
         if message.command is Command.ERROR and bytes(args[1]) == ErrorCode.VERSION:
@@ -1370,11 +1424,9 @@ class _TaskSender:
             raise kiwipy.DeliveryFailed(f'the broker at {self._communicator.endpoint} refused this client: {text}')
         if not args or bytes(args[0]) != correlation:
             return None
-        if message.command is Command.TASK_CONFIRM:
-            return protocol.to_int(args[1]), args[2] == protocol.FLAG_TRUE
-        if message.command is Command.ERROR:
-            raise broker_error(bytes(args[1]), bytes(args[2]).decode(errors='replace'))
-        return None
+        if message.command is Command.ERROR and bytes(args[1]) == ErrorCode.UNKNOWN_CLIENT:
+            return None  # the broker does not know our session yet: sent again once it welcomed it (see request)
+        return message
 
 
 class ZmqTaskQueue:

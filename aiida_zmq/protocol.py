@@ -79,12 +79,18 @@ class Command(enum.IntEnum):
     RPC_REPLY = 0x25  # C: call_id, final flag, payload
     RPC_RESULT = 0x26  # B: correlation, final flag, payload
     RPC_UNROUTABLE = 0x27  # B: correlation, reason
+    # C, from a socket without a session (like TASK_SUBMIT): correlation, session (whose RPC_RESULTs it is), identifier,
+    # payload. Answered DONE / RPC_UNROUTABLE on the socket it came from; ERROR unknown-client when the broker has no
+    # such session (yet): send it again once welcomed.
+    RPC_SUBMIT = 0x28
 
     # Broadcast
     SUBSCRIBE = 0x30  # C: correlation; from now on this client receives every broadcast; answered DONE
     UNSUBSCRIBE = 0x31  # C: (none)
     BROADCAST = 0x32  # B: payload (a broadcast, to every subscribed client)
-    PUBLISH = 0x33  # C: correlation, payload; a broadcast for every subscribed client; answered DONE
+    # C: correlation, payload; a broadcast for every subscribed client; answered DONE on the socket it came from (a
+    # session's or one without a session, like TASK_SUBMIT)
+    PUBLISH = 0x33
 
     # Administration (status, peer-gone, dead letters): small JSON documents, never task payloads
     ADMIN = 0x40  # C: correlation, request (JSON object with an "op" key)
@@ -121,6 +127,7 @@ ARGUMENTS: dict[Command, tuple[str, ...]] = {
     Command.RPC_REPLY: ('call_id', 'final', 'payload'),
     Command.RPC_RESULT: ('correlation', 'final', 'payload'),
     Command.RPC_UNROUTABLE: ('correlation', 'reason'),
+    Command.RPC_SUBMIT: ('correlation', 'session', 'identifier', 'payload'),
     Command.SUBSCRIBE: ('correlation',),
     Command.UNSUBSCRIBE: (),
     Command.BROADCAST: ('payload',),

@@ -573,15 +573,17 @@ class Broker:
         if message.command is Command.HELLO:
             self._on_hello(socket, routing_id, message.args)
             return
-        if message.command is Command.TASK_SUBMIT:
-            # Needs no session: a caller thread's sender socket (see the communicator) never says HELLO.
+        sessionless = self._sessionless.get(message.command)
+        if sessionless is not None:
+            # Needs no session: a caller thread's direct socket (see the communicator) never says HELLO.
             if client is not None:
                 client.last_seen = time.monotonic()
             try:
-                self._on_task_submit(socket, routing_id, message.args)
+                # From a session (the I/O thread's PUBLISH), answered through it, in order with the rest.
+                sessionless(self, client if client is not None else Sender(routing_id, socket), message.args)
             except (protocol.ProtocolError, UnicodeDecodeError) as exception:
                 self.stats['malformed'] += 1
-                LOGGER.warning('dropped a malformed TASK_SUBMIT from %r: %s', routing_id, exception)
+                LOGGER.warning('dropped a malformed %s from %r: %s', message.command.name, routing_id, exception)
             return
         if client is None:
             self._on_unknown_client(socket, routing_id, message)
@@ -730,10 +732,10 @@ class Broker:
         correlation, queue_name, no_reply, payload = args
         self._store_task(client, correlation, queue_name, no_reply == protocol.FLAG_TRUE, client.routing_id, payload)
 
-    def _on_task_submit(self, socket: zmq.Socket, routing_id: bytes, args: Sequence[bytes]) -> None:
+    def _on_task_submit(self, sender: Client | Sender, args: Sequence[bytes]) -> None:
         """A task from a caller thread's own socket (no session): the result goes to the session it names."""
         correlation, session, queue_name, no_reply, payload = args
-        sender, no_reply_flag = Sender(routing_id, socket), no_reply == protocol.FLAG_TRUE
+        no_reply_flag = no_reply == protocol.FLAG_TRUE
         self._store_task(sender, correlation, queue_name, no_reply_flag, bytes(session) or None, payload)
 
     def _store_task(
@@ -952,17 +954,33 @@ class Broker:
 
     def _on_rpc_call(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, identifier, payload = args
+        self._route_call(client, client, correlation, identifier, payload)
+
+    def _on_rpc_submit(self, sender: Client | Sender, args: Sequence[bytes]) -> None:
+        """An RPC from a caller thread's own socket: answered there, its replies go to the session it names."""
+        correlation, session, identifier, payload = args
+        caller = self.clients.get(bytes(session))
+        if caller is None:
+            # Its replies would have nowhere to go: the caller sends it again once its session is welcomed.
+            self._answer(sender, Command.ERROR, correlation, ErrorCode.UNKNOWN_CLIENT, b'no such session: say HELLO')
+            return
+        self._route_call(caller, sender, correlation, identifier, payload)
+
+    def _route_call(
+        self, caller: Client, peer: Client | Sender, correlation: bytes, identifier: bytes, payload: bytes
+    ) -> None:
+        """Hand a call to its recipient, then tell ``peer`` (``DONE``), or tell it at once that nobody holds it."""
         owner = self.rpc_owners.get(bytes(identifier).decode())
         if owner is None:
             reason = b"no subscriber with identifier '" + bytes(identifier) + b"'"
-            self._send(client, Command.RPC_UNROUTABLE, correlation, reason)
+            self._answer(peer, Command.RPC_UNROUTABLE, correlation, reason)
             return
         call_id = next(self._call_ids)
-        self.calls[call_id] = RpcCall(client, correlation, owner)
+        self.calls[call_id] = RpcCall(caller, correlation, owner)
         owner.calls_in.add(call_id)
         self._send(owner, Command.RPC_REQUEST, protocol.number(call_id), identifier, payload)
         # After the request: a client calling its own subscriber has it handled when its rpc_send returns.
-        self._send(client, Command.DONE, correlation)
+        self._answer(peer, Command.DONE, correlation)
 
     def _on_rpc_reply(self, client: Client, args: Sequence[bytes]) -> None:
         call_id = protocol.to_int(args[0])
@@ -986,13 +1004,14 @@ class Broker:
     def _on_unsubscribe(self, client: Client, args: Sequence[bytes]) -> None:
         client.subscribed = False
 
-    def _on_publish(self, client: Client, args: Sequence[bytes]) -> None:
+    def _on_publish(self, sender: Client | Sender, args: Sequence[bytes]) -> None:
+        """A broadcast, from a session or a direct socket (it needs no session): to every subscriber, then DONE."""
         correlation, payload = args
         self.stats['broadcasts'] += 1
         for peer in self.clients.values():
             if peer.subscribed:
                 self._send(peer, Command.BROADCAST, payload)
-        self._send(client, Command.DONE, correlation)
+        self._answer(sender, Command.DONE, correlation)
 
     # Administration -----------------------------------------------------------------------------------------------
 
@@ -1099,8 +1118,14 @@ class Broker:
         Command.RPC_REPLY: _on_rpc_reply,
         Command.SUBSCRIBE: _on_subscribe,
         Command.UNSUBSCRIBE: _on_unsubscribe,
-        Command.PUBLISH: _on_publish,
         Command.ADMIN: _on_admin,
+    }
+
+    #: Commands a socket without a session may send (the communicator's direct sockets); answered on that socket.
+    _sessionless = {
+        Command.TASK_SUBMIT: _on_task_submit,
+        Command.RPC_SUBMIT: _on_rpc_submit,
+        Command.PUBLISH: _on_publish,
     }
 
     # Introspection ------------------------------------------------------------------------------------------------
@@ -1143,6 +1168,7 @@ _CORRELATED = frozenset(
         Command.TASK_GET,
         Command.RPC_REGISTER,
         Command.RPC_CALL,
+        Command.RPC_SUBMIT,
         Command.RPC_UNREGISTER,
         Command.CONSUME,
         Command.CANCEL,

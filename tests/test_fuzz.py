@@ -393,11 +393,19 @@ class FakeBroker:
             if not self.router.poll(10):
                 continue
             routing_id, *message = self.router.recv_multipart()
-            self.client = routing_id
             decoded = protocol.decode(message)
             if decoded.command is Command.HELLO:
+                self.client = routing_id  # the session: garbage goes there (not to a direct socket)
                 self.router.send_multipart([routing_id, *protocol.encode(Command.WELCOME, b'e1', b'200', b'1000000')])
                 self.welcomed.set()
+            elif decoded.command is Command.RPC_SUBMIT:
+                # From the caller's direct socket: routed (DONE there), the result to the session it names.
+                correlation, session, _identifier, payload = decoded.args
+                response = self.codec.encode({'result': self.codec.decode(payload)})
+                self.router.send_multipart([routing_id, *protocol.encode(Command.DONE, correlation)])
+                self.router.send_multipart(
+                    [bytes(session), *protocol.encode(Command.RPC_RESULT, correlation, b'1', response)]
+                )
             elif decoded.command is Command.RPC_CALL:
                 correlation, _identifier, payload = decoded.args
                 response = self.codec.encode({'result': self.codec.decode(payload)})

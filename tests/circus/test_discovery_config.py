@@ -182,7 +182,7 @@ from aiida.manage import get_manager
 
 load_profile(sys.argv[1], allow_switch=True)
 communicator = get_manager().get_communicator()
-print(communicator.admin('status')['pid'])
+print(communicator.connection.admin('status')['pid'])
 """
 
 
