@@ -12,12 +12,24 @@ __all__ = (
     'BrokerUnreachable',
     'MessageTooLarge',
     'StoreError',
+    'StoreReplaced',
     'TaskNotAccepted',
+    'UnsafePath',
 )
 
 
 class StoreError(RuntimeError):
     """The task store cannot be opened or written (corrupt file, disk full, read-only directory, wrong schema)."""
+
+
+class StoreReplaced(StoreError):
+    """The store file is not the one the broker left (truncated, its WAL lost, another store put in its place): the
+    broker refuses to start rather than serve what is left as if nothing had happened."""
+
+
+class UnsafePath(PermissionError):
+    """A directory or socket that another user controls (its owner, a symbolic link, its mode): using it would let
+    them read the tasks or put a broker of their own in the way."""
 
 
 class BrokerRunning(RuntimeError):

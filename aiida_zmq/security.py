@@ -1,6 +1,13 @@
-"""CURVE authentication for TCP endpoints: keys in the broker's data directory, clients authorized by public key.
+"""Who may reach the broker: private directories and sockets for ``ipc://``, CURVE keys for ``tcp://``.
 
-An ``ipc://`` endpoint is protected by the file system (its directory is 0700: only the user reaches it). A TCP port
+An ``ipc://`` endpoint is protected by the file system: its directory is 0700 *and owned by the user*, is a real
+directory (not a symbolic link), and sits under directories no other user can change. The mode alone proves nothing:
+another user may create ``/tmp/aiida-zmq-<uid>`` first, with mode 0700, and put a fake broker's socket in it. The
+broker checks this for its data directory and every socket directory (:func:`ensure_private_dir`), the client for the
+endpoint it connects to (:func:`check_ipc_endpoint`); a ``--bind`` path is replaced only when it is a stale socket of
+this user that nobody listens on (:func:`remove_stale_socket`).
+
+A TCP port
 is reachable by every user of the machine, and beyond it unless bound to loopback, so the broker binds ``tcp://``
 only with CURVE (``aiida-zmq serve --curve``): the traffic is encrypted and only clients whose public key is in
 ``DATA_DIR/curve/authorized/`` may connect. Layout::
@@ -17,19 +24,37 @@ tests and throwaway setups only). This module imports nothing from AiiDA.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pwd
+import socket as stdlib_socket
+import stat
+import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .store import ensure_private_dir
+from .exceptions import UnsafePath
 
-__all__ = ('CurveKeys', 'CurveServer', 'client_keys', 'create_client_keys', 'curve_dir', 'ensure_server_keys')
+if t.TYPE_CHECKING:
+    import click
+
+__all__ = (
+    'CurveKeys',
+    'CurveServer',
+    'check_ipc_endpoint',
+    'check_private_dir',
+    'client_keys',
+    'create_client_keys',
+    'curve_dir',
+    'ensure_private_dir',
+    'ensure_server_keys',
+    'remove_stale_socket',
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,6 +62,227 @@ CURVE_DIRNAME = 'curve'
 SERVER_NAME = 'server'
 ZAP_DOMAIN = b'aiida-zmq'
 LOOPBACK_HOSTS = ('127.0.0.1', 'localhost', '[::1]')
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Private directories and sockets: trusted by their owner, not only by their mode
+
+
+def _user(uid: int) -> str:
+    try:
+        return f'{pwd.getpwuid(uid).pw_name} (uid {uid})'
+    except KeyError:
+        return f'uid {uid}'
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, 'a regular file'),
+        (stat.S_ISDIR, 'a directory'),
+        (stat.S_ISLNK, 'a symbolic link'),
+        (stat.S_ISFIFO, 'a named pipe'),
+        (stat.S_ISCHR, 'a character device'),
+        (stat.S_ISBLK, 'a block device'),
+    ):
+        if test(mode):
+            return name
+    return 'not a socket'
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path('/')
+
+
+def _cannot_create(directory: Path, exception: OSError) -> str:
+    """What went wrong creating ``directory``, in a sentence that says what to do (not ``[Errno 20] ...``)."""
+    existing = _nearest_existing(directory.absolute())
+    code = exception.errno
+    if code == errno.ENOTDIR or (existing.exists() and not existing.is_dir()):
+        return (
+            f'cannot create the directory {directory}: {existing} is a file, not a directory. '
+            'Choose a directory that is not under a file'
+        )
+    if code == errno.ENOENT:
+        return (
+            f'cannot create the directory {directory}: the file system of {existing} does not allow new directories '
+            '(like /proc or /sys). Choose a directory on a disk, e.g. under your home directory'
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return (
+            f'cannot create the directory {directory}: {existing} is not writable by {_user(os.geteuid())}. Choose a '
+            'directory you can write, or have its owner create it for you'
+        )
+    if code == errno.EROFS:
+        return (
+            f'cannot create the directory {directory}: {existing} is on a read-only file system. Remount it '
+            'read-write or choose another directory'
+        )
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f'cannot create the directory {directory}: the disk (or your quota) is full. Free space and try again'
+    return f'cannot create the directory {directory}: {exception.strerror or exception}. Choose another directory'
+
+
+def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (mode 0700, parents as needed) or check the one there with :func:`check_private_dir`.
+
+    :raises UnsafePath: when the directory is not this user's alone.
+    :raises OSError: when it cannot be created; the message says why and what to do.
+    """
+    directory = Path(path)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # something that is not a directory, or a dangling link: check_private_dir says which
+    except OSError as exception:
+        raise OSError(_cannot_create(directory, exception)) from None
+    check_private_dir(directory)
+    return directory
+
+
+def check_private_dir(path: str | os.PathLike[str]) -> None:
+    """Refuse a directory that another user could read, or swap for one of their own.
+
+    It must be a real directory (a symbolic link is refused: whoever controls the link decides where the socket and
+    the tasks go), owned by the effective user, with no access for group or others, and every directory above it
+    must be owned by root or by this user and, if others may write in it, sticky (like ``/tmp``): otherwise another
+    user could rename it away and put theirs in its place.
+
+    :raises UnsafePath: with what to do.
+    """
+    directory = Path(path)
+    me = os.geteuid()
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        raise UnsafePath(f'{directory} does not exist') from None
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePath(
+            f'{directory} is a symbolic link (to {os.readlink(directory)}): the broker uses only a real directory, '
+            'since whoever controls the link decides where its socket and tasks go. Give the real path instead, or '
+            'remove the link'
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafePath(f'{directory} is {_kind(info.st_mode)}, not a directory: choose another path')
+    if info.st_uid != me:
+        advice = f'Choose another directory, or if it is yours to take, `chown {_user(me).split(" ")[0]} {directory}`'
+        if directory.name == f'aiida-zmq-{me}':
+            advice = (
+                f'Another user probably created it before the broker did (it is the fallback for socket paths that '
+                f'would be too long). Remove it (as root: `rm -rf {directory}`), or set XDG_RUNTIME_DIR to a '
+                'directory of yours'
+            )
+        raise UnsafePath(
+            f'{directory} belongs to {_user(info.st_uid)}, not to {_user(me)}: its owner could read the tasks and put '
+            f'a fake broker socket in it. {advice}'
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise UnsafePath(
+            f'{directory} is open to other users (mode {mode:o}): run `chmod 700 {directory}` so that only you can '
+            'reach the broker and its tasks'
+        )
+    _check_parents(directory)
+
+
+def _check_parents(directory: Path) -> None:
+    me = os.geteuid()
+    parent = Path(os.path.realpath(directory.absolute().parent))
+    for ancestor in (parent, *parent.parents):
+        info = os.stat(ancestor)
+        if info.st_uid not in (0, me):
+            raise UnsafePath(
+                f'{directory} is inside {ancestor}, which belongs to {_user(info.st_uid)}: that user could move '
+                f'{directory} away and put a directory of their own in its place. Choose a directory under one that '
+                'only you (or root) control, e.g. in your home directory'
+            )
+        if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+            raise UnsafePath(
+                f'{directory} is inside {ancestor}, which every user may write (mode '
+                f'{stat.S_IMODE(info.st_mode):o}, not sticky like /tmp): any of them could replace {directory}. '
+                f'Run `chmod o-w {ancestor}` (or +t), or choose another directory'
+            )
+
+
+def _check_own_socket(path: Path, info: os.stat_result) -> None:
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePath(f'{path} is a symbolic link, not the broker socket: remove it, or choose another path')
+    if not stat.S_ISSOCK(info.st_mode):
+        raise UnsafePath(
+            f'{path} is {_kind(info.st_mode)}, not a socket: refusing to replace it. Choose another path for the '
+            'socket (--bind ipc://PATH)'
+        )
+    if info.st_uid != os.geteuid():
+        raise UnsafePath(
+            f'the socket {path} belongs to {_user(info.st_uid)}, not to {_user(os.geteuid())}: it is not this broker. '
+            'Remove it, or choose another path'
+        )
+
+
+def check_ipc_endpoint(endpoint: str) -> None:
+    """Refuse to connect to an ``ipc://`` socket that another user controls (a client's side of the checks).
+
+    The socket's directory must be private to this user (:func:`check_private_dir`) and the socket, when it is there,
+    a socket of this user. A socket that does not exist yet is not refused here: a broker starting creates it in
+    the directory checked now, which no other user can write. Other endpoints pass (``tcp://`` is CURVE's business).
+
+    :raises UnsafePath: with what to do.
+    """
+    if not endpoint.startswith('ipc://'):
+        return
+    name = endpoint[len('ipc://') :]
+    if name.startswith('@'):
+        raise UnsafePath(
+            f'{endpoint} is an abstract socket: it has no file permissions, any local user could listen there. Use '
+            'ipc:///PATH in a private directory'
+        )
+    path = Path(name)
+    if not os.path.lexists(path.parent):
+        return
+    check_private_dir(path.parent)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    _check_own_socket(path, info)
+
+
+def remove_stale_socket(path: str | os.PathLike[str]) -> None:
+    """Before a bind: remove ``path`` if it is a socket of this user that nobody listens on (left by a broker that
+    was killed); refuse anything else there instead of unlinking it (a store, another broker's live socket).
+
+    :raises UnsafePath: when something other than a stale socket of ours is at ``path``.
+    """
+    path = Path(path)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    _check_own_socket(path, info)
+    probe = stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        pass  # nobody listens: a stale socket
+    except OSError as exception:
+        if exception.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise UnsafePath(f'{path} is in use ({exception.strerror}): another broker? Stop it, or bind another path')
+    else:
+        raise UnsafePath(
+            f'{path} is in use: a running process accepts connections on it (another broker?). Stop it first, or '
+            'bind another path'
+        )
+    finally:
+        probe.close()
+    # Unlink only what was just checked: the directory is this user's alone, so nobody else can swap it meanwhile.
+    path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CURVE
 
 
 def curve_dir(data_dir: str | os.PathLike[str]) -> Path:
@@ -158,6 +404,7 @@ def check_tcp_bind(endpoint: str, *, curve: bool, insecure_tcp: bool) -> None:
 
 def register(group: click.Group) -> None:
     """Add ``aiida-zmq curve-client`` to the command group."""
+    import click
 
     @group.command('curve-client')
     @click.option('--data-dir', required=True, type=click.Path(file_okay=False), help="The broker's data directory.")

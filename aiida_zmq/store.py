@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .exceptions import BrokerRunning, StoreError
+from .security import ensure_private_dir  # here for the callers that import it from the store
 
 __all__ = ('DEAD', 'DELIVERED', 'READY', 'StoredTask', 'TaskStore', 'broker_lock', 'submit_offline')
 
@@ -316,19 +317,6 @@ def broker_lock(data_dir: str | os.PathLike[str], *, blocking: bool, timeout: fl
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # still holding the lock: nobody else holds this file
         os.close(fd)  # closing the descriptor releases the lock
-
-
-def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` readable by the user only (0700); refuse a directory that others can open."""
-    directory = Path(path)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = directory.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise StoreError(
-            f'{directory} is open to other users (mode {mode:o}): run `chmod 700 {directory}` so that only you can '
-            'reach the broker and its tasks'
-        )
-    return directory
 
 
 def submit_offline(data_dir: str | os.PathLike[str], queue: str, payload: bytes, no_reply: bool = True) -> int:
