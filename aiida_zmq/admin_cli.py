@@ -5,7 +5,8 @@ AiiDA profile given with ``--profile`` (default: the default profile). They talk
 (``docs/protocol.md``), so they see what the broker sees and change nothing behind its back. ``migrate`` alone also
 works with the broker stopped (the daemon stopped, as it asks): on the broker's store, under the broker's lock.
 
-Exit codes: 0 done, 1 the broker refused or failed, 2 bad usage (click), 3 no broker is running.
+Exit codes: 0 done, 1 the broker refused or failed (for ``status``: runs but does not answer), 2 bad usage
+(click), 3 no broker is running.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ def status(target: Target, as_json: bool) -> None:
     try:
         communicator = _open(target)
     except (BrokerUnavailable, ValueError) as exception:
+        _exit_if_silent(target, exception, as_json)
         depths = _offline_depths(target.data_dir)
         if as_json:
             _emit_json({'running': False, 'target': target.label, 'error': str(exception), 'stored': depths})
@@ -209,6 +211,28 @@ def status(target: Target, as_json: bool) -> None:
         _emit_json(answer)
         return
     _print_status(answer)
+
+
+def _exit_if_silent(target: Target, exception: Exception, as_json: bool) -> None:
+    """A broker that runs but did not answer is not "not running": say which process, in what state (exit 1)."""
+    from .discovery import silent_broker
+
+    info = silent_broker(target.data_dir, target.endpoint)
+    if info is None:
+        return
+    pid, state = info['pid'], info['process_state']
+    if as_json:
+        _emit_json({'running': True, 'answering': False, 'pid': pid, 'process_state': state, 'target': target.label})
+        sys.exit(EXIT_REFUSED)
+    hint = {
+        'stopped': f'it is stopped (SIGSTOP, or a suspended terminal job?): `kill -CONT {pid}`',
+        'tracing-stop': 'a debugger holds it',
+        'disk-sleep': 'it waits for its disk (a hung or very slow file system?)',
+    }.get(state, f'it is {state}: busy or hung? See its log; `kill {pid}` stops it, a daemon restarts it')
+    click.secho(f'aiida-zmq broker for {target.label}: running but not answering (pid {pid})', fg='yellow', bold=True)
+    click.echo(f'  {hint}')
+    click.echo(f'  ({exception})')
+    sys.exit(EXIT_REFUSED)
 
 
 def _print_status(answer: dict[str, t.Any]) -> None:

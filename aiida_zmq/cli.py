@@ -49,9 +49,9 @@ def main() -> None:
 @click.option(
     '--lock-timeout',
     type=float,
-    default=30.0,
-    show_default=True,
-    help='Seconds to wait for the data directory lock held by a broker that is still shutting down.',
+    default=None,
+    help='Seconds to wait for the data directory lock, even for a broker that serves it. Default: refuse at once, '
+    'naming its pid, when a broker serves the directory; wait up to 30 s for one that is starting or shutting down.',
 )
 @click.option('--fsync', is_flag=True, help='fsync every batch: survives power loss, not only crashes (slower).')
 @click.option('--log-level', default='INFO', show_default=True, type=click.Choice(['DEBUG', 'INFO', 'WARNING']))
@@ -68,7 +68,7 @@ def serve(
     peer_timeout: float,
     max_deliveries: int,
     max_message_bytes: int,
-    lock_timeout: float,
+    lock_timeout: float | None,
     fsync: bool,
     log_level: str,
     log_time: bool = True,

@@ -64,7 +64,7 @@ from .exceptions import (
 )
 from .protocol import Command, ErrorCode
 from .ratelimit import RateLimitedLog
-from .security import CurveKeys
+from .security import CurveKeys, check_ipc_endpoint
 
 __all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect', 'encode_name')
 
@@ -217,7 +217,11 @@ class ZmqCommunicator(kiwipy.Communicator):
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect, say HELLO and wait for the broker's WELCOME."""
+        """Connect, say HELLO and wait for the broker's WELCOME.
+
+        :raises aiida_zmq.exceptions.UnsafePath: at once, for an ``ipc://`` socket another user controls.
+        """
+        check_ipc_endpoint(self.endpoint)  # before anything is sent: a fake broker there would read and "confirm" it
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.ROUTING_ID, self._routing_id)
         socket.setsockopt(zmq.LINGER, 2000)  # close() waits this long for a goodbye and last answers to go out

@@ -26,7 +26,10 @@ __all__ = (
     'discover_endpoint',
     'find_broker_via_arbiter',
     'lock_held',
+    'lock_holder',
     'read_broker_info',
+    'short_socket_dir',
+    'silent_broker',
     'wait_for_broker_info',
     'watcher_pids_from_stats',
 )
@@ -183,6 +186,33 @@ def read_live_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None
     return None
 
 
+def silent_broker(data_dir: str | os.PathLike[str] | None, endpoint: str | None = None) -> BrokerInfo | None:
+    """For a broker that did not answer: its ``broker.json`` if it still runs, with ``process_state`` added.
+
+    A broker that runs but does not answer (stopped by SIGSTOP, stuck on a disk, busy) is not a broker that is not
+    running: the fix differs (``kill -CONT``, a look at its log, a restart) and a second broker would be refused.
+    Without ``data_dir``, an ``ipc://`` endpoint's directory is looked at (the default socket is beside
+    ``broker.json``). ``None`` when no live broker announced itself there.
+    """
+    if data_dir is None and endpoint and endpoint.startswith('ipc://'):
+        candidate = Path(endpoint[len('ipc://') :]).parent
+        info = read_broker_info(candidate)
+        if info is not None and endpoint in info['endpoints']:
+            data_dir = candidate
+    if data_dir is None:
+        return None
+    info = read_live_broker_info(data_dir)
+    if info is None:
+        return None
+    try:
+        import psutil
+
+        info['process_state'] = psutil.Process(info['pid']).status()
+    except Exception:  # gone meanwhile, or not ours to look at
+        return None
+    return info
+
+
 def wait_for_broker_info(
     data_dir: str | os.PathLike[str],
     timeout: float,
@@ -223,26 +253,55 @@ def choose_endpoint(info: BrokerInfo) -> str:
     return endpoints[0]
 
 
+def short_socket_dir() -> Path:
+    """This user's private directory for broker sockets whose default path would be too long.
+
+    ``$XDG_RUNTIME_DIR/aiida-zmq-<uid>``, or the same under the temporary directory (``$TMPDIR``, ``/tmp``). Any user
+    may create a name in ``/tmp`` first, so the directory is checked for its owner, not only its mode
+    (:func:`aiida_zmq.security.ensure_private_dir`), before a socket is put in it or looked for there.
+
+    :raises aiida_zmq.exceptions.UnsafePath: when it belongs to another user, is a link, or is open to others.
+    """
+    from .security import ensure_private_dir  # here: security pulls in zmq, discovery stays light
+
+    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
+    return ensure_private_dir(Path(base) / f'aiida-zmq-{os.geteuid()}')
+
+
 def default_ipc_bind(data_dir: str | os.PathLike[str], key: str) -> str | None:
     """Return an explicit ``ipc://`` bind for ``data_dir`` when ``DIR/broker.sock`` would be too long, else ``None``.
 
-    ``None`` means "let ``aiida-zmq serve`` bind its default". Otherwise the socket goes into a per-user directory with
-    mode 0700 under ``$XDG_RUNTIME_DIR`` or the temporary directory, named by ``key`` (e.g. the profile UUID) so two
-    profiles never share it.
+    ``None`` means "let ``aiida-zmq serve`` bind its default". Otherwise the socket goes into this user's
+    :func:`short_socket_dir`, named by ``key`` (e.g. the profile UUID) so two profiles never share it.
     """
     default = Path(data_dir) / BROKER_SOCKET_FILENAME
     if len(os.fsencode(str(default))) < MAX_IPC_PATH:
         return None
-    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
-    short_dir = Path(base) / f'aiida-zmq-{os.getuid()}'
-    short_dir.mkdir(mode=0o700, exist_ok=True)
-    # ``mkdir`` does not change the mode of an existing directory: refuse one that others can open.
-    if short_dir.stat().st_mode & 0o077:
-        os.chmod(short_dir, 0o700)
-    path = short_dir / f'{key[:16]}.sock'
+    path = short_socket_dir() / f'{key[:16]}.sock'
     if len(os.fsencode(str(path))) >= MAX_IPC_PATH:
         raise OSError(f'cannot find a short enough directory for the broker socket of {data_dir}')
     return f'ipc://{path}'
+
+
+def lock_holder(data_dir: str | os.PathLike[str]) -> int | None:
+    """The pid holding the data directory's lock, from ``/proc/locks`` (Linux); ``None`` when unknown or free.
+
+    Only to name the holder in a message: the lock itself is what decides (:func:`_lock_free`).
+    """
+    from .store import LOCK_FILENAME
+
+    try:
+        info = os.stat(Path(data_dir) / LOCK_FILENAME)
+        lines = Path('/proc/locks').read_text().splitlines()
+    except OSError:
+        return None
+    wanted = f'{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}'
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have "->" after the number.
+        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == wanted and fields[4].isdigit():
+            return int(fields[4])
+    return None
 
 
 def data_dir_from_watcher(options: dict[str, t.Any]) -> str | None:

@@ -12,6 +12,7 @@ This module imports nothing from AiiDA: payloads are opaque bytes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import json
@@ -19,6 +20,7 @@ import logging
 import os
 import secrets
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,18 +30,23 @@ from pathlib import Path
 import zmq
 
 from . import __version__, protocol, security
-from .exceptions import StoreError
+from .exceptions import BrokerRunning, StoreError
 from .protocol import Command, ErrorCode
-from .store import DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock, ensure_private_dir
+from .ratelimit import RateLimitedLog
+from .security import ensure_private_dir, remove_stale_socket
+from .store import DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
 
 LOGGER = logging.getLogger(__name__)
+LIMITED = RateLimitedLog(LOGGER)
 
 INFO_FILENAME = 'broker.json'
 SOCKET_FILENAME = 'broker.sock'
 # Unix socket paths are limited to 107 bytes on Linux (103 on macOS); stay below both.
 MAX_IPC_PATH = 100
+# How long a new broker waits, by default, for a lock whose holder does not serve (starting, closing, offline submit).
+LOCK_WAIT_NOT_SERVING = 30.0
 
 
 @dataclass
@@ -58,7 +65,9 @@ class BrokerConfig:
     reclaim_grace: float | None = None  # after a restart, how long holders may reclaim tasks (default: peer_timeout)
     retry_backoff: float = 0.1  # first delay before a rejected task is offered again; doubles per delivery
     retry_backoff_max: float = 10.0
-    lock_timeout: float = 30.0  # how long to wait for the data directory's lock (a previous broker still closing)
+    # How long to wait for the data directory's lock. ``None``: up to 30 s for a holder that does not serve (a broker
+    # starting or still closing, an offline submit), and a refusal at once, naming it, for a broker that serves.
+    lock_timeout: float | None = None
     curve: bool = False  # CURVE on tcp:// endpoints (keys in DATA_DIR/curve); TCP is refused without it
     insecure_tcp: bool = False  # plain TCP on loopback only (any local user can connect): for tests
 
@@ -68,16 +77,20 @@ class BrokerConfig:
 
 
 def default_endpoint(data_dir: str | os.PathLike[str]) -> str:
-    """The ipc endpoint a broker binds by default for ``data_dir``, shortened when the path is too long."""
+    """The ipc endpoint a broker binds by default for ``data_dir``, shortened when the path is too long.
+
+    The short form lives in this user's private socket directory (:func:`aiida_zmq.discovery.short_socket_dir`),
+    named by a digest of the long path so that two data directories never share a socket.
+    """
     path = Path(data_dir).absolute() / SOCKET_FILENAME
     if len(str(path)) <= MAX_IPC_PATH:
         return f'ipc://{path}'
     import hashlib
 
+    from .discovery import short_socket_dir
+
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
-    base = Path(os.environ.get('XDG_RUNTIME_DIR') or f'/tmp/aiida-zmq-{os.getuid()}')
-    ensure_private_dir(base)
-    return f'ipc://{base}/{digest}.sock'
+    return f'ipc://{short_socket_dir()}/{digest}.sock'
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -196,6 +209,10 @@ class Broker:
         self._context = zmq.Context()
         self._curve: security.CurveServer | None = None
         self._sockets: list[zmq.Socket] = []
+        # ipc endpoint -> (socket, (st_dev, st_ino) of the file its bind made): what close() may unlink, and how a
+        # socket file deleted or replaced under the running broker is noticed.
+        self._ipc_files: dict[str, tuple[zmq.Socket, tuple[int, int]]] = {}
+        self._info_stat: tuple[int, int] | None = None  # broker.json as this broker wrote it
         self._store: TaskStore | None = None
         self._lock_context: object | None = None
         self._stop_requested = threading.Event()
@@ -229,10 +246,8 @@ class Broker:
 
     def open(self) -> None:
         """Take the data directory's lock, load the store and bind the sockets."""
-        lock = broker_lock(self.data_dir, blocking=True, timeout=self.config.lock_timeout)
-        lock.__enter__()
-        self._lock_context = lock
         try:
+            self._lock_context = self._take_lock()
             store_path = self.data_dir / STORE_FILENAME
             self._store = TaskStore(store_path, fsync=self.config.fsync)
             for path in self.data_dir.glob(STORE_FILENAME + '*'):  # the store and SQLite's -wal and -shm beside it
@@ -244,10 +259,10 @@ class Broker:
             self._orphan_deadline = time.monotonic() + self.config.grace
             for endpoint in self.endpoints:
                 self._bind(endpoint)
+            self._write_info()
         except BaseException:
             self.close()
             raise
-        self._write_info()
         depth = sum(len(queue) for queue in self.queues.values())
         LOGGER.info(
             'broker %s ready on %s: %d queued task(s) in %d queue(s), %d awaiting reclaim (pid %d)',
@@ -259,38 +274,155 @@ class Broker:
             os.getpid(),
         )
 
+    def _take_lock(self) -> object:
+        """Hold the data directory's lock, or refuse with the holder's pid.
+
+        A broker that serves the directory (its ``broker.json`` is live) is refused at once unless
+        ``config.lock_timeout`` asks to wait for it; any other holder (a broker starting or closing, an offline
+        submit) is waited for, up to ``lock_timeout`` or 30 s.
+        """
+        from .discovery import lock_holder, read_live_broker_info
+
+        timeout = self.config.lock_timeout
+        deadline = time.monotonic() + (LOCK_WAIT_NOT_SERVING if timeout is None else timeout)
+        waiting_logged = False
+        while True:
+            lock = broker_lock(self.data_dir, blocking=False)
+            try:
+                lock.__enter__()
+                return lock
+            except BrokerRunning:
+                pass
+            info = read_live_broker_info(self.data_dir)
+            serving = info is not None and info.get('pid') != os.getpid()
+            if (serving and timeout is None) or time.monotonic() >= deadline:
+                raise StoreError(self._lock_refusal(info if serving else None, lock_holder(self.data_dir)))
+            if not waiting_logged:
+                waiting_logged = True
+                holder = lock_holder(self.data_dir)
+                LOGGER.info(
+                    'waiting for the lock of %s, held by %s',
+                    self.data_dir,
+                    f'pid {holder}' if holder else 'another process',
+                )
+            time.sleep(0.05)
+
+    def _lock_refusal(self, info: dict | None, holder: int | None) -> str:
+        wait = 'or give --lock-timeout SECONDS to wait for it to exit'
+        if info is not None:
+            since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.get('started', 0)))
+            return (
+                f'a broker already serves {self.data_dir} (pid {info["pid"]}, since {since}, on '
+                f'{", ".join(map(str, info["endpoints"]))}): one broker per data directory. Stop it first (`kill '
+                f'{info["pid"]}`; for an AiiDA profile, `verdi daemon stop`), {wait}'
+            )
+        who = f'pid {holder}' if holder else 'another process'
+        waited = LOCK_WAIT_NOT_SERVING if self.config.lock_timeout is None else self.config.lock_timeout
+        return (
+            f'{self.data_dir / "broker.lock"} is held by {who} for more than {waited:.0f}s: is another broker running '
+            f'on the same data directory? Stop it first (one broker per data directory), {wait}'
+        )
+
     def _bind(self, endpoint: str) -> None:
+        path: Path | None = None
         if endpoint.startswith('tcp://'):
             security.check_tcp_bind(endpoint, curve=self.config.curve, insecure_tcp=self.config.insecure_tcp)
         elif endpoint.startswith('ipc://'):
-            path = Path(endpoint[len('ipc://') :])
-            ensure_private_dir(path.parent)  # only the user may reach the socket
+            name = endpoint[len('ipc://') :]
+            if name.startswith('@'):
+                raise ValueError(
+                    f'refusing to bind {endpoint}: an abstract socket has no file permissions, any local user could '
+                    'connect. Use ipc:///PATH in a private directory (the default is DATA_DIR/broker.sock)'
+                )
+            path = Path(name)
             if len(str(path)) > MAX_IPC_PATH:
                 raise ValueError(f'ipc path {path} is longer than {MAX_IPC_PATH} bytes: choose a shorter --bind')
-            if path.exists():
-                path.unlink()  # a stale socket of a broker that died; we hold the data directory lock
+            ensure_private_dir(path.parent)  # only the user may reach the socket
+            remove_stale_socket(path)  # a socket left by a broker that died; anything else there is refused
         else:
             raise ValueError(f'unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT')
         socket = self._context.socket(zmq.ROUTER)
-        if endpoint.startswith('tcp://') and self.config.curve:
-            if self._curve is None:
-                self._curve = security.CurveServer(self._context, self.data_dir)
-            self._curve.apply(socket)  # before bind: only authorized client keys get through the handshake
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
-        socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
-        socket.setsockopt(zmq.SNDHWM, 100_000)
-        socket.setsockopt(zmq.RCVHWM, 100_000)
-        socket.setsockopt(zmq.LINGER, 1000)
-        # A safety net under the per-message check: ZeroMQ drops a peer that sends a frame larger than this.
-        socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
         try:
-            socket.bind(endpoint)
-        except zmq.ZMQError as exception:
-            socket.close(0)
-            raise OSError(f'cannot bind {endpoint}: {exception}') from exception
-        if endpoint.startswith('ipc://'):
-            os.chmod(endpoint[len('ipc://') :], 0o600)
+            if endpoint.startswith('tcp://') and self.config.curve:
+                if self._curve is None:
+                    self._curve = security.CurveServer(self._context, self.data_dir)
+                self._curve.apply(socket)  # before bind: only authorized client keys get through the handshake
+            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
+            socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
+            socket.setsockopt(zmq.SNDHWM, 100_000)
+            socket.setsockopt(zmq.RCVHWM, 100_000)
+            socket.setsockopt(zmq.LINGER, 1000)
+            # A safety net under the per-message check: ZeroMQ drops a peer that sends a frame larger than this.
+            socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
+            try:
+                socket.bind(endpoint)
+            except zmq.ZMQError as exception:
+                raise OSError(f'cannot bind {endpoint}: {exception}') from exception
+            if path is not None:
+                self._own_ipc_file(endpoint, socket, path)
+        except BaseException:
+            socket.close(0)  # a socket left open would make close() wait for ever in context.term()
+            raise
         self._sockets.append(socket)
+
+    def _own_ipc_file(self, endpoint: str, socket: zmq.Socket, path: Path) -> None:
+        """Make the socket file just bound 0600 and remember it as ours (close() unlinks only that very file)."""
+        os.chmod(path, 0o600)
+        info = os.lstat(path)
+        self._ipc_files[endpoint] = (socket, (info.st_dev, info.st_ino))
+
+    def _check_endpoints(self) -> None:
+        """Bind again an ipc socket file deleted under the running broker, rewrite a deleted ``broker.json``.
+
+        Clients find the broker by these two files; without them a running broker looks gone (``status`` says "not
+        running", clients wait in vain). Called once per heartbeat: two ``lstat`` calls per endpoint.
+        """
+        for endpoint, (socket, identity) in list(self._ipc_files.items()):
+            path = Path(endpoint[len('ipc://') :])
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                info = None
+            except OSError as exception:
+                LIMITED.warning('cannot check the socket %s: %s', path, exception, key=('socket-check', endpoint))
+                continue
+            if info is not None and (info.st_dev, info.st_ino) == identity:
+                continue
+            if info is not None:
+                LIMITED.error(
+                    'the socket file %s was replaced by something else: clients cannot reach this broker there. '
+                    'Remove what is at that path (the broker binds it again), or restart the broker',
+                    path,
+                    key=('socket-replaced', endpoint),
+                )
+                continue
+            try:
+                with contextlib.suppress(zmq.ZMQError):
+                    socket.unbind(endpoint)
+                socket.bind(endpoint)
+                self._own_ipc_file(endpoint, socket, path)
+            except (zmq.ZMQError, OSError) as exception:
+                LIMITED.error(
+                    'the socket file %s was deleted; binding it again failed: %s',
+                    path,
+                    exception,
+                    key=('socket-rebind', endpoint),
+                )
+                continue
+            LOGGER.warning('the socket file %s was deleted while the broker ran: bound it again', path)
+        info_path = self.data_dir / INFO_FILENAME
+        try:
+            info = os.stat(info_path)
+            current: tuple[int, int] | None = (info.st_ino, info.st_mtime_ns)
+        except OSError:
+            current = None
+        if current != self._info_stat:
+            try:
+                self._write_info()
+            except OSError as exception:
+                LIMITED.error('cannot write %s: %s', info_path, exception, key=('broker-info', str(info_path)))
+                return
+            LOGGER.warning('%s was deleted or changed while the broker ran: written again', info_path)
 
     def _write_info(self) -> None:
         info = {
@@ -305,9 +437,21 @@ class Broker:
         tmp.write_text(json.dumps(info))
         os.chmod(tmp, 0o600)
         tmp.replace(path)
+        written = os.stat(path)
+        self._info_stat = (written.st_ino, written.st_mtime_ns)
 
     def close(self) -> None:
-        """Commit, close sockets and store, release the lock and remove ``broker.json``."""
+        """Remove ``broker.json``, commit, close sockets and store, release the lock.
+
+        ``broker.json`` goes first: from then on this broker no longer serves, and a broker starting meanwhile waits
+        for the lock instead of being refused as a second broker.
+        """
+        info = self.data_dir / INFO_FILENAME
+        try:
+            if json.loads(info.read_text()).get('epoch') == self.epoch:
+                info.unlink()
+        except (OSError, ValueError):
+            pass
         if self._store is not None:
             try:
                 self._flush_writes()
@@ -318,15 +462,14 @@ class Broker:
         for socket in self._sockets:
             socket.close(linger=500)
         self._sockets.clear()
-        for endpoint in self.endpoints:
-            if endpoint.startswith('ipc://'):
-                Path(endpoint[len('ipc://') :]).unlink(missing_ok=True)
-        info = self.data_dir / INFO_FILENAME
-        try:
-            if json.loads(info.read_text()).get('epoch') == self.epoch:
-                info.unlink()
-        except (OSError, ValueError):
-            pass
+        for endpoint, (_, identity) in self._ipc_files.items():
+            # Only the very file this broker's bind made: never what another process put at that path since.
+            path = Path(endpoint[len('ipc://') :])
+            with contextlib.suppress(OSError):
+                found = os.lstat(path)
+                if stat.S_ISSOCK(found.st_mode) and (found.st_dev, found.st_ino) == identity:
+                    path.unlink()
+        self._ipc_files.clear()
         if self._lock_context is not None:
             self._lock_context.__exit__(None, None, None)  # type: ignore[attr-defined]
             self._lock_context = None
@@ -471,6 +614,7 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         """Heartbeats out, silent clients declared dead, orphans past their grace requeued."""
+        self._check_endpoints()
         deadline = now - self.config.peer_timeout
         for client in list(self.clients.values()):
             if client.last_seen < deadline:

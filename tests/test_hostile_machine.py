@@ -1,0 +1,347 @@
+"""A hostile or unlucky machine (issue 14): what another local user, a wrong ``--bind`` or a damaged store did, and
+what the broker and its clients do about it now. Every test here started as the reproduction of one attack.
+
+- the socket directory and the data directory are trusted by their owner, not only their mode (no symlinks either),
+  on the broker's side and on the client's;
+- a ``--bind`` path that is not a stale socket of ours (the store, a live socket) is never unlinked;
+- a store that is not the one the broker left (truncated, its WAL gone, another store) is refused at start;
+- status says what is the case (a socket deleted under a running broker is bound again; a stopped broker is "not
+  answering", not "not running"); bad binds and a data directory held by another broker are refused at once;
+- a flood of CURVE handshakes with wrong keys costs bounded CPU and log, and other clients keep their latency.
+
+Real broker processes throughout (``aiida-zmq serve``). Tests that need root (to give a directory to another uid
+with ``os.chown``) skip without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import aiida_zmq
+from aiida_zmq.store import STORE_FILENAME, submit_offline
+from aiida_zmq.testing import BrokerProcess, wait_until
+
+FAST = {'heartbeat': 0.2, 'broker_timeout': 2.0}
+# A uid that is not ours: the directory "of another user". Root can give a directory to any uid with chown.
+OTHER_UID = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason='needs root to give a directory to another uid (os.chown)')
+
+
+def run_serve(
+    data_dir: Path | str, *args: str, timeout: float = 30, env: dict | None = None, cwd: Path | None = None
+) -> tuple[int, str, float]:
+    """Run ``aiida-zmq serve`` expecting a refusal: (exit code, output, seconds it took). A broker that starts instead
+    is stopped after ``timeout`` and reported."""
+    command = [sys.executable, '-m', 'aiida_zmq.cli', 'serve', '--data-dir', str(data_dir), *args]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, cwd=cwd
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            output, _ = process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate(timeout=15)
+        output += f'\n[still running after {timeout}s instead of refusing]'
+    return process.returncode, output, time.monotonic() - started
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, '-m', 'aiida_zmq.cli', *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A private directory with a short path (unix socket paths are limited to ~100 bytes)."""
+    base = Path(tempfile.mkdtemp(prefix='azhm-'))
+    yield base
+    subprocess.run(['rm', '-rf', str(base)], check=False)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stored_rows(data_dir: Path) -> int:
+    database = sqlite3.connect(f'file:{data_dir / STORE_FILENAME}?mode=ro', uri=True)
+    try:
+        return database.execute('SELECT count(*) FROM tasks').fetchone()[0]
+    finally:
+        database.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. `--bind` never unlinks what is not a stale socket of ours
+
+
+def test_bind_onto_the_store_is_refused_and_the_store_kept(short_dir):
+    data = short_dir / 'data'
+    for index in range(50):
+        submit_offline(data, 'q', b'\x00J%d' % index)
+    before = sha(data / STORE_FILENAME)
+    code, output, _ = run_serve(data, '--bind', f'ipc://{data}/{STORE_FILENAME}')
+    assert code == 2, output
+    assert 'not a socket' in output and 'choose another' in output.lower(), output
+    assert sha(data / STORE_FILENAME) == before
+    assert stored_rows(data) == 50
+
+
+def test_bind_onto_a_regular_file_elsewhere_is_refused(short_dir):
+    target = short_dir / 'notes.txt'
+    target.write_text('mine')
+    code, output, _ = run_serve(short_dir / 'data', '--bind', f'ipc://{target}')
+    assert code == 2, output
+    assert 'not a socket' in output
+    assert target.read_text() == 'mine'
+
+
+def test_bind_onto_the_live_socket_of_another_broker_is_refused(short_dir):
+    first = BrokerProcess(short_dir / 'one').start()
+    try:
+        code, output, _ = run_serve(short_dir / 'two', '--bind', first.endpoint)
+        assert code == 2, output
+        assert 'in use' in output, output
+        communicator = aiida_zmq.connect(first.endpoint, connect_timeout=5, **FAST)  # the first one still answers
+        communicator.close()
+    finally:
+        first.stop()
+
+
+def test_stale_socket_of_a_killed_broker_is_replaced(short_dir):
+    broker = BrokerProcess(short_dir / 'data').start()
+    broker.kill()
+    assert Path(broker.endpoint[len('ipc://') :]).exists()  # what kill -9 leaves behind
+    broker.start()
+    try:
+        aiida_zmq.connect(broker.endpoint, connect_timeout=5, **FAST).close()
+    finally:
+        broker.stop()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 14. Status that is the case; bad binds at once
+
+
+def test_abstract_socket_bind_exits_at_once_with_2(short_dir):
+    # From a private working directory: the name's "parent" is then accepted, and the broker used to hang after
+    # failing to chmod a file that an abstract socket does not have.
+    code, output, took = run_serve(short_dir / 'data', '--bind', 'ipc://@aiida-zmq-test', cwd=short_dir)
+    assert code == 2, output
+    assert 'abstract' in output and 'any local user' in output, output
+    assert took < 15, took
+
+
+def test_socket_deleted_while_running_is_bound_again(short_dir):
+    broker = BrokerProcess(short_dir / 'data', '--heartbeat', '0.2').start()
+    try:
+        path = Path(broker.endpoint[len('ipc://') :])
+        path.unlink()
+        wait_until(path.exists, 10, what='the broker to bind its socket again')
+        communicator = aiida_zmq.connect(broker.endpoint, connect_timeout=5, **FAST)
+        communicator.close()
+        assert 'bound it again' in broker.log()
+        result = cli('status', '--data-dir', str(broker.data_dir))
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        broker.stop()
+
+
+def test_status_of_a_stopped_broker_says_not_answering(short_dir):
+    broker = BrokerProcess(short_dir / 'data').start()
+    try:
+        broker.freeze()
+        result = cli('status', '--data-dir', str(broker.data_dir))
+        output = result.stdout + result.stderr
+        assert result.returncode == 1, output
+        assert 'not answering' in output and f'pid {broker.pid}' in output and 'stopped' in output, output
+        result = cli('status', '--data-dir', str(broker.data_dir), '--json')
+        assert '"answering": false' in result.stdout and '"running": true' in result.stdout, result.stdout
+    finally:
+        broker.thaw()
+        broker.stop()
+    result = cli('status', '--data-dir', str(broker.data_dir))
+    assert result.returncode == 3 and 'not running' in result.stdout, result.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 15, 3: `serve` on a data directory another broker holds, or one that cannot be a directory
+
+
+def test_second_serve_refuses_at_once_naming_the_holder(short_dir):
+    broker = BrokerProcess(short_dir / 'data').start()
+    try:
+        code, output, took = run_serve(broker.data_dir, '--bind', f'ipc://{short_dir}/other.sock')
+        assert code == 2, output
+        assert f'pid {broker.pid}' in output and 'one broker per data directory' in output, output
+        assert '--lock-timeout' in output, output  # how to wait for it instead
+        assert took < 10, took
+    finally:
+        broker.stop()
+
+
+def test_data_dir_under_a_file_is_said_in_a_sentence(short_dir):
+    (short_dir / 'afile').write_text('')
+    code, output, _ = run_serve(short_dir / 'afile' / 'data')
+    assert code == 2, output
+    assert '[Errno' not in output and 'is a file' in output, output
+
+
+def test_data_dir_in_proc_is_said_in_a_sentence():
+    code, output, _ = run_serve('/proc/aiida-zmq-test/data')
+    assert code == 2, output
+    assert '[Errno' not in output and '/proc' in output and 'choose' in output.lower(), output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. Directories and sockets are trusted by their owner, not only their mode
+
+
+def give_away(path: Path, uid: int = OTHER_UID) -> None:
+    """Make ``path`` another user's, as if that user had created it first (root can do this with chown)."""
+    os.chown(path, uid, uid)
+
+
+@needs_root
+def test_broker_refuses_a_socket_dir_of_another_user(short_dir):
+    sockets = short_dir / 'sockets'
+    sockets.mkdir(mode=0o700)
+    give_away(sockets)  # mode 0700, as the red team's: only its owner, another user, can open it
+    code, output, _ = run_serve(short_dir / 'data', '--bind', f'ipc://{sockets}/broker.sock')
+    assert code == 2, output
+    assert 'belongs to' in output and f'uid {OTHER_UID}' in output and 'fake broker' in output, output
+    assert not (sockets / 'broker.sock').exists()
+
+
+@needs_root
+def test_broker_refuses_the_fallback_socket_dir_created_first_by_another_user(short_dir):
+    """The realistic route: a data directory whose socket path is too long, no XDG_RUNTIME_DIR, and another user
+    who created ``/tmp/aiida-zmq-<uid>`` first."""
+    tmp = short_dir / 'tmp'
+    tmp.mkdir(mode=0o1777)
+    os.chmod(tmp, 0o1777)  # sticky and open to all, like /tmp
+    squatted = tmp / f'aiida-zmq-{os.geteuid()}'
+    squatted.mkdir(mode=0o700)
+    give_away(squatted)
+    data = short_dir / ('d' * 60) / ('e' * 60)
+    env = {'TMPDIR': str(tmp), 'XDG_RUNTIME_DIR': ''}
+    code, output, _ = run_serve(data, env=env)
+    assert code == 2, output
+    assert str(squatted) in output and 'Another user probably created it' in output and 'rm -rf' in output, output
+    # The same directory when it is ours: the broker starts there.
+    subprocess.run(['rm', '-rf', str(squatted)], check=True)
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'aiida_zmq.cli', 'serve', '--data-dir', str(data)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        info = wait_until(lambda: aiida_zmq.discovery.read_live_broker_info(data), 30, what='the broker to start')
+        assert info['endpoints'][0].startswith(f'ipc://{squatted}/')
+        assert os.stat(squatted).st_uid == os.geteuid()
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+@needs_root
+def test_default_ipc_bind_refuses_a_fallback_dir_of_another_user(short_dir, monkeypatch):
+    from aiida_zmq import discovery
+    from aiida_zmq.exceptions import UnsafePath
+
+    monkeypatch.setenv('XDG_RUNTIME_DIR', str(short_dir))
+    squatted = short_dir / f'aiida-zmq-{os.geteuid()}'
+    squatted.mkdir(mode=0o700)
+    give_away(squatted)
+    with pytest.raises(UnsafePath, match='belongs to'):
+        discovery.default_ipc_bind(short_dir / ('x' * 120), 'abcdef')
+    assert os.stat(squatted).st_uid == OTHER_UID  # not chmod-ed, not taken over
+
+
+@needs_root
+def test_data_dir_of_another_user_is_refused(short_dir):
+    data = short_dir / 'data'
+    data.mkdir(mode=0o700)
+    give_away(data)
+    code, output, _ = run_serve(data, '--bind', f'ipc://{short_dir}/broker.sock')
+    assert code == 2, output
+    assert f'{data} belongs to' in output, output
+
+
+@needs_root
+def test_data_dir_inside_a_directory_of_another_user_is_refused(short_dir):
+    theirs = short_dir / 'theirs'
+    theirs.mkdir(mode=0o755)
+    give_away(theirs)
+    data = theirs / 'data'
+    data.mkdir(mode=0o700)  # ours, but its parent's owner can rename it away and put theirs in its place
+    code, output, _ = run_serve(data, '--bind', f'ipc://{short_dir}/broker.sock')
+    assert code == 2, output
+    assert f'inside {theirs}' in output, output
+
+
+def test_symlinked_socket_dir_and_data_dir_are_refused(short_dir):
+    real = short_dir / 'real'
+    real.mkdir(mode=0o700)
+    link = short_dir / 'link'
+    link.symlink_to(real)
+    code, output, _ = run_serve(short_dir / 'data', '--bind', f'ipc://{link}/broker.sock')
+    assert code == 2, output
+    assert 'symbolic link' in output, output
+    code, output, _ = run_serve(link, '--bind', f'ipc://{short_dir}/broker.sock')
+    assert code == 2, output
+    assert 'symbolic link' in output, output
+
+
+def test_a_symlink_at_the_socket_path_is_refused(short_dir):
+    elsewhere = short_dir / 'elsewhere.sock'
+    (short_dir / 'broker.sock').symlink_to(elsewhere)
+    code, output, _ = run_serve(short_dir / 'data', '--bind', f'ipc://{short_dir}/broker.sock')
+    assert code == 2, output
+    assert 'symbolic link' in output, output
+    assert (short_dir / 'broker.sock').is_symlink()
+
+
+@needs_root
+def test_client_refuses_a_socket_dir_or_socket_of_another_user(short_dir):
+    """The man in the middle: a socket that another user controls gets no task of ours, refused before connecting."""
+    from aiida_zmq.exceptions import UnsafePath
+
+    sockets = short_dir / 'sockets'
+    sockets.mkdir(mode=0o700)
+    broker = BrokerProcess(short_dir / 'data', endpoint=f'ipc://{sockets}/broker.sock').start()
+    try:
+        aiida_zmq.connect(broker.endpoint, connect_timeout=5, **FAST).close()  # ours: fine
+        give_away(sockets)
+        started = time.monotonic()
+        with pytest.raises(UnsafePath, match='belongs to'):
+            aiida_zmq.connect(broker.endpoint, connect_timeout=5, **FAST)
+        assert time.monotonic() - started < 2  # at once, not after the connect timeout
+        os.chown(sockets, 0, 0)
+        give_away(sockets / 'broker.sock')
+        with pytest.raises(UnsafePath, match=r'the socket .* belongs to'):
+            aiida_zmq.connect(broker.endpoint, connect_timeout=5, **FAST)
+        os.chown(sockets / 'broker.sock', 0, 0)
+        link = short_dir / 'link'
+        link.symlink_to(sockets)
+        with pytest.raises(UnsafePath, match='symbolic link'):
+            aiida_zmq.connect(f'ipc://{link}/broker.sock', connect_timeout=5, **FAST)
+    finally:
+        broker.stop()
