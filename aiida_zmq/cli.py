@@ -139,6 +139,7 @@ COMMAND_MODULES = (
     'aiida_zmq.aiida_cli',
     'aiida_zmq.admin_cli',
     'aiida_zmq.security',
+    'aiida_zmq.store_identity',
     'aiida_zmq.circus_cli',
     'aiida_zmq.demo',
 )

@@ -35,6 +35,7 @@ from .protocol import Command, ErrorCode
 from .ratelimit import RateLimitedLog
 from .security import ensure_private_dir, remove_stale_socket
 from .store import DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock
+from .store_identity import StoreIdentity
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
 
@@ -214,6 +215,7 @@ class Broker:
         self._ipc_files: dict[str, tuple[zmq.Socket, tuple[int, int]]] = {}
         self._info_stat: tuple[int, int] | None = None  # broker.json as this broker wrote it
         self._store: TaskStore | None = None
+        self._identity: StoreIdentity | None = None
         self._lock_context: object | None = None
         self._stop_requested = threading.Event()
         self._thread: threading.Thread | None = None
@@ -248,8 +250,14 @@ class Broker:
         """Take the data directory's lock, load the store and bind the sockets."""
         try:
             self._lock_context = self._take_lock()
+            for endpoint in self.endpoints:
+                self._check_bind(endpoint)  # before the store is touched: a bad --bind changes nothing
             store_path = self.data_dir / STORE_FILENAME
+            # Refuse a store that is not the one the broker left (truncated, its -wal lost, another file).
+            self._identity = StoreIdentity(self.data_dir)
+            self._identity.check_before_open()
             self._store = TaskStore(store_path, fsync=self.config.fsync)
+            self._identity.verify_and_adopt(self._store)
             for path in self.data_dir.glob(STORE_FILENAME + '*'):  # the store and SQLite's -wal and -shm beside it
                 os.chmod(path, 0o600)
             for queue, count in self.store.ready_counts().items():
@@ -323,7 +331,11 @@ class Broker:
             f'on the same data directory? Stop it first (one broker per data directory), {wait}'
         )
 
-    def _bind(self, endpoint: str) -> None:
+    def _check_bind(self, endpoint: str) -> Path | None:
+        """Refuse an endpoint that would let others in or replace what is not ours; return an ipc socket's path.
+
+        A stale socket of ours (left by a broker that was killed) is removed; anything else at the path is refused.
+        """
         path: Path | None = None
         if endpoint.startswith('tcp://'):
             security.check_tcp_bind(endpoint, curve=self.config.curve, insecure_tcp=self.config.insecure_tcp)
@@ -341,6 +353,10 @@ class Broker:
             remove_stale_socket(path)  # a socket left by a broker that died; anything else there is refused
         else:
             raise ValueError(f'unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT')
+        return path
+
+    def _bind(self, endpoint: str) -> None:
+        path = self._check_bind(endpoint)
         socket = self._context.socket(zmq.ROUTER)
         try:
             if endpoint.startswith('tcp://') and self.config.curve:
@@ -459,6 +475,9 @@ class Broker:
             except StoreError:
                 LOGGER.exception('could not commit the last batch on shutdown')
             self._store = None
+        if self._identity is not None:
+            self._identity.close()
+            self._identity = None
         for socket in self._sockets:
             socket.close(linger=500)
         self._sockets.clear()

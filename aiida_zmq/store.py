@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,10 @@ class TaskStore:
                 f'cannot open the task store {self.path}: {exception}. {_open_advice(self.path, exception)}'
             )
         self._in_transaction = False
+        # Highest task id inserted through this store, and what to call after each commit: the broker's store
+        # identity records the high-water mark beside the file (:mod:`aiida_zmq.store_identity`).
+        self.high_water = 0
+        self.after_commit: Callable[[TaskStore], None] | None = None
 
     # Transactions -------------------------------------------------------------------------------------------------
 
@@ -140,6 +144,8 @@ class TaskStore:
             self._in_transaction = False
             raise StoreError(f'could not commit to the task store {self.path}: {exception}') from exception
         self._in_transaction = False
+        if self.after_commit is not None:
+            self.after_commit(self)
         return True
 
     def rollback(self) -> None:
@@ -167,6 +173,7 @@ class TaskStore:
         except sqlite3.Error as exception:
             raise StoreError(f'could not write to the task store {self.path}: {exception}') from exception
         assert cursor.lastrowid is not None
+        self.high_water = max(self.high_water, cursor.lastrowid)
         return cursor.lastrowid
 
     def mark_delivered(self, deliveries: Iterable[tuple[int, int]]) -> None:
@@ -271,6 +278,29 @@ class TaskStore:
             {'id': i, 'queue': q, 'state': names.get(s, str(s)), 'attempts': a, 'bytes': n, 'created': c}
             for i, q, s, a, n, c in rows
         ]
+
+    # Identity (see aiida_zmq.store_identity) -------------------------------------------------------------------
+
+    def identity(self) -> str | None:
+        """The random identity the broker gave this store, ``None`` if it has none (new, emptied, or older)."""
+        self._db.execute('CREATE TABLE IF NOT EXISTS store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)')
+        row = self._db.execute("SELECT value FROM store_meta WHERE key='identity'").fetchone()
+        return row[0] if row else None
+
+    def set_identity(self, identity: str) -> None:
+        self._begin()
+        self._db.execute("INSERT OR REPLACE INTO store_meta (key, value) VALUES ('identity', ?)", (identity,))
+        self.commit()
+        # Into the main file now, not only the WAL: a WAL lost later must not take the identity with it.
+        self._db.execute('PRAGMA wal_checkpoint(PASSIVE)')
+
+    def sequence(self) -> int:
+        """The highest task id ever given in this store (AUTOINCREMENT never hands out an id twice)."""
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='tasks'").fetchone()
+        return int(row[0]) if row else 0
+
+    def task_count(self) -> int:
+        return self._db.execute('SELECT count(*) FROM tasks').fetchone()[0]
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + '*') if p.exists())

@@ -345,3 +345,105 @@ def test_client_refuses_a_socket_dir_or_socket_of_another_user(short_dir):
             aiida_zmq.connect(f'ipc://{link}/broker.sock', connect_timeout=5, **FAST)
     finally:
         broker.stop()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 10. A store that is not the one the broker left is refused at start
+
+
+def send_confirmed(broker: BrokerProcess, count: int, queue: str = 'q') -> None:
+    """``count`` tasks confirmed by the broker (stored and committed), nobody consuming them."""
+    producer = aiida_zmq.connect(broker.endpoint, task_queue=queue, **FAST)
+    try:
+        for index in range(count):
+            producer.task_send({'i': index}, no_reply=True)
+    finally:
+        producer.close()
+
+
+def test_store_truncated_to_zero_refuses_to_start_then_accepted(short_dir):
+    broker = BrokerProcess(short_dir / 'data').start()
+    send_confirmed(broker, 400)
+    broker.stop()
+    store = broker.data_dir / STORE_FILENAME
+    store.write_bytes(b'')  # truncated: SQLite would open it as an empty store
+    code, output, _ = run_serve(broker.data_dir, '--bind', broker.endpoint)
+    assert code == 2, output
+    assert 'not the store the broker left' in output and 'up to id 400' in output, output
+    assert f'aiida-zmq accept-store --data-dir {broker.data_dir}' in output, output
+    result = cli('accept-store', '--data-dir', str(broker.data_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'accepted' in result.stdout and '0 stored task(s)' in result.stdout, result.stdout
+    broker.start()  # accepted: it starts, empty
+    try:
+        communicator = aiida_zmq.connect(broker.endpoint, **FAST)
+        assert communicator.admin('status')['queues'].get('q', {'depth': 0})['depth'] == 0
+        communicator.close()
+    finally:
+        broker.stop()
+
+
+def test_store_missing_beside_its_identity_refuses_to_start(short_dir):
+    broker = BrokerProcess(short_dir / 'data').start()
+    send_confirmed(broker, 5)
+    broker.stop()
+    (broker.data_dir / STORE_FILENAME).unlink()
+    code, output, _ = run_serve(broker.data_dir, '--bind', broker.endpoint)
+    assert code == 2, output
+    assert 'is missing' in output and 'accept-store' in output, output
+    assert not (broker.data_dir / STORE_FILENAME).exists()  # not created empty
+
+
+def test_wal_deleted_or_overwritten_after_kill9_refuses_to_start(short_dir):
+    for damage in ('delete', 'overwrite'):
+        broker = BrokerProcess(short_dir / damage).start()
+        send_confirmed(broker, 300)
+        broker.kill()
+        wal = broker.data_dir / (STORE_FILENAME + '-wal')
+        assert wal.stat().st_size > 0  # the confirmed tasks are in the WAL, not yet in the main file
+        if damage == 'delete':
+            wal.unlink()
+            (broker.data_dir / (STORE_FILENAME + '-shm')).unlink(missing_ok=True)
+        else:
+            wal.write_bytes(os.urandom(wal.stat().st_size))
+        code, output, _ = run_serve(broker.data_dir, '--bind', broker.endpoint)
+        assert code == 2, (damage, output)
+        assert 'confirmed tasks up to id 300' in output and 'accept-store' in output, (damage, output)
+
+
+def test_store_replaced_by_another_store_refuses_to_start(short_dir):
+    first = BrokerProcess(short_dir / 'one').start()
+    send_confirmed(first, 3)
+    first.stop()
+    second = BrokerProcess(short_dir / 'two').start()
+    send_confirmed(second, 10)
+    second.stop()
+    (first.data_dir / STORE_FILENAME).write_bytes((second.data_dir / STORE_FILENAME).read_bytes())
+    code, output, _ = run_serve(first.data_dir, '--bind', first.endpoint)
+    assert code == 2, output
+    assert 'another store' in output, output
+
+
+def test_restart_after_kill9_and_offline_submits_start_normally(short_dir):
+    """No false alarm: a kill -9, a clean stop, tasks submitted offline in between, and a store of an older release
+    (no identity record yet) all start, with every task there."""
+    data = short_dir / 'data'
+    for index in range(3):
+        submit_offline(data, 'q', b'\x00J%d' % index)  # before any broker: no record yet, adopted at start
+    broker = BrokerProcess(data).start()
+    send_confirmed(broker, 100)
+    broker.kill()
+    broker.start()
+    send_confirmed(broker, 10)
+    broker.stop()
+    for index in range(4):
+        submit_offline(data, 'q', b'\x00J%d' % index)
+    (data / (STORE_FILENAME + '.identity')).unlink()  # as an older release leaves it
+    broker.start()
+    try:
+        communicator = aiida_zmq.connect(broker.endpoint, **FAST)
+        assert communicator.admin('status')['queues']['q']['depth'] == 3 + 100 + 10 + 4
+        communicator.close()
+    finally:
+        broker.stop()
+    assert (data / (STORE_FILENAME + '.identity')).exists()

@@ -1,0 +1,219 @@
+"""Is the store the one the broker left? An identity and a high-water mark kept beside it.
+
+SQLite opens a store truncated to 0 bytes as an empty store, and a store whose ``-wal`` file was deleted after a
+kill -9 as the store of the last checkpoint: both start without a word, the tasks they lost are gone. So the broker
+gives its store a random identity (a row inside the file) and keeps, beside the file, a record of that identity and
+of the highest task id it committed (``tasks.sqlite3.identity``)::
+
+    aiida-zmq store 1 <identity: 32 hex digits> <high-water mark: 20 digits>
+
+The record is rewritten in place (one ``pwrite``, fixed length) after a commit that stored new tasks, before their
+confirms go out: a commit of acks or deliveries costs nothing, a batch of new tasks one system call. At start the
+broker refuses a store whose identity is missing or different, or whose highest task id is below the mark: some
+confirmed tasks are not in it. What to do is in the message: restore the file, or accept it as it is with
+``aiida-zmq accept-store --data-dir DIR``.
+
+The record can lag behind the file (a kill -9 between the commit and the write), never run ahead of it: a lagging
+record only makes the check weaker for that one batch. Moving ``tasks.sqlite3*`` aside (the documented way to start
+from an empty store) moves the record with it. This module imports nothing from AiiDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import typing as t
+from pathlib import Path
+
+from .exceptions import StoreError, StoreReplaced
+from .ratelimit import RateLimitedLog
+from .store import STORE_FILENAME, TaskStore
+
+if t.TYPE_CHECKING:
+    import click
+
+__all__ = ('IDENTITY_FILENAME', 'StoreIdentity', 'accept_store', 'register')
+
+LOGGER = logging.getLogger(__name__)
+LIMITED = RateLimitedLog(LOGGER)
+
+IDENTITY_FILENAME = STORE_FILENAME + '.identity'
+_FORMAT = 'aiida-zmq store 1 {identity} {high_water:020d}\n'
+_PATTERN = re.compile(r'aiida-zmq store 1 ([0-9a-f]{32}) (\d{20})\n')
+
+
+class StoreIdentity:
+    """The identity record of the store in ``data_dir``, kept up to date by the broker that holds the store."""
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / IDENTITY_FILENAME
+        self.identity: str | None = None
+        self.high_water = 0
+        self._fd: int | None = None
+
+    def read(self) -> bool:
+        """Load the record; ``False`` when there is none (a store the broker never served, or an older release).
+
+        :raises StoreReplaced: when the record is there but unreadable.
+        """
+        try:
+            text = self.path.read_text(encoding='ascii', errors='replace')
+        except FileNotFoundError:
+            return False
+        except OSError as exception:
+            raise StoreError(f'cannot read {self.path}: {exception}') from exception
+        match = _PATTERN.fullmatch(text)
+        if match is None:
+            raise StoreReplaced(
+                f'{self.path} is damaged, so whether {self.data_dir / STORE_FILENAME} is the store the broker left '
+                f'cannot be told. {self._accept_hint()}'
+            )
+        self.identity, self.high_water = match.group(1), int(match.group(2))
+        return True
+
+    def check_before_open(self) -> None:
+        """Refuse when the record exists but the store file does not (opening would create an empty one)."""
+        if self.read() and not (self.data_dir / STORE_FILENAME).exists():
+            raise StoreReplaced(
+                f'{self.data_dir / STORE_FILENAME} is missing, but {self.path} says the broker left a store there '
+                f'with tasks up to id {self.high_water}. Put the file back, or, to start with an empty store, '
+                f'{self._accept_hint(lower=True)}'
+            )
+
+    def verify_and_adopt(self, store: TaskStore) -> None:
+        """Refuse ``store`` if it is not the one the record describes; otherwise hold the record and keep it up to
+        date after every commit of ``store`` (:attr:`TaskStore.after_commit`).
+
+        :raises StoreReplaced: with what happened and how to accept the store as it is.
+        """
+        found = store.identity()
+        sequence = store.sequence()
+        store_path = self.data_dir / STORE_FILENAME
+        if self.identity is not None:
+            if found is None:
+                size = store_path.stat().st_size
+                raise StoreReplaced(
+                    f'{store_path} is not the store the broker left: it has no identity ({size} bytes now; was it '
+                    f'emptied or truncated, or replaced by a new file?), and the broker had stored tasks up to id '
+                    f'{self.high_water} in it. Restore it from a copy if you have one. {self._accept_hint()}'
+                )
+            if found != self.identity:
+                raise StoreReplaced(
+                    f'{store_path} is another store than the one the broker left (identity {found}, expected '
+                    f'{self.identity}): a file copied over it? Put the right file back. {self._accept_hint()}'
+                )
+            if sequence < self.high_water:
+                raise StoreReplaced(
+                    f'{store_path} ends at task id {sequence}, but the broker had confirmed tasks up to id '
+                    f'{self.high_water}: its last transactions are missing (its -wal file deleted or damaged after a '
+                    f'crash, or an older copy put back?), and with them up to {self.high_water - sequence} '
+                    f'confirmed task(s). Restore the -wal file if you still can. {self._accept_hint()}'
+                )
+        elif found is not None:
+            LOGGER.info('%s has no identity record (deleted?): writing it again for store %s', store_path, found)
+        if found is None:
+            found = secrets.token_hex(16)
+            store.set_identity(found)
+        self.identity = found
+        self.high_water = max(sequence, store.high_water)
+        self._open_record()
+        store.after_commit = self.committed
+
+    def committed(self, store: TaskStore) -> None:
+        """After a commit: record a higher high-water mark, in place (the record has a fixed length)."""
+        if store.high_water <= self.high_water or self._fd is None:
+            return
+        self.high_water = store.high_water
+        try:
+            os.pwrite(self._fd, self._record(), 0)
+        except OSError as exception:
+            # The store committed; only the check at the next start is weaker. Say so, without repeating it.
+            LIMITED.error('cannot update %s: %s', self.path, exception, key=('identity-write', str(self.path)))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _record(self) -> bytes:
+        assert self.identity is not None
+        return _FORMAT.format(identity=self.identity, high_water=self.high_water).encode('ascii')
+
+    def _open_record(self) -> None:
+        """Write the record whole (a new file, renamed into place), then keep it open for the updates in place."""
+        self.close()
+        tmp = self.path.with_name(self.path.name + '.tmp')
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0), 0o600)
+        try:
+            os.write(fd, self._record())
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0))
+
+    def _accept_hint(self, lower: bool = False) -> str:
+        text = (
+            f'To accept the store as it is (what is lost stays lost), run `aiida-zmq accept-store --data-dir '
+            f'{self.data_dir}`, then start the broker again'
+        )
+        return text[0].lower() + text[1:] if lower else text
+
+
+def accept_store(data_dir: str | os.PathLike[str]) -> dict[str, t.Any]:
+    """Make the store in ``data_dir``, as it is now, the one the broker accepts (a new identity record).
+
+    Under the broker's lock, so never while a broker runs.
+
+    :raises aiida_zmq.exceptions.BrokerRunning: when a broker holds the data directory.
+    """
+    from .security import ensure_private_dir
+    from .store import broker_lock
+
+    directory = ensure_private_dir(data_dir)
+    with broker_lock(directory, blocking=False):
+        identity = StoreIdentity(directory)
+        with contextlib.suppress(StoreReplaced):
+            identity.read()
+        expected = identity.high_water
+        with contextlib.closing(TaskStore(directory / STORE_FILENAME)) as store:
+            identity.identity = None  # whatever the record said: the store as it is now is the one
+            identity.verify_and_adopt(store)
+            count = store.task_count()
+        identity.close()
+    os.chmod(directory / STORE_FILENAME, 0o600)
+    LOGGER.info('store %s accepted as it is: %d task(s), ids up to %d', directory, count, identity.high_water)
+    return {'tasks': count, 'high_water': identity.high_water, 'recorded_before': expected}
+
+
+def register(group: click.Group) -> None:
+    """Add ``aiida-zmq accept-store`` to the command group."""
+    import click
+
+    @group.command('accept-store')
+    @click.option('--data-dir', required=True, type=click.Path(file_okay=False), help="The broker's data directory.")
+    def accept_store_command(data_dir: str) -> None:
+        """Accept the task store in DATA_DIR as it is, after the broker refused it as not the one it left.
+
+        The broker refuses to start on a store that was truncated, replaced, or lost its last transactions (its -wal
+        file), rather than serve what is left as if nothing had happened. Restore the file if you can; otherwise
+        this makes the store as it is now the accepted one (what was lost stays lost) and the broker starts on it.
+        """
+        from .exceptions import BrokerRunning
+
+        try:
+            result = accept_store(data_dir)
+        except BrokerRunning as exception:
+            raise click.ClickException(f'{exception}; stop the broker first') from exception
+        except (StoreError, OSError) as exception:
+            raise click.ClickException(str(exception)) from exception
+        lost = max(0, result['recorded_before'] - result['high_water'])
+        before = f' (the broker had recorded ids up to {result["recorded_before"]})' if lost else ''
+        click.echo(
+            f'accepted {Path(data_dir) / STORE_FILENAME} as it is: {result["tasks"]} stored task(s), ids up to '
+            f'{result["high_water"]}{before}'
+        )
+        click.echo('Start the broker again (`verdi daemon start`, or `aiida-zmq serve --data-dir ...`).')
