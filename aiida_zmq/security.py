@@ -24,19 +24,23 @@ tests and throwaway setups only). This module imports nothing from AiiDA.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import logging
 import os
 import pwd
 import socket as stdlib_socket
 import stat
+import threading
+import time
 import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+import zmq.utils.z85
 
 from .exceptions import UnsafePath
 
@@ -343,43 +347,216 @@ def client_keys(secret_file: str | os.PathLike[str], server_public_file: str | o
 
 
 class _AuthorizedKeys:
-    """ZAP credentials provider: a client may connect when its public key is in ``authorized/`` right now (read on
-    every new connection, so that authorizing or revoking a client needs no broker restart)."""
+    """The public keys in ``authorized/``, as they are now: authorizing or revoking a client needs no broker restart.
 
-    def __init__(self, directory: Path) -> None:
+    Read again when the directory changes (adding, removing or renaming a key file changes its ``mtime``), and at
+    least every ``max_age`` seconds (a key file edited in place); otherwise one ``stat`` per handshake. A flood of
+    handshakes must not make the broker parse every certificate for every attempt.
+    """
+
+    def __init__(self, directory: Path, max_age: float = 2.0) -> None:
         self.directory = directory
+        self.max_age = max_age
+        self._signature: tuple[int, int] | None = None
+        self._loaded = 0.0
+        self._keys: frozenset[bytes] = frozenset()
 
-    def callback(self, domain: str, key: bytes) -> bool:
+    def allows(self, key: bytes) -> bool:
+        """Whether the raw public ``key`` (32 bytes) is authorized."""
         try:
-            allowed = zmq.auth.load_certificates(str(self.directory))
+            info = os.stat(self.directory)
+            signature: tuple[int, int] | None = (info.st_ino, info.st_mtime_ns)
         except OSError:
-            allowed = {}
-        z85 = bytes(key)
-        if z85 in allowed:
-            return True
-        LOGGER.warning('refused a CURVE client with unknown public key %s', z85.decode(errors='replace'))
-        return False
+            signature = None
+        now = time.monotonic()
+        if signature != self._signature or now - self._loaded > self.max_age:
+            try:
+                # As the raw 32 bytes that ZAP hands over: no z85 encoding per handshake.
+                self._keys = frozenset(
+                    zmq.utils.z85.decode(key) for key in zmq.auth.load_certificates(str(self.directory))
+                )
+            except (OSError, ValueError):
+                self._keys = frozenset()
+            self._signature, self._loaded = signature, now
+        return key in self._keys
+
+
+class _FailureBudget:
+    """Failed handshakes per source address: ``burst`` per ``interval`` seconds answered at once, the rest late.
+
+    Bounded: at most ``max_addresses`` are tracked (the oldest window is forgotten first).
+    """
+
+    def __init__(self, burst: int, interval: float, max_addresses: int = 10_000) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.max_addresses = max_addresses
+        self._windows: dict[bytes, list[float]] = {}  # address -> [window start, failures in it]
+
+    def over(self, address: bytes, now: float) -> bool:
+        """Count one failure of ``address``; return whether it is past its budget."""
+        window = self._windows.get(address)
+        if window is None or now - window[0] >= self.interval:
+            if window is None and len(self._windows) >= self.max_addresses:
+                del self._windows[next(iter(self._windows))]
+            window = self._windows[address] = [now, 0]
+            self._windows[address] = self._windows.pop(address)  # most recent last, for the eviction above
+        window[1] += 1
+        return window[1] > self.burst
+
+
+class ZapHandler:
+    """The ZAP handler (RFC 27) of the broker's CURVE sockets, in a thread of its own.
+
+    A client whose public key is authorized is admitted at once. Every other one is denied; an address that keeps
+    failing (past ``burst`` per ``interval``) has its denials held back ``delay`` seconds, so that a client retrying
+    with wrong keys waits for each answer instead of costing the broker a handshake as fast as it can send one. At
+    most ``max_pending`` denials wait at a time (each holds a connection): past that the oldest is answered at once.
+    Refusals are logged a few times per address and interval, then counted (:class:`RateLimitedLog`).
+
+    Not pyzmq's ``ThreadAuthenticator``: it reloads every certificate for every handshake, runs an asyncio loop in
+    the broker's process for it, and answers in order, one at a time (a ``REP`` socket), so it cannot hold one
+    denial back without holding back every admission behind it. This one uses a ``ROUTER`` socket (libzmq accepts
+    one as the ZAP handler) to answer each request when it is due.
+    """
+
+    ENDPOINT = 'inproc://zeromq.zap.01'
+
+    def __init__(
+        self,
+        context: zmq.Context,
+        authorized: Path,
+        *,
+        domain: bytes = ZAP_DOMAIN,
+        burst: int = 5,
+        interval: float = 10.0,
+        delay: float = 1.0,
+        max_pending: int = 128,
+    ) -> None:
+        from .ratelimit import RateLimitedLog
+
+        self._context = context
+        self._keys = _AuthorizedKeys(authorized)
+        self._domain = domain
+        self._budget = _FailureBudget(burst, interval)
+        self._delay = delay
+        self._max_pending = max_pending
+        self._pending: collections.deque[tuple[float, list[bytes]]] = collections.deque()  # due in order
+        self._log = RateLimitedLog(LOGGER, burst=burst, interval=interval)
+        self._stop = threading.Event()
+        self._socket = context.socket(zmq.ROUTER)
+        self._socket.linger = 0
+        self._socket.bind(self.ENDPOINT)  # before any CURVE socket binds: libzmq finds the handler at handshake time
+        self._thread = threading.Thread(target=self._run, name='aiida-zmq-zap', daemon=True)
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        socket = self._socket
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                self._release(now)
+                wait = 0.2 if not self._pending else min(0.2, max(0.0, self._pending[0][0] - now))
+                if not poller.poll(int(wait * 1000) + 1):
+                    continue
+                for _ in range(1000):  # a batch, then the due denials again
+                    try:
+                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(frames, time.monotonic())
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            for _, reply in self._pending:
+                with contextlib.suppress(zmq.ZMQError):
+                    socket.send_multipart(reply, zmq.NOBLOCK)
+            socket.close(0)
+
+    def _release(self, now: float) -> None:
+        while self._pending and (self._pending[0][0] <= now or len(self._pending) > self._max_pending):
+            _, reply = self._pending.popleft()
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.send_multipart(reply, zmq.NOBLOCK)
+
+    def _handle(self, frames: list[bytes], now: float) -> None:
+        # [peer, b'', version, request id, domain, address, identity, mechanism, *credentials]
+        if len(frames) < 8 or frames[1] != b'' or frames[2] != b'1.0':
+            LOGGER.debug('ignoring a malformed ZAP request: %r', frames[:3])
+            return
+        peer, _, version, request_id, domain, address, _identity, mechanism, *credentials = frames
+        key = credentials[0] if mechanism == b'CURVE' and credentials else b''
+        if domain == self._domain and len(key) == 32 and self._keys.allows(key):
+            self.counts['admitted'] += 1
+            user = zmq.utils.z85.encode(key)
+            self._socket.send_multipart([peer, b'', version, request_id, b'200', b'OK', user, b''])
+            return
+        self.counts['refused'] += 1
+        reply = [peer, b'', version, request_id, b'400', b'not authorized', b'', b'']
+        self._log.warning(
+            'refused a CURVE client with unknown public key %s from %s',
+            _Z85(key, mechanism),
+            address.decode(errors='replace') or '?',
+            key=('curve-refused', address),
+        )
+        if self._budget.over(address, now):
+            self.counts['delayed'] += 1
+            self._pending.append((now + self._delay, reply))
+            self._release(now)  # past max_pending the oldest goes now
+        else:
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.send_multipart(reply, zmq.NOBLOCK)
+
+
+class _Z85:
+    """A key for a log line, encoded only if the line is written (most are counted, not written)."""
+
+    __slots__ = ('key', 'mechanism')
+
+    def __init__(self, key: bytes, mechanism: bytes) -> None:
+        self.key, self.mechanism = key, mechanism
+
+    def __str__(self) -> str:
+        if len(self.key) == 32:
+            return zmq.utils.z85.encode(self.key).decode()
+        return f'(none: mechanism {self.mechanism.decode(errors="replace")})'
 
 
 class CurveServer:
-    """CURVE on the broker's TCP sockets, with a ZAP handler that admits only authorized client keys."""
+    """CURVE on the broker's TCP sockets, with a ZAP handler that admits only authorized client keys.
+
+    The handshakes' cryptography runs in ZeroMQ's I/O threads. The broker gives its context a second I/O thread
+    and pins its CURVE sockets to it (``AFFINITY``), its ipc sockets to the first, so that a flood of handshakes
+    on the TCP port does not queue the local clients' messages behind it.
+    """
+
+    IO_THREADS = 2
+    AFFINITY = 0b10  # the second I/O thread
+    PLAIN_AFFINITY = 0b01  # for every other socket of the broker
 
     def __init__(self, context: zmq.Context, data_dir: str | os.PathLike[str]) -> None:
         self.public, self.secret = ensure_server_keys(data_dir)
-        self._authenticator = ThreadAuthenticator(context, log=LOGGER)
-        self._authenticator.start()
-        self._authenticator.configure_curve_callback(
-            domain=ZAP_DOMAIN.decode(), credentials_provider=_AuthorizedKeys(curve_dir(data_dir) / 'authorized')
-        )
+        self.zap = ZapHandler(context, curve_dir(data_dir) / 'authorized')
+        self.zap.start()
 
     def apply(self, socket: zmq.Socket) -> None:
         socket.curve_server = True
         socket.curve_publickey = self.public
         socket.curve_secretkey = self.secret
         socket.zap_domain = ZAP_DOMAIN
+        socket.setsockopt(zmq.AFFINITY, self.AFFINITY)
 
     def stop(self) -> None:
-        self._authenticator.stop()
+        self.zap.stop()
 
 
 def check_tcp_bind(endpoint: str, *, curve: bool, insecure_tcp: bool) -> None:

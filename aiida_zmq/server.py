@@ -207,7 +207,8 @@ class Broker:
         self.endpoints = list(binds) or [default_endpoint(self.data_dir)]
         self.epoch = secrets.token_hex(8)
         self.started = time.time()
-        self._context = zmq.Context()
+        # With CURVE, a second I/O thread for the CURVE sockets' handshakes (see security.CurveServer).
+        self._context = zmq.Context(io_threads=security.CurveServer.IO_THREADS if self.config.curve else 1)
         self._curve: security.CurveServer | None = None
         self._sockets: list[zmq.Socket] = []
         # ipc endpoint -> (socket, (st_dev, st_ino) of the file its bind made): what close() may unlink, and how a
@@ -363,6 +364,8 @@ class Broker:
                 if self._curve is None:
                     self._curve = security.CurveServer(self._context, self.data_dir)
                 self._curve.apply(socket)  # before bind: only authorized client keys get through the handshake
+            elif self.config.curve:
+                socket.setsockopt(zmq.AFFINITY, security.CurveServer.PLAIN_AFFINITY)  # off the CURVE I/O thread
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
             socket.setsockopt(zmq.SNDHWM, 100_000)

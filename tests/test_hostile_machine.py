@@ -447,3 +447,189 @@ def test_restart_after_kill9_and_offline_submits_start_normally(short_dir):
     finally:
         broker.stop()
     assert (data / (STORE_FILENAME + '.identity')).exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. CURVE handshake churn: a client holding the broker's public key, with keys nobody authorized
+
+# A fresh socket with a fresh key pair per attempt, one attempt a millisecond, each closed 50 attempts later: what
+# the red team ran (about 800 wrong-key handshakes per second from one process on this machine). Prints its count.
+FLOODER = """
+import sys, time, zmq
+endpoint, server_key, seconds = sys.argv[1], sys.argv[2].encode(), float(sys.argv[3])
+context = zmq.Context()
+live, count, deadline = [], 0, time.monotonic() + seconds
+while time.monotonic() < deadline:
+    sock = context.socket(zmq.DEALER)
+    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+    sock.curve_serverkey = server_key
+    sock.linger = 0
+    sock.connect(endpoint)
+    live.append(sock)
+    count += 1
+    if len(live) > 50:
+        live.pop(0).close(0)
+    time.sleep(0.001)
+print(count, flush=True)
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def curve_broker(short_dir) -> Iterator[BrokerProcess]:
+    """A broker on ipc (for the victims) and on a CURVE tcp port (for the flood)."""
+    port = free_port()
+    broker = BrokerProcess(short_dir / 'data', '--curve', '--bind', f'tcp://127.0.0.1:{port}')
+    broker.tcp_endpoint = f'tcp://127.0.0.1:{port}'  # type: ignore[attr-defined]
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def server_public_key(broker: BrokerProcess) -> str:
+    import zmq.auth
+
+    return zmq.auth.load_certificate(str(broker.data_dir / 'curve' / 'server.key'))[0].decode()
+
+
+def start_flood(broker: BrokerProcess, seconds: float, processes: int = 1) -> list[subprocess.Popen]:
+    command = [sys.executable, '-c', FLOODER, broker.tcp_endpoint, server_public_key(broker), str(seconds)]  # type: ignore[attr-defined]
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+
+
+def flood_count(floods: list[subprocess.Popen]) -> int:
+    return sum(int(flood.communicate(timeout=60)[0].strip() or 0) for flood in floods)
+
+
+def curve_client(broker: BrokerProcess, name: str, **options):
+    from aiida_zmq import security
+
+    secret = security.create_client_keys(broker.data_dir, name)
+    keys = security.client_keys(secret, security.curve_dir(broker.data_dir) / 'server.key')
+    return aiida_zmq.connect(broker.tcp_endpoint, curve=keys, **options)  # type: ignore[attr-defined]
+
+
+def test_curve_flood_log_is_bounded_and_authorized_clients_get_in(curve_broker):
+    floods = start_flood(curve_broker, 3.0)
+    time.sleep(0.5)  # the flood is under way (it runs by itself; nothing to wait for)
+    started = time.monotonic()
+    insider = curve_client(curve_broker, 'insider', connect_timeout=10, **FAST)  # same address as the flood
+    admitted_in = time.monotonic() - started
+    insider.add_rpc_subscriber(lambda _comm, msg: msg, 'echo')
+    assert insider.rpc_send('echo', 7).result(timeout=10) == 7
+    attempts = flood_count(floods)
+    insider.close()
+    assert attempts > 500, attempts  # the flood really ran
+    assert admitted_in < 5, admitted_in
+    log = curve_broker.log()
+    refusals = log.count('refused a CURVE client')
+    assert 1 <= refusals <= 10, (attempts, refusals)  # it used to be one line per attempt
+
+
+def test_curve_wrong_key_retries_from_one_address_are_answered_late(curve_broker):
+    """Past its budget of failures an address waits for each denial: a client retrying wrong keys one after the
+    other gets about one try a second instead of as many as it can send."""
+    import zmq
+    import zmq.utils.monitor
+
+    context = zmq.Context()
+    server_key = server_public_key(curve_broker).encode()
+    took = []
+    try:
+        for _ in range(8):
+            sock = context.socket(zmq.DEALER)
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.curve_serverkey = server_key
+            sock.linger = 0
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            started = time.monotonic()
+            sock.connect(curve_broker.tcp_endpoint)  # type: ignore[attr-defined]
+            assert monitor.poll(30_000), 'no answer to the handshake'
+            assert zmq.utils.monitor.recv_monitor_message(monitor)['event'] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            took.append(time.monotonic() - started)
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+    finally:
+        context.term()
+    assert all(seconds >= 0.9 for seconds in took[5:]), took  # the budget is 5 per 10 s; then 1 s per denial
+    # An authorized client from the very same address is not held back.
+    started = time.monotonic()
+    curve_client(curve_broker, 'insider', connect_timeout=10, **FAST).close()
+    assert time.monotonic() - started < 5
+
+
+def rpc_latencies(caller, seconds: float) -> list[float]:
+    latencies = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        caller.rpc_send('echo', 1).result(timeout=10)
+        latencies.append(time.perf_counter() - started)
+        time.sleep(0.002)
+    return sorted(latencies)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * fraction))]
+
+
+@pytest.mark.slow
+def test_curve_flood_costs_bounded_cpu_memory_log_and_latency(curve_broker):
+    """The measured version (docs/reliability.md): two flooding processes for 10 s against the CURVE port while a
+    local client makes RPC round trips on the ipc socket. Figures are printed (``-s``)."""
+    import psutil
+
+    responder = aiida_zmq.connect(curve_broker.endpoint, **FAST)
+    responder.add_rpc_subscriber(lambda _comm, msg: msg, 'echo')
+    caller = aiida_zmq.connect(curve_broker.endpoint, **FAST)
+    broker = psutil.Process(curve_broker.pid)
+    before = rpc_latencies(caller, 3)
+    rss_before = broker.memory_info().rss
+    log_before = curve_broker.log_path.stat().st_size
+    seconds = 10.0
+    broker.cpu_percent(None)
+    floods = start_flood(curve_broker, seconds, processes=2)
+    samples: list[float] = []
+    peak_rss = rss_before
+    fds_before = peak_fds = broker.num_fds()
+    deadline = time.monotonic() + seconds - 0.5
+    during: list[float] = []
+    while time.monotonic() < deadline:
+        during += rpc_latencies(caller, 0.5)
+        samples.append(broker.cpu_percent(None))
+        peak_rss = max(peak_rss, broker.memory_info().rss)
+        peak_fds = max(peak_fds, broker.num_fds())
+    attempts = flood_count(floods)
+    log_bytes = curve_broker.log_path.stat().st_size - log_before
+    during.sort()
+    figures = {
+        'handshakes': attempts,
+        'broker_cpu_mean_%': round(sum(samples) / len(samples), 1),
+        'broker_cpu_peak_%': max(samples),
+        'broker_rss_MiB': (round(rss_before / 2**20, 1), round(peak_rss / 2**20, 1)),
+        'victim_rpc_p50_p99_ms_before': (
+            round(percentile(before, 0.5) * 1e3, 2),
+            round(percentile(before, 0.99) * 1e3, 2),
+        ),
+        'victim_rpc_p50_p99_ms_during': (
+            round(percentile(during, 0.5) * 1e3, 2),
+            round(percentile(during, 0.99) * 1e3, 2),
+        ),
+        'log_bytes_per_10s': round(log_bytes * 10 / seconds),
+        'broker_fds': (fds_before, peak_fds),
+    }
+    print('\nCURVE flood:', figures)
+    responder.close()
+    caller.close()
+    assert attempts > 3000, figures
+    assert log_bytes < 10_000, figures  # it was 1.25 MB per 10 s
+    assert peak_rss - rss_before < 20 * 2**20, figures  # it grew by 40-55 MiB
+    assert percentile(during, 0.99) < 0.05, figures  # it was 82-144 ms
