@@ -188,7 +188,7 @@ def status(target: Target, as_json: bool) -> None:
     try:
         communicator = _open(target)
     except (BrokerUnavailable, ValueError) as exception:
-        _exit_if_silent(target, exception, as_json)
+        _exit_if_silent(target, as_json)
         depths = _offline_depths(target.data_dir)
         if as_json:
             _emit_json({'running': False, 'target': target.label, 'error': str(exception), 'stored': depths})
@@ -213,7 +213,7 @@ def status(target: Target, as_json: bool) -> None:
     _print_status(answer)
 
 
-def _exit_if_silent(target: Target, exception: Exception, as_json: bool) -> None:
+def _exit_if_silent(target: Target, as_json: bool) -> None:
     """A broker that runs but did not answer is not "not running": say which process, in what state (exit 1)."""
     from .discovery import silent_broker
 
@@ -231,7 +231,6 @@ def _exit_if_silent(target: Target, exception: Exception, as_json: bool) -> None
     }.get(state, f'it is {state}: busy or hung? See its log; `kill {pid}` stops it, a daemon restarts it')
     click.secho(f'aiida-zmq broker for {target.label}: running but not answering (pid {pid})', fg='yellow', bold=True)
     click.echo(f'  {hint}')
-    click.echo(f'  ({exception})')
     sys.exit(EXIT_REFUSED)
 
 

@@ -87,8 +87,9 @@ def _open_advice(path: Path, exception: sqlite3.DatabaseError) -> str:
             'owner, then start again; the tasks in the store are kept'
         )
     return (
-        'If the file is corrupt, stop the broker, move the file aside (tasks in it are not delivered until it is '
-        'repaired, e.g. with sqlite3 .recover) and start again'
+        f'If the file is corrupt, stop the broker, move the file aside with the files beside it (`mv '
+        f'{path}* SOMEWHERE/`; tasks in it are not delivered until it is repaired, e.g. with sqlite3 .recover) and '
+        'start again'
     )
 
 

@@ -196,6 +196,31 @@ def test_second_serve_refuses_at_once_naming_the_holder(short_dir):
         broker.stop()
 
 
+def test_simultaneous_starts_one_serves_the_others_name_it(short_dir):
+    data = short_dir / 'data'
+    data.mkdir(mode=0o700)
+    command = [sys.executable, '-m', 'aiida_zmq.cli', 'serve', '--data-dir', str(data)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(6)
+    ]
+    try:
+        info = wait_until(lambda: aiida_zmq.discovery.read_live_broker_info(data), 30, what='one broker to serve')
+        refused = []
+        for process in processes:
+            if process.pid == info['pid']:
+                continue
+            output, _ = process.communicate(timeout=30)  # each one refuses by itself, none waits for a timeout
+            refused.append((process.returncode, output))
+        assert len(refused) == 5
+        for code, output in refused:
+            assert code == 2 and f'pid {info["pid"]}' in output, output
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(15)
+
+
 def test_data_dir_under_a_file_is_said_in_a_sentence(short_dir):
     (short_dir / 'afile').write_text('')
     code, output, _ = run_serve(short_dir / 'afile' / 'data')
