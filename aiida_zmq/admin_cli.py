@@ -111,11 +111,16 @@ def _profile_target(profile_name: str | None) -> Target:
 def _open(target: Target, **options: t.Any) -> t.Any:
     """Connect to the broker; raises ``BrokerUnavailable`` (or ``ValueError`` for a bad endpoint)."""
     import aiida_zmq
+    from aiida_zmq.exceptions import UnsafePath
 
     options = {'connect_timeout': 3.0, 'name': CLIENT_NAME, **options}
-    if target.endpoint:
-        return aiida_zmq.connect(target.endpoint, **options)
-    return aiida_zmq.connect(data_dir=target.data_dir, **options)
+    try:
+        if target.endpoint:
+            return aiida_zmq.connect(target.endpoint, **options)
+        return aiida_zmq.connect(data_dir=target.data_dir, **options)
+    except UnsafePath as exception:  # a socket another user controls: not to be talked to, whatever answers there
+        click.echo(f'aiida-zmq: refusing to connect to the broker for {target.label}: {exception}.', err=True)
+        sys.exit(EXIT_REFUSED)
 
 
 def _connect(target: Target, **options: t.Any) -> t.Any:

@@ -146,7 +146,7 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     return directory
 
 
-def check_private_dir(path: str | os.PathLike[str]) -> None:
+def check_private_dir(path: str | os.PathLike[str], *, client: bool = False) -> None:
     """Refuse a directory that another user could read, or swap for one of their own.
 
     It must be a real directory (a symbolic link is refused: whoever controls the link decides where the socket and
@@ -154,6 +154,7 @@ def check_private_dir(path: str | os.PathLike[str]) -> None:
     must be owned by root or by this user and, if others may write in it, sticky (like ``/tmp``): otherwise another
     user could rename it away and put theirs in its place.
 
+    :param client: the check is for a client about to connect (the advice differs: it did not create the directory).
     :raises UnsafePath: with what to do.
     """
     directory = Path(path)
@@ -172,7 +173,12 @@ def check_private_dir(path: str | os.PathLike[str]) -> None:
         raise UnsafePath(f'{directory} is {_kind(info.st_mode)}, not a directory: choose another path')
     if info.st_uid != me:
         advice = f'Choose another directory, or if it is yours to take, `chown {_user(me).split(" ")[0]} {directory}`'
-        if directory.name == f'aiida-zmq-{me}':
+        if client:
+            advice = (
+                f'If it is the broker of {_user(info.st_uid)}, connect as that user; otherwise remove the directory '
+                f'(as root: `rm -rf {directory}`) and start your broker again'
+            )
+        elif directory.name == f'aiida-zmq-{me}':
             advice = (
                 f'Another user probably created it before the broker did (it is the fallback for socket paths that '
                 f'would be too long). Remove it (as root: `rm -rf {directory}`), or set XDG_RUNTIME_DIR to a '
@@ -245,7 +251,7 @@ def check_ipc_endpoint(endpoint: str) -> None:
     path = Path(name)
     if not os.path.lexists(path.parent):
         return
-    check_private_dir(path.parent)
+    check_private_dir(path.parent, client=True)
     try:
         info = os.lstat(path)
     except FileNotFoundError:
