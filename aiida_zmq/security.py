@@ -441,7 +441,6 @@ class ZapHandler:
     ) -> None:
         from .ratelimit import RateLimitedLog
 
-        self._context = context
         self._keys = _AuthorizedKeys(authorized)
         self._domain = domain
         self._budget = _FailureBudget(burst, interval)

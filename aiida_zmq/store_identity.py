@@ -110,8 +110,9 @@ class StoreIdentity:
                 raise StoreReplaced(
                     f'{store_path} ends at task id {sequence}, but the broker had confirmed tasks up to id '
                     f'{self.high_water}: its last transactions are missing (its -wal file deleted or damaged after a '
-                    f'crash, or an older copy put back?), and with them up to {self.high_water - sequence} '
-                    f'confirmed task(s). Restore the -wal file if you still can. {self._accept_hint()}'
+                    f'crash, an older copy put back, or a power loss without --fsync?), and with them up to '
+                    f'{self.high_water - sequence} confirmed task(s). Restore the -wal file if you still can. '
+                    f'{self._accept_hint()}'
                 )
         elif found is not None:
             LOGGER.info('%s has no identity record (deleted?): writing it again for store %s', store_path, found)
