@@ -222,6 +222,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         :raises aiida_zmq.exceptions.UnsafePath: at once, for an ``ipc://`` socket another user controls.
         """
         check_ipc_endpoint(self.endpoint)  # before anything is sent: a fake broker there would read and "confirm" it
+        _refuse_missing_socket(self.endpoint)  # known at once: no broker there
         socket = self._context.socket(zmq.DEALER)
         socket.setsockopt(zmq.ROUTING_ID, self._routing_id)
         socket.setsockopt(zmq.LINGER, 2000)  # close() waits this long for a goodbye and last answers to go out
@@ -233,7 +234,6 @@ class ZmqCommunicator(kiwipy.Communicator):
             self._curve.apply(socket)
         deadline = time.monotonic() + self._connect_timeout
         try:
-            _check_ipc_endpoint(self.endpoint)
             monitor = socket.get_monitor_socket(_CONNECT_EVENTS)
             try:
                 socket.connect(self.endpoint)
@@ -1261,13 +1261,14 @@ _CONNECT_EVENTS = (
 )
 
 
-def _check_ipc_endpoint(endpoint: str) -> None:
-    """Refuse at once an ``ipc://`` endpoint with no socket file: no broker can answer there."""
+def _refuse_missing_socket(endpoint: str) -> None:
+    """Refuse at once an ``ipc://`` endpoint with no socket file: no broker can answer there.
+
+    (Abstract sockets, ``ipc://@name``, are refused before this by :func:`aiida_zmq.security.check_ipc_endpoint`.)
+    """
     if not endpoint.startswith('ipc://'):
         return
     path = endpoint[len('ipc://') :]
-    if path.startswith('@'):
-        return  # an abstract socket (Linux) has no file
     if not os.path.exists(path):
         parent = os.path.dirname(path) or '.'
         where = 'the directory does not exist either' if not os.path.isdir(parent) else 'no broker created it'
