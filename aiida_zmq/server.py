@@ -569,11 +569,9 @@ class Broker:
         self._dispatch()
         if not self._commit():
             return
-        # Deliveries before confirms: a sender whose task went to its own session learns it from the confirm
-        # (``held_here``) and waits for its subscriber, as the one loop thread of kiwipy's RMQ communicator makes it.
-        for client, task, command, first in self._outgoing:
-            self._send_delivery(client, task, command, first)
-        self._outgoing.clear()
+        # Confirms first: the senders wait for them (consumers, woken first, would take the CPU from them). A sender
+        # whose task went to its own session in this batch learns it from the confirm (``held_here``: the task is
+        # held already, its delivery goes out below) and waits for its subscriber, the order RabbitMQ gives.
         for peer, correlation, task_id, session in self._confirms:
             holder = self.clients.get(session) if session is not None else None
             held_here = holder is not None and task_id in holder.held
@@ -582,6 +580,9 @@ class Broker:
         for client, correlation, response in self._admin_replies:
             self._send(client, Command.ADMIN_REPLY, correlation, b'ok', response)
         self._admin_replies.clear()
+        for client, task, command, first in self._outgoing:
+            self._send_delivery(client, task, command, first)
+        self._outgoing.clear()
         self._flush_outbound()
 
     def _commit(self) -> bool:
