@@ -4,7 +4,7 @@ Three kinds of thread meet here:
 
 - callers (any thread) call the public methods and hand work to the I/O thread, with three exceptions: a task send,
   a broadcast and an RPC to another client. For those, each caller thread sends on a socket of its own
-  (:class:`_DirectSocket`) and waits there for the broker's answer; the two thread hand-overs that saves were a third
+  (:class:`DirectSocket`) and waits there for the broker's answer; the two thread hand-overs that saves were a third
   of a send's time;
 - the I/O thread owns the DEALER socket: it sends, receives, heartbeats, notices a lost or restarted broker and
   says HELLO again, re-registering this communicator's subscriptions by itself. It also runs RPC and broadcast
@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import kiwipy
@@ -46,14 +46,12 @@ from kiwipy.rmq.utils import (
     EXCEPTION_KEY,
     PENDING_KEY,
     RESULT_KEY,
-    cancelled_response,
     exception_response,
-    pending_response,
-    result_response,
 )
 
 from . import protocol
 from .codec import Decoder, Encoder, default_codec
+from .direct import DirectSocket, NoAnswer
 from .exceptions import (
     AdminError,
     BrokerRestarted,
@@ -65,6 +63,7 @@ from .exceptions import (
 from .protocol import Command, ErrorCode
 from .ratelimit import RateLimitedLog
 from .security import CurveKeys, check_ipc_endpoint
+from .tasks import ZmqIncomingTask, ZmqTaskQueue, follow_future
 
 __all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect', 'encode_name')
 
@@ -83,11 +82,6 @@ MAX_NAME_BYTES = 255
 #: How long a caller's ``task_send`` waits for its own subscriber to take a task the broker handed to this same
 #: communicator (seconds); see :meth:`ZmqCommunicator._wait_taken`.
 SELF_DELIVERY_WAIT = 5.0
-
-TASK_PENDING = 'pending'
-TASK_PROCESSING = 'processing'
-TASK_FINISHED = 'finished'
-TASK_REQUEUED = 'requeued'
 
 
 def connect(endpoint: str | None = None, *, data_dir: str | os.PathLike[str] | None = None, **options: Any):
@@ -212,7 +206,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         # Each caller thread's direct socket; the set (weak: a thread's socket goes with the thread) lets close() close
         # the idle ones.
         self._local = threading.local()
-        self._senders: weakref.WeakSet[_DirectSocket] = weakref.WeakSet()
+        self._senders: weakref.WeakSet[DirectSocket] = weakref.WeakSet()
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -418,7 +412,7 @@ class ZmqCommunicator(kiwipy.Communicator):
             answer = self._direct().request(correlation, frames, self._broker_timeout)
             if answer.command is not Command.DONE:
                 raise _answer_error(answer)
-        except _NoAnswer:
+        except NoAnswer:
             self._rpc_results.pop(correlation, None)
             raise unreachable from None
         except BaseException:
@@ -509,7 +503,7 @@ class ZmqCommunicator(kiwipy.Communicator):
             return True
         try:
             answer = self._direct().request(correlation, frames, self._broker_timeout)
-        except _NoAnswer:
+        except NoAnswer:
             LIMITED.warning(
                 'the broker at %s did not take a broadcast within %.0fs: it goes out once the broker is back',
                 self.endpoint,
@@ -640,7 +634,7 @@ class ZmqCommunicator(kiwipy.Communicator):
             answer = self._direct().request(correlation, frames, self._confirm_timeout)
             if answer.command is not Command.TASK_CONFIRM:
                 raise _answer_error(answer)
-        except _NoAnswer:
+        except NoAnswer:
             self._task_results.pop(correlation, None)
             raise kiwipy.DeliveryFailed(
                 f'the broker at {self.endpoint} did not confirm the task within {self._confirm_timeout:.0f}s; it may '
@@ -686,11 +680,11 @@ class ZmqCommunicator(kiwipy.Communicator):
                 self._taken_ids.discard(self._taken_order.popleft())
             self._taken.notify_all()
 
-    def _direct(self) -> _DirectSocket:
-        """This thread's direct socket (see :class:`_DirectSocket`), created at its first request."""
-        direct: _DirectSocket | None = getattr(self._local, 'direct', None)
+    def _direct(self) -> DirectSocket:
+        """This thread's direct socket (see :class:`DirectSocket`), created at its first request."""
+        direct: DirectSocket | None = getattr(self._local, 'direct', None)
         if direct is None or direct.closed:
-            direct = self._local.direct = _DirectSocket(self)
+            direct = self._local.direct = DirectSocket(self)
             self._senders.add(direct)
         return direct
 
@@ -1184,7 +1178,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         except Exception as exception:
             answer(True, exception_response(exception))
             return
-        _follow_future(result, answer)
+        follow_future(result, answer)
 
     def _run_broadcast(self, payload: bytes, subscribers: list[Callable]) -> None:
         try:
@@ -1199,27 +1193,6 @@ class ZmqCommunicator(kiwipy.Communicator):
                 subscriber(self, body, sender, subject, correlation_id)
             except Exception:
                 LOGGER.exception('exception in broadcast subscriber')
-
-
-def _follow_future(result: Any, answer: Callable[[bool, dict], None]) -> None:
-    """Answer with ``result``; if it is a future, answer 'pending' and follow it (and any future it resolves to)."""
-    if not isinstance(result, concurrent.futures.Future):
-        answer(True, result_response(result))
-        return
-    answer(False, pending_response())
-
-    def done(future: concurrent.futures.Future) -> None:
-        if future.cancelled():
-            answer(True, cancelled_response())
-            return
-        try:
-            value = future.result()
-        except Exception as exception:
-            answer(True, exception_response(exception))
-            return
-        _follow_future(value, answer)
-
-    result.add_done_callback(done)
 
 
 _IO_HANDLERS: dict[Command, Callable[[ZmqCommunicator, Sequence[bytes]], None]] = {
@@ -1316,368 +1289,3 @@ def broker_error(code: bytes, text: str) -> Exception:
     if code == ErrorCode.STORE:
         return TaskNotAccepted(f'the broker could not store the task: {text}')
     return kiwipy.DeliveryFailed(f'{code.decode(errors="replace")}: {text}')
-
-
-class _NoAnswer(Exception):
-    """The broker did not answer a direct request in time (internal: each caller says what that means for it)."""
-
-
-class _DirectSocket:
-    """One caller thread's own DEALER socket for the requests that need no session, used by that thread only.
-
-    ``TASK_SUBMIT`` (a task send), ``PUBLISH`` (a broadcast) and ``RPC_SUBMIT`` (an RPC to another client) go out on
-    it, and the caller waits on it for the broker's answer (``TASK_CONFIRM``, ``DONE``, ``RPC_UNROUTABLE``, ``ERROR``).
-    Why: through the I/O thread, a request crosses two threads (caller to I/O thread, answer back), each a wake-up,
-    and those cost a third of a confirmed send (bench, ``tasks``) and half of what waiting for a broadcast's or an
-    RPC's routing costs. Answers that need the session (a task's result, an RPC's reply) still come to the session,
-    named in the request, where the I/O thread resolves the caller's future.
-
-    At least once, as through the session: a broker that dies holding an unanswered request may have lost it, so when
-    the I/O thread has been welcomed again (:attr:`ZmqCommunicator._welcomes` changed) the request is sent again; an
-    ``RPC_SUBMIT`` the broker refused because it did not know the session yet is sent again then too. An answer to an
-    earlier copy is ignored; the copy itself may take effect too.
-    """
-
-    #: How often a waiting caller looks whether the communicator was closed or met a restarted broker (seconds).
-    CHECK_INTERVAL = 0.05
-
-    def __init__(self, communicator: ZmqCommunicator) -> None:
-        self._communicator = communicator
-        self._busy = threading.Lock()  # held while the owner thread uses the socket; close_if_idle() respects it
-        socket = communicator._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)  # nothing to flush at close: an unanswered request is the caller's to resend
-        socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if communicator._curve is not None:
-            communicator._curve.apply(socket)
-        socket.connect(communicator.endpoint)
-        self._socket: zmq.Socket | None = socket
-
-    @property
-    def closed(self) -> bool:
-        return self._socket is None
-
-    def __del__(self) -> None:
-        # Its thread ended (the thread-local went away): nobody else uses the socket.
-        with contextlib.suppress(Exception):
-            self._close()
-
-    def close_if_idle(self) -> None:
-        """Close the socket unless its thread is using it; that thread closes it on seeing the communicator closed."""
-        if self._busy.acquire(blocking=False):
-            try:
-                self._close()
-            finally:
-                self._busy.release()
-
-    def _close(self) -> None:
-        if self._socket is not None:
-            self._socket.close(0)
-            self._socket = None
-
-    def request(self, correlation: bytes, frames: list[bytes], timeout: float) -> protocol.Message:
-        """Send ``frames`` and return the broker's answer that carries ``correlation``.
-
-        :raises _NoAnswer: when none came within ``timeout`` seconds.
-        :raises kiwipy.CommunicatorClosed: when the communicator was closed meanwhile.
-        """
-        communicator = self._communicator
-        deadline = time.monotonic() + timeout
-        with self._busy:
-            welcomes = communicator._welcomes
-            self._send(frames, deadline)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _NoAnswer()
-                socket = self._ready_socket()
-                if socket.poll(int(min(remaining, self.CHECK_INTERVAL) * 1000) + 1):
-                    answer = self._answer(correlation, socket.recv_multipart())
-                    if answer is not None:
-                        return answer
-                elif communicator._welcomes != welcomes:
-                    # Welcomed again: the broker restarted (or we were cut off), and may have lost the request.
-                    welcomes = communicator._welcomes
-                    self._send(frames, deadline)
-
-    def _ready_socket(self) -> zmq.Socket:
-        if self._communicator._closed:
-            self._close()
-            raise kiwipy.CommunicatorClosed('the communicator was closed while a request was on its way')
-        assert self._socket is not None
-        return self._socket
-
-    def _send(self, frames: list[bytes], deadline: float) -> None:
-        socket = self._ready_socket()
-        # Blocks only while the socket's queue is full; the caller's timeout bounds it.
-        socket.setsockopt(zmq.SNDTIMEO, max(int((deadline - time.monotonic()) * 1000), 1))
-        try:
-            socket.send_multipart(frames)
-        except zmq.Again:
-            raise _NoAnswer() from None
-
-    def _answer(self, correlation: bytes, frames: list[bytes]) -> protocol.Message | None:
-        """The answer for ``correlation``; ``None`` for another one (to an earlier copy) or for "no session yet"."""
-        try:
-            message = protocol.decode(frames)
-        except protocol.ProtocolError as exception:
-            LIMITED.warning('dropped a malformed answer to a direct request: %s', exception, key='direct-malformed')
-            return None
-        args = message.args
-        if message.command is Command.ERROR and bytes(args[1]) == ErrorCode.VERSION:
-            text = bytes(args[2]).decode(errors='replace')
-            raise kiwipy.DeliveryFailed(f'the broker at {self._communicator.endpoint} refused this client: {text}')
-        if not args or bytes(args[0]) != correlation:
-            return None
-        if message.command is Command.ERROR and bytes(args[1]) == ErrorCode.UNKNOWN_CLIENT:
-            return None  # the broker does not know our session yet: sent again once it welcomed it (see request)
-        return message
-
-
-class ZmqTaskQueue:
-    """A named task queue of a communicator: send to it, subscribe to it, or take tasks from it one by one."""
-
-    def __init__(self, communicator: ZmqCommunicator, name: str, prefetch_count: int = 0) -> None:
-        self._communicator = communicator
-        self.name = name
-        self.prefetch_count = prefetch_count
-        self._subscribers: dict[Any, Callable] = {}
-
-    def task_send(self, task: Any, no_reply: bool = False) -> kiwipy.Future | None:
-        return self._communicator._send_task(self.name, task, no_reply)
-
-    def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
-        """Add a task subscriber; the broker hands this communicator tasks of the queue once this returns.
-
-        If the broker does not answer within ``request_timeout`` (it is restarting), the subscriber is kept and the
-        broker learns of it when it is back, as of every consumer of this session.
-        """
-        communicator = self._communicator
-        communicator._ensure_open()
-        identifier = shortuuid.uuid() if identifier is None else identifier
-        with communicator._lock:
-            if identifier in self._subscribers:
-                raise kiwipy.DuplicateSubscriberIdentifier(f"Task identifier '{identifier}'")
-            first = not self._subscribers
-            self._subscribers[identifier] = subscriber
-        if first:
-            self._consume(self.prefetch_count)
-        return identifier
-
-    def remove_task_subscriber(self, identifier: Any) -> None:
-        """Remove a task subscriber; with the last one gone, the broker hands out no more tasks here."""
-        communicator = self._communicator
-        communicator._ensure_open()
-        with communicator._lock:
-            try:
-                del self._subscribers[identifier]
-            except KeyError:
-                raise ValueError(f"Unknown task subscriber '{identifier}'") from None
-            last = not self._subscribers
-        if last:
-            self._consume(None)
-
-    def _consume(self, prefetch: int | None) -> None:
-        """Start (``prefetch``) or stop (``None``) consuming the queue, waiting for the broker's answer."""
-        communicator = self._communicator
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        communicator._call(lambda: communicator._io_consume(self.name, prefetch, done))
-        if not communicator._wait_done(done, communicator._request_timeout):
-            LIMITED.warning(
-                'the broker at %s did not answer a %s of queue %s in time: it will on reconnection',
-                communicator.endpoint,
-                'subscription' if prefetch is not None else 'cancellation',
-                self.name,
-                key='consume-timeout',
-            )
-
-    def _get(self, timeout: float) -> ZmqIncomingTask | None:
-        communicator = self._communicator
-        communicator._ensure_open()
-        communicator._not_on_io_thread('take a task from a queue')
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        correlation = communicator._correlation()
-        communicator._call(lambda: communicator._io_get(correlation, self.name, future))
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise kiwipy.TimeoutError(f'the broker did not answer within {timeout}s') from None
-
-    @contextlib.contextmanager
-    def next_task(self, no_ack: bool = False, fail: bool = True, timeout: float = 5.0) -> Iterator[ZmqIncomingTask]:
-        """The next task of the queue; it goes back to the queue unless it was processed inside the block.
-
-        :raises kiwipy.QueueEmpty: when the queue has no task.
-        """
-        task = self._get(timeout)
-        if task is None:
-            raise kiwipy.QueueEmpty(f"the queue '{self.name}' is empty")
-        try:
-            yield task
-        finally:
-            if task.state == TASK_PENDING:
-                task.requeue()
-
-    def __iter__(self) -> Iterator[ZmqIncomingTask]:
-        """Take every task of the queue in turn; those not processed go back when the iteration ends."""
-        taken: list[ZmqIncomingTask] = []
-        try:
-            while True:
-                task = self._get(5.0)
-                if task is None:
-                    return
-                taken.append(task)
-                yield task
-        finally:
-            for task in taken:
-                if task.state == TASK_PENDING:
-                    task.requeue()
-
-
-class ZmqIncomingTask:
-    """A task handed to this client: answer it (result, exception), or put it back."""
-
-    def __init__(
-        self, communicator: ZmqCommunicator, task_id: int, attempt: int, no_reply: bool, payload: bytes
-    ) -> None:
-        self._communicator = communicator
-        self.task_id = task_id
-        self.attempt = attempt
-        self._no_reply = no_reply
-        self._payload = payload
-        self._state = TASK_PENDING
-        self._decoded = False
-        self._body: Any = None
-        self._outcome_ref: weakref.ref | None = None
-
-    @property
-    def body(self) -> Any:
-        if not self._decoded:
-            self._body = self._communicator._decoder(self._payload)
-            self._decoded = True
-        return self._body
-
-    @property
-    def no_reply(self) -> bool:
-        return self._no_reply
-
-    @property
-    def state(self) -> str:
-        return self._state
-
-    def process(self) -> kiwipy.Future:
-        """Start processing: the task is answered when the returned future is done.
-
-        A future dropped without an outcome (garbage-collected) gives the task back, as kiwipy's RMQ task does.
-        """
-        if self._state != TASK_PENDING:
-            raise kiwipy.InvalidStateError(f'The task is {self._state}')
-        self._state = TASK_PROCESSING
-        outcome: kiwipy.Future = kiwipy.Future()
-        outcome.add_done_callback(self._on_outcome)
-        # The communicator keeps the weak reference alive, so the callback fires even if this task object goes too.
-        self._outcome_ref = weakref.ref(outcome, self._outcome_forgotten)
-        self._communicator._outcome_refs.add(self._outcome_ref)
-        return outcome
-
-    def _outcome_forgotten(self, reference: weakref.ref) -> None:
-        self._communicator._outcome_refs.discard(reference)
-        if self._state == TASK_PROCESSING:
-            self.requeue()
-
-    @contextlib.contextmanager
-    def processing(self) -> Iterator[kiwipy.Future]:
-        """Process inside the block; a task whose outcome is not set when the block ends goes back to the queue."""
-        if self._state != TASK_PENDING:
-            raise kiwipy.InvalidStateError(f'The task is {self._state}')
-        self._state = TASK_PROCESSING
-        outcome: kiwipy.Future = kiwipy.Future()
-        try:
-            yield outcome
-        except Exception as exception:
-            if not outcome.done():
-                outcome.set_exception(exception)
-            raise
-        finally:
-            if outcome.done():
-                self._on_outcome(outcome)
-            else:
-                self._state = TASK_PENDING
-                self.requeue()
-
-    def _on_outcome(self, outcome: concurrent.futures.Future) -> None:
-        if self._outcome_ref is not None:
-            self._communicator._outcome_refs.discard(self._outcome_ref)
-            self._outcome_ref = None
-        if outcome.cancelled():
-            self._state = TASK_PENDING
-            self.requeue()
-            return
-        try:
-            response = result_response(outcome.result())
-        except Exception as exception:
-            response = exception_response(exception)
-        self.finish(response)
-
-    def requeue(self) -> None:
-        """Give the task back unprocessed (does not count as a delivery)."""
-        if self._state not in (TASK_PENDING, TASK_PROCESSING):
-            raise kiwipy.InvalidStateError(f'The task is {self._state}')
-        self._state = TASK_REQUEUED
-        self._nack(rejected=False)
-
-    def reject(self) -> None:
-        """Refuse the task: it goes back after a backoff and counts toward the dead-letter cap."""
-        self._state = TASK_REQUEUED
-        self._nack(rejected=True)
-
-    def requeue_from_io(self) -> None:
-        self._state = TASK_REQUEUED
-        self._communicator._io_task_answer(self.task_id, self.attempt, self._nack_frames(False), True)
-
-    def _nack_frames(self, rejected: bool) -> list[bytes]:
-        return protocol.encode(
-            Command.TASK_NACK, protocol.number(self.task_id), protocol.number(self.attempt), protocol.flag(rejected)
-        )
-
-    def _nack(self, rejected: bool) -> None:
-        frames = self._nack_frames(rejected)
-        communicator = self._communicator
-        communicator._call(lambda: communicator._io_task_answer(self.task_id, self.attempt, frames, True))
-
-    def finish_with(self, result: Any) -> None:
-        """Answer with a subscriber's return value, following futures (pending answers) as kiwipy does."""
-        if self._no_reply:
-            if isinstance(result, concurrent.futures.Future):
-                result.add_done_callback(lambda future: self.finish_with(_value_or_none(future)))
-            else:
-                self._answer(True, None)
-            return
-        _follow_future(result, self._answer)
-
-    def finish(self, response: dict) -> None:
-        self._answer(True, response)
-
-    def _answer(self, final: bool, response: dict | None) -> None:
-        communicator = self._communicator
-        task_id, attempt = protocol.number(self.task_id), protocol.number(self.attempt)
-        if final:
-            self._state = TASK_FINISHED
-        if self._no_reply:
-            if not final:
-                return
-            frames = protocol.encode(Command.TASK_ACK, task_id, attempt)
-        else:
-            try:
-                data = communicator._encode(response)
-            except Exception as exception:
-                data = communicator._encode(exception_response(exception))
-            frames = protocol.encode(Command.TASK_REPLY, task_id, attempt, protocol.flag(final), data)
-        communicator._call(lambda: communicator._io_task_answer(self.task_id, self.attempt, frames, final))
-
-
-def _value_or_none(future: concurrent.futures.Future) -> Any:
-    with contextlib.suppress(BaseException):
-        return future.result()
-    return None
