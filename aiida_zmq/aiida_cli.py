@@ -33,7 +33,8 @@ LOGGER = logging.getLogger(__name__)
 
 ENTRY_POINT = 'zmq'
 CORE_ZEROMQ = 'core.zeromq'
-PRESTO_PREFIX = 'zmq-presto'
+# Not ``zmq-...``: AiiDA names a profile's workers ``aiida-<profile>``, and ``aiida-zmq-...`` reads as this broker's.
+PRESTO_PREFIX = 'presto-zmq'
 
 
 def register(group: click.Group) -> None:

@@ -1,8 +1,8 @@
 """Circus watcher definitions for the broker, and attaching them to a running arbiter.
 
 aiida-core's daemon builds its arbiter with a fixed list of watchers (the workers, plus its own ``core.zeromq``
-broker). This module adds the ``aiida-zmq-<profile>`` watcher to such a running arbiter through the controller's
-``add`` command, which leaves every other watcher alone (a ``restart`` would restart AiiDA's workers too).
+broker). This module adds the ``zmq-broker-<profile>`` watcher (and its plugins) to such a running arbiter through the
+controller's ``add`` command, which leaves every other watcher alone (a ``restart`` would restart AiiDA's workers too).
 
 No AiiDA import here: callers pass the controller endpoint, the data directory and the log file.
 """
@@ -26,6 +26,7 @@ __all__ = (
     'CircusCallError',
     'CircusController',
     'HealthOptions',
+    'LogRotation',
     'WatcherSpec',
     'attach_broker',
     'attach_watcher',
@@ -33,22 +34,40 @@ __all__ = (
     'broker_watcher_spec',
     'broker_watchers',
     'is_busy',
+    'legacy_watcher_name',
+    'log_file_name',
+    'parse_watcher_name',
     'plugin_watcher_spec',
     'render_ini',
+    'sibling_watchers',
     'watcher_name',
 )
 
 LOGGER = logging.getLogger(__name__)
 
-WATCHER_PREFIX = 'aiida-zmq-'
-EVENTS_SUFFIX = '-events'
-HEALTH_SUFFIX = '-health'
+# Watcher and log names. AiiDA names its own things ``aiida-<profile>`` (the workers' watcher, the daemon log),
+# ``aiida-<profile>-zmq-broker-service`` (core.zeromq) and ``circus-<profile>.log``, in a daemon log directory that
+# every profile shares. Nothing of ours starts with ``aiida-`` or ``circus-``, and each role has a prefix of its own,
+# none a prefix of another: a name says which role of which profile it is, so no two (role, profile) pairs and no
+# name of AiiDA's share a name, whatever the profiles are called (tests/circus/test_names.py). The profile name comes
+# last and unchanged, so that `circusctl` and `ls` show it as the user typed it.
+ROLE_PREFIXES = {'broker': 'zmq-broker-', 'events': 'zmq-events-', 'health': 'zmq-health-'}
+ROLES = tuple(ROLE_PREFIXES)
+LOG_SUFFIX = '.log'
+# aiida-zmq 0.1 named them ``aiida-zmq-<profile>[-events|-health]``: the broker of profile ``presto`` had the name of
+# AiiDA's workers of profile ``zmq-presto``, and wrote into their log. Watchers of a daemon started by that release
+# are replaced when this release attaches its own (:attr:`WatcherSpec.replaces`).
+LEGACY_PREFIX = 'aiida-zmq-'
+LEGACY_SUFFIXES = {'broker': '', 'events': '-events', 'health': '-health'}
 # Fully qualified names of the plugin classes (``circus.plugins.main`` resolves them in the plugin process).
 EVENTS_PLUGIN = 'aiida_zmq.circus_plugins.events.BrokerEventsPlugin'
 HEALTH_PLUGIN = 'aiida_zmq.circus_plugins.health.BrokerHealthPlugin'
 EXTENDED_STATS_HOOK = 'aiida_zmq.circus_plugins.hooks.extended_stats'
 # Seconds the broker gets after SIGTERM to commit and close before circus kills it.
 GRACEFUL_TIMEOUT = 10.0
+# Set in the broker watcher's environment: the controller endpoint of the arbiter that runs it, so that
+# `aiida-zmq status` can say which arbiter to ask (``circusctl --endpoint ...``) from the broker's pid alone.
+CIRCUS_ENDPOINT_ENV = 'AIIDA_ZMQ_CIRCUS_ENDPOINT'
 # Reasons circus gives when another command holds the arbiter's lock (``circus.util.synchronized``); retry those.
 _BUSY_MARKERS = ('is already running', 'arbiter is restarting')
 
@@ -57,9 +76,44 @@ class CircusCallError(RuntimeError):
     """The arbiter answered with an error, or did not answer in time."""
 
 
-def watcher_name(profile_name: str) -> str:
-    """Return the name of the broker watcher of a profile: one broker per profile, one name per broker."""
-    return f'{WATCHER_PREFIX}{profile_name}'
+def watcher_name(profile_name: str, role: str = 'broker') -> str:
+    """Return the name of a profile's broker watcher (``role='broker'``) or of its ``events``/``health`` plugin.
+
+    One broker per profile, one name per broker; see ``ROLE_PREFIXES`` for why no two names can be equal.
+    """
+    return ROLE_PREFIXES[role] + profile_name
+
+
+def log_file_name(profile_name: str, role: str = 'broker') -> str:
+    """Return the file name (no directory) of the log of a profile's broker watcher or plugin: its watcher's name."""
+    return watcher_name(profile_name, role) + LOG_SUFFIX
+
+
+def parse_watcher_name(name: str) -> tuple[str, str] | None:
+    """Return ``(role, profile name)`` of one of our watcher names, ``None`` for any other name.
+
+    circus compares watcher names without case (it lowercases what it is asked for), so the role prefix does too.
+    """
+    for role, prefix in ROLE_PREFIXES.items():
+        if name[: len(prefix)].lower() == prefix:
+            return role, name[len(prefix) :]
+    return None
+
+
+def legacy_watcher_name(profile_name: str, role: str = 'broker') -> str:
+    """The name aiida-zmq 0.1 gave a profile's watcher (``aiida-zmq-<profile>[-events|-health]``)."""
+    return LEGACY_PREFIX + profile_name + LEGACY_SUFFIXES[role]
+
+
+def sibling_watchers(broker_watcher: str) -> set[str]:
+    """The lowercased names of a broker watcher and of its plugins (what circus calls them), from the broker's name.
+
+    A broker watcher of aiida-zmq 0.1 (``aiida-zmq-<profile>``) has its plugins ``<name>-events``/``<name>-health``.
+    """
+    parsed = parse_watcher_name(broker_watcher)
+    if parsed is not None and parsed[0] == 'broker':
+        return {watcher_name(parsed[1], role).lower() for role in ROLES}
+    return {(broker_watcher + suffix).lower() for suffix in LEGACY_SUFFIXES.values()}
 
 
 def broker_command(python: str | None = None) -> list[str]:
@@ -78,6 +132,19 @@ def broker_command(python: str | None = None) -> list[str]:
     return [python, '-c', 'import sys; from aiida_zmq.cli import main; sys.exit(main())']
 
 
+@dataclass(frozen=True)
+class LogRotation:
+    """How circus rotates a watcher's log file: past ``max_bytes`` it becomes ``NAME.log.1`` (the older ones ``.2`` ...
+    up to ``backup_count``, the oldest deleted) and a new ``NAME.log`` starts. ``max_bytes=0`` never rotates.
+
+    The default keeps at most 6 x 10 MiB per watcher: a flood the broker's rate limits let through still cannot fill
+    the disk of the daemon's log directory.
+    """
+
+    max_bytes: int = 10 * 1024 * 1024
+    backup_count: int = 5
+
+
 @dataclass
 class WatcherSpec:
     """A circus watcher, in the form both the ``add`` command and an ``.ini`` file take."""
@@ -91,13 +158,32 @@ class WatcherSpec:
     numprocesses: int = 1
     # Circus hooks, ``{hook name: fully qualified function}``; loaded in the arbiter, failures there ignored.
     hooks: dict[str, str] = field(default_factory=dict)
+    rotation: LogRotation = field(default_factory=LogRotation)
+    # The stream the process logs to (the broker: stderr; circus plugins: stdout). Both streams go to ``log_file``;
+    # only this one rotates the file, the other reopens it when it was rotated (circus ``WatchedFileStream``): two
+    # rotating streams on one file would each rename the file the other writes to.
+    log_stream: str = 'stderr'
+    # Names this watcher had in an earlier release: :func:`attach_watcher` removes such a watcher (if it runs on this
+    # one's working directory: ours) before adding this one, so that a daemon started by that release does not keep
+    # a second broker, or plugins watching a watcher that is gone.
+    replaces: list[str] = field(default_factory=list)
 
     @property
     def cmd(self) -> str:
         return shlex.join(self.argv)
 
-    def _stream(self) -> dict[str, t.Any]:
-        return {'class': 'FileStream', 'filename': self.log_file, 'time_format': '%Y-%m-%d %H:%M:%S'}
+    def _stream(self, stream: str) -> dict[str, t.Any]:
+        options: dict[str, t.Any] = {'filename': self.log_file, 'time_format': '%Y-%m-%d %H:%M:%S'}
+        if stream != self.log_stream:
+            return {'class': 'WatchedFileStream', **options}
+        rotation = {'max_bytes': self.rotation.max_bytes, 'backup_count': self.rotation.backup_count}
+        return {'class': 'FileStream', **options, **rotation}
+
+    def streams(self) -> dict[str, dict[str, t.Any]]:
+        """``{'stdout_stream': {...}, 'stderr_stream': {...}}``, or nothing without a log file."""
+        if not self.log_file:
+            return {}
+        return {f'{stream}_stream': self._stream(stream) for stream in ('stdout', 'stderr')}
 
     def options(self) -> dict[str, t.Any]:
         """Return the watcher options accepted by ``circus.commands.util.validate_option``."""
@@ -116,9 +202,7 @@ class WatcherSpec:
         if self.hooks:
             # ``[name, ignore_failure]``: a hook that fails to import must not keep the broker from running.
             options['hooks'] = {hook: [function, True] for hook, function in self.hooks.items()}
-        if self.log_file:
-            options['stdout_stream'] = self._stream()
-            options['stderr_stream'] = self._stream()
+        options.update(self.streams())
         return options
 
     def add_message(self, start: bool = True) -> dict[str, t.Any]:
@@ -138,6 +222,7 @@ def broker_watcher_spec(
     binds: t.Sequence[str] = (),
     extra_args: t.Sequence[str] = (),
     python: str | None = None,
+    rotation: LogRotation | None = None,
 ) -> WatcherSpec:
     """Return the watcher that runs ``aiida-zmq serve`` for a profile's broker."""
     argv = [*broker_command(python), 'serve', '--data-dir', data_dir]
@@ -153,6 +238,9 @@ def broker_watcher_spec(
         env=dict(env or {}),
         working_dir=data_dir,
         hooks={'extended_stats': EXTENDED_STATS_HOOK},
+        rotation=rotation or LogRotation(),
+        log_stream='stderr',  # `aiida-zmq serve` logs to stderr
+        replaces=[legacy_watcher_name(profile_name)],
     )
 
 
@@ -196,6 +284,8 @@ def plugin_watcher_spec(
     python: str | None = None,
     log_level: str = 'INFO',
     working_dir: str | None = None,
+    rotation: LogRotation | None = None,
+    replaces: t.Sequence[str] = (),
 ) -> WatcherSpec:
     """Return a watcher that runs the circus plugin class ``plugin`` (a fully qualified name).
 
@@ -204,8 +294,12 @@ def plugin_watcher_spec(
     way. The plugin's configuration travels as ``key:value:::key:value`` (``circus.plugins._str2cfg``).
     """
     for key, value in config.items():
-        if ':::' in key or ':' in key or ':::' in value:
-            raise ValueError(f'plugin option {key}={value!r} cannot be passed to circus (no ":" in keys, no ":::")')
+        # circus splits ``key:value:::key:value`` on ``:::``, then on the first ``:``, and strips both sides.
+        if ':' in key or ':::' in value or value.endswith(':') or value != value.strip():
+            raise ValueError(
+                f'plugin option {key}={value!r} cannot be passed to circus (no ":" in keys; no ":::", no ":" at the '
+                'end and no spaces around values): rename the profile or the data directory'
+            )
     serialized = ':::'.join(f'{key}:{value}' for key, value in sorted(config.items()))
     argv = [python or sys.executable, '-c', 'from circus import plugins; plugins.main()']
     argv += ['--endpoint', controller, '--pubsub', pubsub, '--log-level', log_level]
@@ -220,6 +314,9 @@ def plugin_watcher_spec(
         env=dict(env or {}),
         graceful_timeout=2.0,
         working_dir=working_dir,
+        rotation=rotation or LogRotation(),
+        log_stream='stdout',  # circus.plugins.main logs to stdout
+        replaces=list(replaces),
     )
 
 
@@ -236,57 +333,56 @@ def broker_watchers(
     health: HealthOptions | None = None,
     python: str | None = None,
     plugins: bool = True,
+    rotation: LogRotation | None = None,
 ) -> list[WatcherSpec]:
     """Return the watchers of a profile's broker: the broker, its events plugin and its health plugin.
 
     The same list goes to a running arbiter (:func:`attach_broker`) and into a standalone ``.ini``
-    (``aiida-zmq circus-config``). Logs: ``LOG_DIR/aiida-zmq-<profile>[-events|-health].log``.
+    (``aiida-zmq circus-config``). Names: :func:`watcher_name`; logs ``LOG_DIR/<watcher name>.log``, rotated as
+    ``rotation`` says.
     """
     broker = watcher_name(profile_name)
 
-    def log(name: str) -> str | None:
-        return os.path.join(log_dir, f'{name}.log') if log_dir else None
+    def log(role: str) -> str | None:
+        return os.path.join(log_dir, log_file_name(profile_name, role)) if log_dir else None
 
+    broker_env = dict(env or {})
+    if controller:
+        broker_env[CIRCUS_ENDPOINT_ENV] = controller
     specs = [
         broker_watcher_spec(
             profile_name,
             data_dir,
-            log_file=log(broker),
-            env=env,
+            log_file=log('broker'),
+            env=broker_env,
             binds=binds,
             extra_args=extra_args,
             python=python,
+            rotation=rotation,
         )
     ]
     if not plugins:
         return specs
     common = {'data_dir': data_dir, 'broker_watcher': broker}
-    specs.append(
-        plugin_watcher_spec(
-            broker + EVENTS_SUFFIX,
-            EVENTS_PLUGIN,
-            controller=controller,
-            pubsub=pubsub,
-            config=common,
-            log_file=log(broker + EVENTS_SUFFIX),
-            env=env,
-            python=python,
-            working_dir=data_dir,
+    for role, plugin, config in (
+        ('events', EVENTS_PLUGIN, common),
+        ('health', HEALTH_PLUGIN, {**common, **(health or HealthOptions()).config()}),
+    ):
+        specs.append(
+            plugin_watcher_spec(
+                watcher_name(profile_name, role),
+                plugin,
+                controller=controller,
+                pubsub=pubsub,
+                config=config,
+                log_file=log(role),
+                env=env,
+                python=python,
+                working_dir=data_dir,
+                rotation=rotation,
+                replaces=[legacy_watcher_name(profile_name, role)],
+            )
         )
-    )
-    specs.append(
-        plugin_watcher_spec(
-            broker + HEALTH_SUFFIX,
-            HEALTH_PLUGIN,
-            controller=controller,
-            pubsub=pubsub,
-            config={**common, **(health or HealthOptions()).config()},
-            log_file=log(broker + HEALTH_SUFFIX),
-            env=env,
-            python=python,
-            working_dir=data_dir,
-        )
-    )
     return specs
 
 
@@ -381,6 +477,7 @@ def attach_watcher(endpoint: str, spec: WatcherSpec, *, timeout: float = 30.0, c
 
 
 def _attach_once(controller: CircusController, spec: WatcherSpec) -> str:
+    _remove_replaced(controller, spec)
     status = controller.watcher_status(spec.name)
     if status is None:
         try:
@@ -396,6 +493,32 @@ def _attach_once(controller: CircusController, spec: WatcherSpec) -> str:
         LOGGER.info('started stopped watcher %s at %s', spec.name, controller.endpoint)
         return 'started'
     return 'exists'
+
+
+def _remove_replaced(controller: CircusController, spec: WatcherSpec) -> None:
+    """Remove the watchers ``spec`` replaces (its names of an earlier release), if they are there and ours.
+
+    Ours means: the same working directory (the broker's data directory) and an aiida-zmq command. A watcher of that
+    name that is not ours is left alone (and logged): the arbiter is the user's.
+    """
+    if not spec.replaces:
+        return
+    present = {name.lower() for name in controller.watcher_names()}
+    for name in spec.replaces:
+        if name.lower() not in present or name.lower() == spec.name.lower():
+            continue
+        options = controller.watcher_options(name)
+        command = str(options.get('cmd', ''))
+        if options.get('working_dir') != spec.working_dir or not ('aiida-zmq' in command or 'aiida_zmq' in command):
+            LOGGER.warning('watcher %s is not an earlier %s (another command or directory): kept', name, spec.name)
+            continue
+        try:
+            # Not waiting: the arbiter stops it in the background; an ``add`` meanwhile is retried while it is busy.
+            controller.call('rm', name=name, waiting=False)
+        except CircusCallError as exception:
+            if 'program not found' not in str(exception):
+                raise
+        LOGGER.info('removed watcher %s, the name an earlier aiida-zmq gave %s', name, spec.name)
 
 
 def attach_broker(
@@ -488,13 +611,18 @@ def render_ini(
     for spec in specs:
         env_lines = '\n'.join(f'{key} = {value}' for key, value in sorted(spec.env.items()))
         hook_lines = '\n'.join(f'hooks.{hook} = {function}, true' for hook, function in sorted(spec.hooks.items()))
+        # The same stream options as the ``add`` command gets (rotation included), one ``stream.key = value`` each.
+        streams = spec.streams() or WatcherSpec(spec.name, spec.argv, log_file='/dev/null').streams()
+        stream_lines = '\n'.join(
+            f'{stream}.{key} = {value}' for stream, options in streams.items() for key, value in options.items()
+        )
         sections.append(
             watcher_template.substitute(
                 name=spec.name,
                 cmd=spec.cmd,
                 working_dir=spec.working_dir or os.getcwd(),
                 graceful_timeout=spec.graceful_timeout,
-                log_file=spec.log_file or '/dev/null',
+                stream_lines=stream_lines,
                 hook_lines=hook_lines,
                 env_section=f'[env:{spec.name}]\n{env_lines}\n' if env_lines else '',
             )

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import discovery
-from .circus import HealthOptions, broker_watchers, render_ini, watcher_name
+from .circus import HealthOptions, LogRotation, broker_watchers, render_ini, watcher_name
 
 if t.TYPE_CHECKING:
     from aiida.manage.configuration.profile import Profile
@@ -56,8 +56,9 @@ def render_config(
     health: HealthOptions | None = None,
     plugins: bool = True,
     env: dict[str, str] | None = None,
+    rotation: LogRotation | None = None,
 ) -> tuple[str, dict[str, str]]:
-    """Return the ``.ini`` text for the broker ``aiida-zmq-<name>`` on ``data_dir`` and the endpoints it uses."""
+    """Return the ``.ini`` text for the broker ``zmq-broker-<name>`` on ``data_dir`` and the endpoints it uses."""
     data_dir = data_dir.expanduser().absolute()
     log_dir = (log_dir or data_dir / 'log').expanduser().absolute()
     endpoints = {
@@ -80,6 +81,7 @@ def render_config(
         extra_args=serve_args,
         health=health,
         plugins=plugins,
+        rotation=rotation,
     )
     text = render_ini(
         specs,
@@ -124,7 +126,7 @@ def _with_option(args: list[str], option: str, value: str) -> list[str]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Broker data directory: standalone without AiiDA, or to override the profile's.",
 )
-@click.option('--name', help='Watcher name suffix without --profile (aiida-zmq-NAME).  [default: standalone]')
+@click.option('--name', help='Broker name without --profile (watcher zmq-broker-NAME).  [default: standalone]')
 @click.option('-o', '--output', type=click.Path(dir_okay=False, path_type=Path), help='Write here, not to stdout.')
 @click.option('--log-dir', type=click.Path(file_okay=False, path_type=Path), help='Logs.  [default: DATA_DIR/log]')
 @click.option('--controller', help='circus controller endpoint.  [default: ipc://DATA_DIR/circus-c.sock]')
@@ -137,6 +139,20 @@ def _with_option(args: list[str], option: str, value: str) -> list[str]:
 @click.option('--health-interval', type=float, default=5.0, show_default=True, help='Seconds between health checks.')
 @click.option('--health-timeout', type=float, default=2.0, show_default=True, help='Seconds a check waits.')
 @click.option('--health-failures', type=int, default=3, show_default=True, help='Failed checks in a row before a kill.')
+@click.option(
+    '--log-max-bytes',
+    type=click.IntRange(min=0),
+    default=LogRotation.max_bytes,
+    show_default=True,
+    help='Rotate a watcher log past this size (0: never).',
+)
+@click.option(
+    '--log-backups',
+    type=click.IntRange(min=0),
+    default=LogRotation.backup_count,
+    show_default=True,
+    help='Rotated logs kept per watcher (NAME.log.1 ...).',
+)
 def circus_config(
     profile_name: str | None,
     data_dir: Path | None,
@@ -153,6 +169,8 @@ def circus_config(
     health_interval: float,
     health_timeout: float,
     health_failures: int,
+    log_max_bytes: int,
+    log_backups: int,
 ) -> None:
     """Write a circusd configuration running the broker (and its events and health plugins).
 
@@ -195,6 +213,7 @@ def circus_config(
         serve_args=serve_args,
         health=HealthOptions(interval=health_interval, timeout=health_timeout, max_failures=health_failures),
         plugins=not no_plugins,
+        rotation=LogRotation(max_bytes=log_max_bytes, backup_count=log_backups),
     )
     (log_dir or data_dir / 'log').mkdir(parents=True, exist_ok=True)
     if output is None:

@@ -6,7 +6,7 @@
 - :class:`~aiida_zmq.circus_plugins.health.BrokerHealthPlugin`: checks the broker by a real round trip (``status``)
   and has the arbiter kill (and so respawn) a broker that stopped answering.
 - :func:`~aiida_zmq.circus_plugins.hooks.extended_stats`: a watcher hook that shows the health plugin's verdict in
-  ``circusctl stats --extended aiida-zmq-<profile>``.
+  ``circusctl stats --extended zmq-broker-<profile>``.
 
 Each plugin runs in its own process (``python -c 'from circus import plugins; plugins.main()' ... CLASS``), as a watcher
 of the arbiter: see :func:`aiida_zmq.circus.broker_watchers`.

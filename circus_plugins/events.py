@@ -17,6 +17,8 @@ import typing as t
 
 from circus.plugins import CircusPlugin
 
+from aiida_zmq.circus import parse_watcher_name, sibling_watchers
+
 from ._link import BrokerLink, BrokerUnreachable, setup_logging
 
 LOGGER = logging.getLogger('aiida_zmq.circus_plugins.events')
@@ -40,8 +42,9 @@ class BrokerEventsPlugin(CircusPlugin):
     """Tell the broker ``peer-gone`` for every process reaped in another watcher of the arbiter.
 
     Plugin options (strings, circus ``--config``): ``data_dir`` (the broker's, required), ``broker_watcher`` (its
-    watcher name: its own reaps and those of its plugins ``<broker_watcher>-*`` are ignored), ``watchers`` (a regular
-    expression the watcher name must match, default all), ``timeout`` (seconds per request, default 5), ``log_level``.
+    watcher name: its own reaps and those of its plugins are ignored, as are those of any aiida-zmq watcher, which
+    holds no tasks), ``watchers`` (a regular expression the watcher name must match, default all), ``timeout``
+    (seconds per request, default 5), ``log_level``.
     """
 
     name = 'aiida-zmq-events'
@@ -53,6 +56,7 @@ class BrokerEventsPlugin(CircusPlugin):
         if not config.get('data_dir'):
             raise ValueError('the aiida-zmq events plugin needs `data_dir` (the broker data directory) in its config')
         self.broker_watcher = str(config.get('broker_watcher', '')).lower()
+        self._own = sibling_watchers(self.broker_watcher) if self.broker_watcher else set()
         self.watchers = re.compile(str(config.get('watchers', '.*')))
         self.link = BrokerLink(
             str(config['data_dir']), timeout=float(config.get('timeout', 5.0)), name=f'{self.name}-plugin:{os.getpid()}'
@@ -72,9 +76,7 @@ class BrokerEventsPlugin(CircusPlugin):
         lowered = watcher.lower()
         if _ALWAYS_IGNORED.match(lowered) or not self.watchers.search(watcher):
             return False
-        return not (
-            self.broker_watcher and (lowered == self.broker_watcher or lowered.startswith(self.broker_watcher + '-'))
-        )
+        return lowered not in self._own and parse_watcher_name(watcher) is None
 
     def handle_recv(self, data: list[bytes]) -> None:
         topic, raw = data[0], data[1]

@@ -28,16 +28,17 @@ POLL_INTERVAL = 0.05
 
 
 def _stopping_pids(arbiter: t.Any, broker_watcher: str) -> list[int]:
-    """Pids that circus is stopping in watchers other than the broker's own (``NAME`` and its plugins ``NAME-*``).
+    """Pids that circus is stopping in watchers other than the broker's own and its plugins'.
 
-    Not every name that starts with ``aiida-zmq-``: AiiDA's workers of a profile named ``zmq-...`` (the default of
-    ``aiida-zmq presto``) are the watcher ``aiida-zmq-...``, and they are exactly what the broker must wait for.
+    Those are named from the broker's name (:func:`aiida_zmq.circus.sibling_watchers`), never by a pattern: AiiDA's
+    workers may have any name, and they are exactly what the broker must wait for.
     """
-    own = broker_watcher.lower()
+    from aiida_zmq.circus import sibling_watchers
+
+    own = sibling_watchers(broker_watcher)
     pids = []
     for watcher in arbiter.iter_watchers():
-        name = watcher.name.lower()
-        if name == own or name.startswith(own + '-'):
+        if watcher.name.lower() in own:
             continue
         for process in list(watcher.processes.values()):
             if getattr(process, 'stopping', False):
@@ -58,7 +59,7 @@ def wait_for_stopping_workers(watcher: t.Any, arbiter: t.Any, hook_name: str, **
     """``before_stop`` hook: wait until the processes of other watchers that circus is stopping have exited.
 
     Only processes circus is stopping right now count (``process.stopping``), so stopping the broker watcher alone
-    (``circusctl stop aiida-zmq-PROFILE``) does not wait for workers that keep running.
+    (``circusctl stop zmq-broker-PROFILE``) does not wait for workers that keep running.
     """
     try:
         started = time.monotonic()

@@ -93,7 +93,9 @@ class AiidaZmqProfile:
 
     @property
     def watcher(self) -> str:
-        return f'aiida-zmq-{self.name}'
+        from aiida_zmq.circus import watcher_name
+
+        return watcher_name(self.name)
 
     # --- the daemon --------------------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import pytest
 from aiida_profile import AiidaZmqProfile
 from cycles_helpers import alive, broker_alive_in_arbiter, daemon_processes, helper, identities
 
+from aiida_zmq.circus import watcher_name
 from aiida_zmq.testing import wait_until
 
 pytestmark = pytest.mark.aiida
@@ -278,7 +279,7 @@ def test_killed_worker_tasks_handed_over_by_events_plugin(cycles_profile: AiidaZ
     # The evidence that it was the events plugin: its line, and the broker's peer-gone line, for this pid.
     events_line = f'process {victim} of aiida-{profile.name} reaped: the broker dropped 1 session(s)'
     wait_until(
-        lambda: events_line in _log(profile, f'{profile.watcher}-events'),
+        lambda: events_line in _log(profile, watcher_name(profile.name, 'events')),
         timeout=10,
         interval=0.1,
         what=f'the events plugin log to say {events_line!r}',

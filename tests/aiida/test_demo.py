@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from aiida_zmq.circus import watcher_name
+
 pytestmark = pytest.mark.aiida
 
 
@@ -51,7 +53,7 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     assert 'all 10 work chains finished ok' in output
     # The daemon's watchers, the broker's among them, with their pids.
     assert re.search(rf'aiida-{profile}\s+active\s+pids: \d+, \d+', output), output
-    assert re.search(rf'aiida-zmq-{profile}\s+active\s+pids: \d+', output), output
+    assert re.search(rf'{re.escape(watcher_name(profile))}\s+active\s+pids: \d+', output), output
     assert re.search(r'queue \S+\.process\.queue \(launch queue\): depth 0, consumers 2', output), output
     assert re.search(r'\d+\.\d+ workflows/s end to end', output), output
     assert 'no process left running' in output

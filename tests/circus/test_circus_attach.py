@@ -23,7 +23,7 @@ from aiida_zmq.circus import (
 SLEEPER = [sys.executable, '-c', 'import os, time; print("up", os.environ["AZ_MARK"], flush=True); time.sleep(600)']
 
 
-def sleeper_spec(arbiter: Arbiter, name: str = 'aiida-zmq-test') -> WatcherSpec:
+def sleeper_spec(arbiter: Arbiter, name: str = 'zmq-broker-test') -> WatcherSpec:
     return WatcherSpec(
         name=name, argv=SLEEPER, log_file=str(arbiter.workdir / f'{name}.log'), env={'AZ_MARK': 'marked'}
     )
@@ -116,12 +116,11 @@ def test_broker_watcher_spec() -> None:
     spec = broker_watcher_spec(
         'my profile', '/data/dir', log_file='/logs/b.log', binds=['ipc:///tmp/x.sock'], extra_args=['--heartbeat', '2']
     )
-    assert spec.name == watcher_name('my profile') == 'aiida-zmq-my profile'
+    assert spec.name == watcher_name('my profile') == 'zmq-broker-my profile'
     assert spec.argv[-8:-1] == ['serve', '--data-dir', '/data/dir', '--bind', 'ipc:///tmp/x.sock', '--heartbeat', '2']
     assert spec.argv[-1] == '--no-log-time'  # the watcher's FileStream stamps the lines
     options = spec.add_message()['properties']['options']
-    assert options['stdout_stream'] == options['stderr_stream']
-    assert options['stdout_stream']['filename'] == '/logs/b.log'
+    assert options['stdout_stream']['filename'] == options['stderr_stream']['filename'] == '/logs/b.log'
     assert options['singleton'] is True
 
 
@@ -130,7 +129,7 @@ def test_rendered_ini_runs_in_circusd(tmp_path: Path) -> None:
     sockets = Path('/tmp') / f'azr-{time.monotonic_ns() % 10**9}'
     sockets.mkdir(mode=0o700)
     spec = WatcherSpec(
-        name='aiida-zmq-ini', argv=SLEEPER, log_file=str(tmp_path / 'ini.log'), env={'AZ_MARK': 'from-ini'}
+        name='zmq-broker-ini', argv=SLEEPER, log_file=str(tmp_path / 'ini.log'), env={'AZ_MARK': 'from-ini'}
     )
     controller = f'ipc://{sockets}/c.sock'
     process = start_circusd(tmp_path, render_ini([spec], controller=controller, pubsub=f'ipc://{sockets}/p.sock'))

@@ -81,8 +81,8 @@ def test_discovery_reports_a_stopped_broker(zmq_arbiter: ArbiterProcess) -> None
     zmq_arbiter.call('stop', name=zmq_arbiter.broker_watcher, waiting=True)
     with pytest.raises(BrokerNotFound, match='is stopped: `circusctl start'):
         find_broker_via_arbiter(zmq_arbiter.controller, zmq_arbiter.broker_watcher)
-    with pytest.raises(BrokerNotFound, match='has no watcher aiida-zmq-other'):
-        find_broker_via_arbiter(zmq_arbiter.controller, 'aiida-zmq-other')
+    with pytest.raises(BrokerNotFound, match='has no watcher zmq-broker-other'):
+        find_broker_via_arbiter(zmq_arbiter.controller, 'zmq-broker-other')
 
 
 def test_discovery_falls_back_to_the_explicit_endpoint(zmq_broker: BrokerProcess, tmp_path: Path) -> None:
@@ -135,23 +135,23 @@ def test_circus_config_standalone_runs_and_is_found(short_dir: Path) -> None:
     children: list[psutil.Process] = []
     try:
         info = wait_until(
-            lambda: _found(controller, 'aiida-zmq-solo'), 30, interval=0.05, what='the broker through the arbiter'
+            lambda: _found(controller, 'zmq-broker-solo'), 30, interval=0.05, what='the broker through the arbiter'
         )
         children = psutil.Process(process.pid).children(recursive=True)
         with CircusController(controller) as client:
             assert client.call('status')['statuses'] == {
-                'aiida-zmq-solo': 'active',
-                'aiida-zmq-solo-events': 'active',
-                'aiida-zmq-solo-health': 'active',
+                'zmq-broker-solo': 'active',
+                'zmq-events-solo': 'active',
+                'zmq-health-solo': 'active',
             }
-        communicator = connect(discover_endpoint(controller=controller, watcher='aiida-zmq-solo'))
+        communicator = connect(discover_endpoint(controller=controller, watcher='zmq-broker-solo'))
         try:
             communicator.add_task_subscriber(lambda _communicator, task: f'{task} done')
             assert communicator.task_send('job').result(timeout=10) == 'job done'
             assert communicator.admin('status')['pid'] == info['pid']
         finally:
             communicator.close()
-        assert (data_dir / 'log' / 'aiida-zmq-solo.log').exists()
+        assert (data_dir / 'log' / 'zmq-broker-solo.log').exists()
         assert (data_dir / 'log' / 'circusd.log').exists()
     finally:
         stop_circusd(process, controller)
@@ -159,7 +159,7 @@ def test_circus_config_standalone_runs_and_is_found(short_dir: Path) -> None:
     assert not alive
     # One time stamp per line: the watcher's FileStream writes it, the broker (`serve --no-log-time`) does not.
     broker_lines = [
-        line for line in (data_dir / 'log' / 'aiida-zmq-solo.log').read_text().splitlines() if 'aiida_zmq' in line
+        line for line in (data_dir / 'log' / 'zmq-broker-solo.log').read_text().splitlines() if 'aiida_zmq' in line
     ]
     assert broker_lines, 'the broker logged nothing through its watcher stream'
     assert all(len(TIME_STAMP.findall(line)) == 1 for line in broker_lines), broker_lines[:3]
@@ -205,7 +205,7 @@ def test_circus_config_profile_serves_aiida_clients(short_dir: Path) -> None:
     assert '--heartbeat 1.0 --peer-timeout 10.0 --max-deliveries 20 --no-log-time' in rendered
     process = run_generated(ini, controller)
     try:
-        info = wait_until(lambda: _found(controller, 'aiida-zmq-circ'), 30, interval=0.05, what='the broker')
+        info = wait_until(lambda: _found(controller, 'zmq-broker-circ'), 30, interval=0.05, what='the broker')
         answer = subprocess.run(
             [sys.executable, '-c', AIIDA_CLIENT, 'circ'],
             check=False,
@@ -278,7 +278,7 @@ def test_wheel_ships_templates_and_plugins(short_dir: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert '[watcher:aiida-zmq-w-health]' in result.stdout
+    assert '[watcher:zmq-health-w]' in result.stdout
 
 
 # Liveness of ``broker.json``: more than "the pid exists" -----------------------------------------------------------

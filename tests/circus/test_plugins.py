@@ -13,7 +13,7 @@ from pathlib import Path
 from aiida_zmq.circus_plugins.events import parse_topic
 from aiida_zmq.circus_plugins.health import read_health
 
-from aiida_zmq.circus import HealthOptions, WatcherSpec, attach_broker, attach_watcher
+from aiida_zmq.circus import ROLES, HealthOptions, WatcherSpec, attach_broker, attach_watcher, watcher_name
 from aiida_zmq.testing import ArbiterProcess, wait_until
 
 HOLDER = str(Path(__file__).with_name('holder.py'))
@@ -85,9 +85,8 @@ def test_reaped_worker_tasks_requeued_at_once(zmq_arbiter_factory) -> None:
     assert received.tasks == ['task-held']
     # The peer timeout is 60 s: only the arbiter's reap event can explain a redelivery within seconds.
     assert requeue_seconds < 10, requeue_seconds
-    events_log = wait_until(
-        lambda: 'requeued' in (log := arbiter.log(f'{arbiter.broker_watcher}-events')) and log, 5, what='the events log'
-    )
+    events = watcher_name(arbiter.profile, 'events')
+    events_log = wait_until(lambda: 'requeued' in (log := arbiter.log(events)) and log, 5, what='the events log')
     assert (
         f'process {worker_pid} of workers reaped: the broker dropped 1 session(s) and requeued 1 task(s)' in events_log
     )
@@ -119,7 +118,7 @@ def test_sigstopped_broker_killed_by_health_plugin_and_clients_carry_on(zmq_arbi
         client.close()
 
     assert sorted(map(str, received.tasks)) == ['after-recovery', *(f'stored-{index}' for index in range(5))]
-    health_log = arbiter.log(f'{arbiter.broker_watcher}-health')
+    health_log = arbiter.log(watcher_name(arbiter.profile, 'health'))
     assert f'broker pid {frozen_pid} failed its check (1/2 in a row)' in health_log
     assert 'asked the arbiter to kill it' in health_log
     health = wait_until(
@@ -208,8 +207,8 @@ def test_arbiter_fixture_leaves_nothing_running(zmq_arbiter_factory) -> None:
     statuses = arbiter.call('status')['statuses']
     assert statuses == {
         arbiter.broker_watcher: 'active',
-        f'{arbiter.broker_watcher}-events': 'active',
-        f'{arbiter.broker_watcher}-health': 'active',
+        watcher_name(arbiter.profile, 'events'): 'active',
+        watcher_name(arbiter.profile, 'health'): 'active',
     }
     children = arbiter.all_pids()
     assert len(children) == 3
@@ -250,9 +249,9 @@ def test_concurrent_attach_broker_adds_each_watcher_once(zmq_arbiter_factory) ->
         thread.join(timeout=60)
 
     assert not errors
-    for name in ('aiida-zmq-second', 'aiida-zmq-second-events', 'aiida-zmq-second-health'):
+    for name in (watcher_name('second', role) for role in ROLES):
         assert sorted(result[name] for result in results) == ['added', 'exists', 'exists']
-    wait_until(lambda: len(arbiter.pids('aiida-zmq-second')) == 1, 20, what='the second broker')
+    wait_until(lambda: len(arbiter.pids(watcher_name('second'))) == 1, 20, what='the second broker')
     # The first broker and its plugins were left alone.
     assert arbiter.call('status')['statuses'][arbiter.broker_watcher] == 'active'
 
@@ -275,7 +274,7 @@ def test_health_action_restart_shuts_a_frozen_broker_down_cleanly(zmq_arbiter_fa
     finally:
         client.close()
     assert received.tasks == ['stored']
-    assert 'asked the arbiter to restart it' in arbiter.log(f'{arbiter.broker_watcher}-health')
+    assert 'asked the arbiter to restart it' in arbiter.log(watcher_name(arbiter.profile, 'health'))
     # Woken before SIGTERM, the old broker shut down by itself (its clean-exit line), not by circus's SIGKILL.
     assert f'[{frozen_pid}] | ' in arbiter.log()
     assert any(f'[{frozen_pid}]' in line and 'stopping:' in line for line in arbiter.log().splitlines()), arbiter.log()
