@@ -1,27 +1,34 @@
-"""``aiida-zmq status``, ``tasks ...`` and ``dead-letter ...``: look at a running broker and act on it.
+"""``aiida-zmq status``, ``tasks ...`` and ``dead-letter ...``: look at a broker and its stored tasks, and act on them.
 
 Every command finds its broker the same way (:func:`broker_options`): ``--endpoint``, else ``--data-dir``, else the
-AiiDA profile given with ``--profile`` (default: the default profile). They talk to the broker through ADMIN requests
-(``docs/protocol.md``), so they see what the broker sees and change nothing behind its back. ``migrate`` alone also
-works with the broker stopped (the daemon stopped, as it asks): on the broker's store, under the broker's lock.
+AiiDA profile given with ``--profile`` (default: the default profile). With a broker running they talk to it through
+ADMIN requests (``docs/protocol.md``), so they see what the broker sees and change nothing behind its back. With the
+broker stopped (the daemon stopped) they work on its store, under its lock (:func:`aiida_zmq.store.stopped_store`),
+as ``migrate``, ``submit()`` and ``verdi process repair`` do: a broker that starts meanwhile waits for them.
 
-Exit codes: 0 done, 1 the broker refused or failed (for ``status``: runs but does not answer), 2 bad usage
-(click), 3 no broker is running.
+Exit codes: 0 done, 1 refused or failed (for ``status``: a broker runs but does not answer), 2 bad usage (click),
+3 no broker is running (and no store to work on).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shlex
+import shutil
 import sqlite3
 import sys
 import time
 import typing as t
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+
+if t.TYPE_CHECKING:
+    from .store import TaskStore
 
 __all__ = ('register',)
 
@@ -29,6 +36,7 @@ EXIT_REFUSED = 1
 EXIT_NOT_RUNNING = 3
 # The name of this command's own session: left out of the client list it shows.
 CLIENT_NAME = 'aiida-zmq-cli'
+JSON_HELP = 'Print the answer as JSON (the same fields as the ADMIN answer, docs/protocol.md).'
 
 
 def register(group: click.Group) -> None:
@@ -85,13 +93,14 @@ def _load_profile(profile_name: str | None, what_else: str) -> t.Any:
         config = get_config(create=False)
         return config.get_profile(profile_name) if profile_name else config.get_profile(config.default_profile_name)
     except Exception as exception:
-        raise click.UsageError(
-            f'cannot find the AiiDA profile{" " + profile_name if profile_name else ""} ({exception}). {what_else}'
-        ) from None
+        if profile_name:  # the profile given does not exist: say which there are, not to give one
+            hint = f'`verdi profile list` shows the profiles; or give {what_else.replace("--profile, ", "")}'
+            raise click.UsageError(f'there is no AiiDA profile `{profile_name}` ({exception}); {hint}.') from None
+        raise click.UsageError(f'there is no default AiiDA profile ({exception}). Give {what_else}.') from None
 
 
 def _profile_target(profile_name: str | None) -> Target:
-    profile = _load_profile(profile_name, 'Give --profile, --data-dir or --endpoint.')
+    profile = _load_profile(profile_name, '--profile, --data-dir or --endpoint')
     if profile.process_control_backend != 'zmq':
         raise click.UsageError(
             f'profile `{profile.name}` uses the broker `{profile.process_control_backend}`, not aiida-zmq: '
@@ -148,6 +157,68 @@ def _admin(target: Target, op: str, **arguments: t.Any) -> dict[str, t.Any]:
         communicator.close()
 
 
+# The broker stopped: its store ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _stopped_store(target: Target, *, quiet: bool = False) -> Iterator[TaskStore | None]:
+    """The store of the target's broker when that broker is not running (under its lock), ``None`` when there is no
+    store yet; raises :class:`~aiida_zmq.exceptions.BrokerRunning` when a broker holds it (then ask the broker)."""
+    from .exceptions import StoreError
+    from .store import stopped_store
+
+    if target.data_dir is None:  # only an endpoint: no store to work on, so ask the broker
+        from .exceptions import BrokerRunning
+
+        raise BrokerRunning(f'{target.label} is an endpoint')
+    try:
+        with stopped_store(target.data_dir) as store:
+            if not quiet:
+                what = f'working on its store in {target.data_dir}' if store else 'it has no task store yet'
+                click.echo(f'aiida-zmq: no broker is running for {target.label}: {what}.', err=True)
+            yield store
+    except (StoreError, OSError, sqlite3.Error) as exception:
+        click.echo(f'aiida-zmq: cannot work on the store of {target.label}: {exception}', err=True)
+        sys.exit(EXIT_REFUSED)
+
+
+def _dead_letter_rows(store: TaskStore, queue: str | None) -> list[dict[str, t.Any]]:
+    return [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in store.dead_letters(queue)]
+
+
+# What the ADMIN operations of the broker (``server.Broker._admin_*``) answer, done on the store of a stopped broker:
+# the same answers, so that the commands print the same either way. Nothing is held by anyone while no broker runs.
+_STORE_OPERATIONS: dict[str, t.Callable[..., dict[str, t.Any]]] = {
+    'tasks': lambda store, queue=None, limit=100: {'tasks': store.list_tasks(queue, int(limit))},
+    'tasks-purge': lambda store, queue: {'purged': store.purge_ready(queue)},
+    'dead-letters': lambda store, queue=None: {'dead_letters': _dead_letter_rows(store, queue)},
+    'dead-letters-requeue': lambda store, ids=None: {'requeued': len(store.revive_dead(ids))},
+    'dead-letters-drop': lambda store, ids=None: {'dropped': store.drop_dead(ids)},
+}
+_NO_STORE: dict[str, dict[str, t.Any]] = {
+    'tasks': {'tasks': []},
+    'tasks-purge': {'purged': 0},
+    'dead-letters': {'dead_letters': []},
+    'dead-letters-requeue': {'requeued': 0},
+    'dead-letters-drop': {'dropped': 0},
+}
+
+
+def _run(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) -> dict[str, t.Any]:
+    """Do an ADMIN operation: on the store of a stopped broker, else through the running broker.
+
+    The store comes first because only its lock says for sure that no broker runs; holding it, no broker can start
+    and change the store behind this command's back.
+    """
+    from .exceptions import BrokerRunning
+
+    try:
+        with _stopped_store(target, quiet=quiet) as store:
+            return dict(_NO_STORE[op]) if store is None else _STORE_OPERATIONS[op](store, **arguments)
+    except BrokerRunning:
+        return _admin(target, op, **arguments)
+
+
 def _emit_json(value: t.Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
@@ -160,21 +231,100 @@ def _size(count: float) -> str:
     return f'{count:.1f} GiB'
 
 
-def _offline_depths(data_dir: Path | None) -> dict[str, int] | None:
-    """Queue depths read straight from the store of a broker that is not running (read-only), if there is one."""
-    from .store import DEAD, STORE_FILENAME
+def _tasks(count: int, what: str = 'task') -> str:
+    """``1 task``, ``3 tasks``: the counts every message of these commands prints."""
+    return f'{count} {what}' if count == 1 else f'{count} {what}s'
 
-    if data_dir is None or not (data_dir / STORE_FILENAME).exists():
-        return None
+
+def _stored_depths(target: Target) -> tuple[dict[str, int] | None, str | None]:
+    """(tasks waiting in the store of a stopped broker by queue, why they could not be read), read under its lock."""
+    from .exceptions import BrokerRunning, StoreError
+    from .store import stopped_store
+
+    if target.data_dir is None:
+        return None, None
     try:
-        database = sqlite3.connect(f'file:{data_dir / STORE_FILENAME}?mode=ro', uri=True, timeout=2.0)
-        try:
-            rows = database.execute(f'SELECT queue, count(*) FROM tasks WHERE state!={DEAD} GROUP BY queue').fetchall()
-        finally:
-            database.close()
-    except sqlite3.Error:
+        with stopped_store(target.data_dir) as store:
+            if store is None:
+                return None, None
+            counts = store.ready_counts()
+            for task in store.load_delivered():  # handed out when the broker stopped: delivered again at its start
+                counts[task.queue] = counts.get(task.queue, 0) + 1
+            return counts, None
+    except BrokerRunning:
+        return None, 'another process holds the store (a broker starting, stopped with SIGSTOP, or hung?)'
+    except (StoreError, OSError) as exception:
+        return None, str(exception)
+
+
+# The arbiter ------------------------------------------------------------------------------------------------------
+
+
+def _daemon_controller(profile: t.Any) -> str | None:
+    """The controller endpoint of a profile's running daemon, else ``None``.
+
+    ``DaemonClient.get_controller_endpoint`` makes a new socket directory when it thinks the daemon is not running,
+    so it is asked only once the pid file says the daemon runs (as ``ZmqBroker`` does).
+    """
+    try:
+        from aiida.engine.daemon.client import DaemonClient
+
+        client = DaemonClient(profile)
+        if client.is_daemon_running and not client._is_pid_file_stale:
+            return str(client.get_controller_endpoint())
+    except Exception:  # no daemon to speak of: nothing to show
         return None
-    return dict(rows)
+    return None
+
+
+def _circusctl() -> str:
+    """``circusctl``, as the user can run it: by name when it is on PATH, else beside this interpreter."""
+    beside = Path(sys.executable).parent / 'circusctl'
+    if shutil.which('circusctl') or not beside.exists():
+        return 'circusctl'
+    return str(beside)
+
+
+def _circus_info(target: Target, broker_pid: int | None) -> dict[str, t.Any] | None:
+    """The circus arbiter that runs the broker: its controller endpoint, the broker's watcher and its status, and the
+    ``circusctl`` line to paste; ``None`` when no arbiter runs it (``aiida-zmq serve`` in a terminal).
+
+    Asked first: the arbiter whose endpoint is in the broker process's environment (the watcher sets it, daemon and
+    ``circus-config`` alike); then, for a profile, its daemon's arbiter (also when the broker is not running).
+    """
+    from .circus import CircusCallError, CircusController, arbiter_endpoint_of, watcher_name, watcher_of_pid
+
+    candidates = []
+    if broker_pid:
+        candidates.append(arbiter_endpoint_of(broker_pid))
+    if target.profile is not None:
+        candidates.append(_daemon_controller(target.profile))
+    for endpoint in dict.fromkeys(endpoint for endpoint in candidates if endpoint):
+        try:
+            with CircusController(endpoint, timeout=2.0) as controller:
+                watcher = watcher_of_pid(controller, broker_pid) if broker_pid else None
+                if watcher is None and target.profile is not None:
+                    watcher = watcher_name(target.profile.name)
+                if watcher is None:
+                    continue
+                watcher_status = controller.watcher_status(watcher)
+        except CircusCallError:
+            continue
+        return {
+            'endpoint': endpoint,
+            'watcher': watcher,
+            'status': watcher_status,
+            'circusctl': f'{_circusctl()} --endpoint {shlex.quote(endpoint)} status',
+        }
+    return None
+
+
+def _print_circus(circus: dict[str, t.Any] | None) -> None:
+    if circus is None:
+        return
+    state = circus['status'] or 'not in this arbiter (it is added when a daemon worker starts)'
+    click.echo(f'  circus     watcher {circus["watcher"]}: {state}; arbiter {circus["endpoint"]}')
+    click.echo(f'             {circus["circusctl"]}')
 
 
 # status -----------------------------------------------------------------------------------------------------------
@@ -182,9 +332,9 @@ def _offline_depths(data_dir: Path | None) -> dict[str, int] | None:
 
 @click.command()
 @broker_options
-@click.option('--json', 'as_json', is_flag=True, help='Print the full status as JSON.')
+@click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def status(target: Target, as_json: bool) -> None:
-    """Show whether the broker runs, and its queues, consumers, dead letters and store.
+    """Show whether the broker runs, its queues, consumers, dead letters and store, and the circus arbiter it runs in.
 
     Exit code 3 when no broker is running (the queues stored on disk are shown all the same).
     """
@@ -194,14 +344,19 @@ def status(target: Target, as_json: bool) -> None:
         communicator = _open(target)
     except (BrokerUnavailable, ValueError) as exception:
         _exit_if_silent(target, as_json)
-        depths = _offline_depths(target.data_dir)
+        depths, unread = _stored_depths(target)
+        circus = _circus_info(target, None)
         if as_json:
-            _emit_json({'running': False, 'target': target.label, 'error': str(exception), 'stored': depths})
+            report = {'running': False, 'target': target.label, 'error': str(exception), 'stored': depths}
+            _emit_json({**report, 'store_unread': unread, 'circus': circus})
         else:
             click.secho(f'aiida-zmq broker for {target.label}: not running', fg='red', bold=True)
             click.echo(f'  {target.start_hint}')
             if depths:
                 click.echo('  tasks waiting in its store: ' + ', '.join(f'{q} {n}' for q, n in sorted(depths.items())))
+            if unread:
+                click.echo(f'  its store was not read: {unread}')
+            _print_circus(circus)
         sys.exit(EXIT_NOT_RUNNING)
     try:
         started = time.perf_counter()
@@ -212,6 +367,7 @@ def status(target: Target, as_json: bool) -> None:
     answer['running'] = True
     # This command's own session is part of the broker's answer; it is not a user of the broker.
     answer['clients'] = [client for client in answer['clients'] if client['name'] != CLIENT_NAME]
+    answer['circus'] = _circus_info(target, answer.get('pid'))
     if as_json:
         _emit_json(answer)
         return
@@ -247,6 +403,7 @@ def _print_status(answer: dict[str, t.Any]) -> None:
     click.echo(f'  endpoints  {", ".join(answer["endpoints"])}')
     click.echo(f'  data dir   {answer["data_dir"]} (store {_size(answer["store_bytes"])})')
     click.echo(f'  round trip {answer["round_trip_ms"]:.2f} ms')
+    _print_circus(answer.get('circus'))
     settings = answer.get('settings')
     if settings:  # a broker of an earlier release does not report them
         click.echo(
@@ -276,22 +433,25 @@ def _print_status(answer: dict[str, t.Any]) -> None:
 
 @click.group()
 def tasks() -> None:
-    """List the stored tasks, purge a queue, or take tasks back from a hung process."""
+    """List the stored tasks, purge a queue, or take tasks back from a hung process.
+
+    `list` and `purge` also work with the broker stopped, on its store.
+    """
 
 
 @tasks.command('list')
 @broker_options
 @click.option('--queue', help='Only this queue.')
-@click.option('--limit', type=int, default=100, show_default=True)
-@click.option('--json', 'as_json', is_flag=True)
+@click.option('--limit', type=click.IntRange(min=0), default=100, show_default=True, help='Show at most this many.')
+@click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def tasks_list(target: Target, queue: str | None, limit: int, as_json: bool) -> None:
     """List stored tasks, oldest first (id, queue, state, deliveries, size; never the payload)."""
-    rows = _admin(target, 'tasks', queue=queue, limit=limit)['tasks']
+    rows = _run(target, 'tasks', queue=queue, limit=limit)['tasks']
     if as_json:
         _emit_json(rows)
         return
     if not rows:
-        click.echo('no stored tasks')
+        click.echo('No stored tasks.' if queue is None else f'No stored tasks in queue {queue}.')
         return
     click.echo(f'{"id":>8}  {"state":<9} {"deliveries":>10} {"bytes":>8}  {"age":>8}  queue')
     now = time.time()
@@ -306,29 +466,53 @@ def tasks_list(target: Target, queue: str | None, limit: int, as_json: bool) -> 
 @broker_options
 @click.argument('queue')
 @click.option('--yes', is_flag=True, help='Do not ask for confirmation.')
-@click.option('--json', 'as_json', is_flag=True)
+@click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def tasks_purge(target: Target, queue: str, yes: bool, as_json: bool) -> None:
     """Delete the waiting tasks of QUEUE (tasks a consumer holds stay). This cannot be undone."""
     if not yes:
         click.confirm(f'Delete every waiting task of queue {queue}?', abort=True)
-    answer = _admin(target, 'tasks-purge', queue=queue)
-    _emit_json(answer) if as_json else click.echo(f'purged {answer["purged"]} waiting task(s) of {queue}')
+    answer = _run(target, 'tasks-purge', queue=queue)
+    _emit_json(answer) if as_json else click.echo(f'Purged {_tasks(answer["purged"], "waiting task")} of {queue}.')
+
+
+def _process_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @tasks.command('requeue')
 @broker_options
 @click.option('--pid', type=int, required=True, help='The process whose held tasks go back to their queues.')
-@click.option('--json', 'as_json', is_flag=True)
-def tasks_requeue(target: Target, pid: int, as_json: bool) -> None:
-    """Give the tasks held by process PID to other consumers now (e.g. a hung worker you are about to kill).
+@click.option('--force', is_flag=True, help='Also when that process still runs (it may run the tasks a second time).')
+@click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
+def tasks_requeue(target: Target, pid: int, force: bool, as_json: bool) -> None:
+    """Give the tasks held by process PID to other consumers now.
 
-    The process's sessions end; if it is still alive its communicator reconnects, and its late answers are refused.
+    For a worker that is gone (the broker would notice within its peer timeout anyway; circus's events plugin at
+    once). A process that still runs goes on with its tasks while another worker starts them again: AiiDA runs each
+    process twice, and one of them fails. So a live PID is refused: stop or kill it first, then requeue (or let the
+    broker notice). --force requeues all the same, for a process you know does nothing with its tasks any more; its
+    sessions end, and if its communicator comes back, its late answers are refused.
     """
+    if _process_alive(pid) and not force:
+        click.echo(
+            f'aiida-zmq: process {pid} is still running: its tasks would run twice (it goes on with them while '
+            f'another worker starts them again). Stop it first (`kill {pid}`; its tasks go back to their queues when '
+            'it exits), or give --force if it is hung and will not touch them again.',
+            err=True,
+        )
+        sys.exit(EXIT_REFUSED)
     answer = _admin(target, 'peer-gone', pid=pid)
     if as_json:
         _emit_json(answer)
     else:
-        click.echo(f'{answer["requeued"]} task(s) requeued from {answer["clients"]} session(s) of pid {pid}')
+        click.echo(
+            f'Requeued {_tasks(answer["requeued"])} held by {_tasks(answer["clients"], "session")} of process {pid}.'
+        )
 
 
 # dead letters -----------------------------------------------------------------------------------------------------
@@ -336,21 +520,24 @@ def tasks_requeue(target: Target, pid: int, as_json: bool) -> None:
 
 @click.group('dead-letter')
 def dead_letter() -> None:
-    """Tasks delivered too often without an answer: list them, send them again, or drop them."""
+    """Tasks delivered too often without an answer: list them, send them again, or drop them.
+
+    Each also works with the broker stopped, on its store.
+    """
 
 
 @dead_letter.command('list')
 @broker_options
 @click.option('--queue', help='Only this queue.')
-@click.option('--json', 'as_json', is_flag=True)
+@click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def dead_letter_list(target: Target, queue: str | None, as_json: bool) -> None:
     """List dead-lettered tasks with the reason."""
-    letters = _admin(target, 'dead-letters', queue=queue)['dead_letters']
+    letters = _run(target, 'dead-letters', queue=queue)['dead_letters']
     if as_json:
         _emit_json(letters)
         return
     if not letters:
-        click.echo('no dead letters')
+        click.echo('No dead letters.' if queue is None else f'No dead letters in queue {queue}.')
         return
     for letter in letters:
         click.echo(f'{letter["id"]:>8}  {letter["queue"]}  {letter["reason"]}')
@@ -366,11 +553,11 @@ def _ids(ids: tuple[int, ...], all_: bool) -> list[int] | None:
 @broker_options
 @click.argument('ids', nargs=-1, type=int)
 @click.option('--all', 'all_', is_flag=True, help='Every dead letter.')
-@click.option('--json', 'as_json', is_flag=True)
+@click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def dead_letter_requeue(target: Target, ids: tuple[int, ...], all_: bool, as_json: bool) -> None:
     """Put dead-lettered tasks back in their queues with a fresh delivery count."""
-    answer = _admin(target, 'dead-letters-requeue', ids=_ids(ids, all_))
-    _emit_json(answer) if as_json else click.echo(f'requeued {answer["requeued"]} task(s)')
+    answer = _run(target, 'dead-letters-requeue', ids=_ids(ids, all_))
+    _emit_json(answer) if as_json else click.echo(f'Requeued {_tasks(answer["requeued"])}.')
 
 
 @dead_letter.command('drop')
@@ -378,14 +565,22 @@ def dead_letter_requeue(target: Target, ids: tuple[int, ...], all_: bool, as_jso
 @click.argument('ids', nargs=-1, type=int)
 @click.option('--all', 'all_', is_flag=True, help='Every dead letter.')
 @click.option('--yes', is_flag=True, help='Do not ask for confirmation.')
-@click.option('--json', 'as_json', is_flag=True)
+@click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def dead_letter_drop(target: Target, ids: tuple[int, ...], all_: bool, yes: bool, as_json: bool) -> None:
     """Delete dead-lettered tasks for good."""
     selection = _ids(ids, all_)
     if not yes:
-        click.confirm(f'Delete {"every" if selection is None else len(selection)} dead-lettered task(s)?', abort=True)
-    answer = _admin(target, 'dead-letters-drop', ids=selection)
-    _emit_json(answer) if as_json else click.echo(f'dropped {answer["dropped"]} task(s)')
+        # Counted first, asked without holding anything (a broker that starts meanwhile must not wait for an answer).
+        letters = _run(target, 'dead-letters', quiet=True)['dead_letters']
+        chosen = [letter for letter in letters if selection is None or letter['id'] in selection]
+        if not chosen:
+            which = '' if selection is None else f' with id {", ".join(map(str, selection))}'
+            _emit_json({'dropped': 0}) if as_json else click.echo(f'No dead letters{which} to drop.')
+            return
+        count = _tasks(len(chosen), 'dead-lettered task')
+        click.confirm(f'Delete {"all " if selection is None else ""}{count} for good?', abort=True)
+    answer = _run(target, 'dead-letters-drop', ids=selection)
+    _emit_json(answer) if as_json else click.echo(f'Dropped {_tasks(answer["dropped"])}.')
 
 
 # migrate ----------------------------------------------------------------------------------------------------------
@@ -445,7 +640,8 @@ def _migration_profile(profile_name: str | None) -> t.Any:
 @migrate_options
 @click.option('--to', 'direction', flag_value='to', help='Move tasks from this broker to SERVER.')
 @click.option('--from', 'direction', flag_value='from', help='Move tasks from SERVER to this broker.')
-@click.argument('server', type=click.Choice(MIGRATE_SERVERS), required=False, default='rabbitmq')
+# SERVER, not click's `[[rabbitmq|core.zeromq]]`, in the usage line; the choices show in the help (default rabbitmq).
+@click.argument('server', type=click.Choice(MIGRATE_SERVERS), required=False, default='rabbitmq', metavar='[SERVER]')
 @click.option(
     '--rabbitmq-url',
     default=None,
@@ -456,7 +652,7 @@ def _migration_profile(profile_name: str | None) -> t.Any:
     '--queue', 'queues', multiple=True, help='Queue to move, repeatable (default for a profile: its launch queue).'
 )
 @click.option('--dry-run', is_flag=True, help='Show what would move, move nothing.')
-@click.option('--json', 'as_json', is_flag=True)
+@click.option('--json', 'as_json', is_flag=True, help='Print what moved (or would move) as JSON.')
 def migrate(
     target: Target,
     direction: str | None,
@@ -469,6 +665,7 @@ def migrate(
 ) -> None:
     """Move queued tasks to RabbitMQ (`--to rabbitmq`) or back (`--from rabbitmq`), with the queues AiiDA uses; or
     a profile's tasks from core.zeromq (`--from core.zeromq`) or to it (`--to core.zeromq`), without switching it.
+    SERVER is `rabbitmq` (the default) or `core.zeromq`.
 
     Stop the daemon first (`verdi daemon stop`), so that no worker takes tasks during the move. With the broker
     stopped, the tasks are moved straight from (or into) its store, under its lock; with a broker running, through it
@@ -627,7 +824,7 @@ def _zmq_depths(zmq_side: t.Any, target: Target) -> dict[str, int]:
     if isinstance(zmq_side, ProfileCommunicator):
         online = zmq_side.connection if zmq_side.mode() is Mode.ONLINE else None
     if online is None:
-        return _offline_depths(target.data_dir) or {}
+        return _stored_depths(target)[0] or {}
     return {name: int(queue.get('depth', 0)) for name, queue in online.admin('status')['queues'].items()}
 
 

@@ -28,6 +28,7 @@ __all__ = (
     'HealthOptions',
     'LogRotation',
     'WatcherSpec',
+    'arbiter_endpoint_of',
     'attach_broker',
     'attach_watcher',
     'broker_command',
@@ -41,6 +42,7 @@ __all__ = (
     'render_ini',
     'sibling_watchers',
     'watcher_name',
+    'watcher_of_pid',
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -444,6 +446,28 @@ class CircusController:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def arbiter_endpoint_of(pid: int) -> str | None:
+    """The controller endpoint of the arbiter that started process ``pid`` as one of our watchers, if it did.
+
+    Read from the process's environment (``CIRCUS_ENDPOINT_ENV``, set by :func:`broker_watchers`); ``None`` for a
+    process started otherwise, one of another user, or one that is gone.
+    """
+    import psutil
+
+    try:
+        return psutil.Process(pid).environ().get(CIRCUS_ENDPOINT_ENV) or None
+    except (psutil.Error, OSError):
+        return None
+
+
+def watcher_of_pid(controller: CircusController, pid: int) -> str | None:
+    """The name of the watcher of the arbiter at ``controller`` that runs process ``pid``, if one does."""
+    for name in controller.watcher_names():
+        if pid in controller.watcher_pids(name):
+            return name
+    return None
 
 
 def is_busy(exception: CircusCallError) -> bool:

@@ -45,7 +45,13 @@ def main() -> None:
     help='Seconds of silence after which a client is dead and its tasks go to others.',
 )
 @click.option('--max-deliveries', type=int, default=20, show_default=True, help='Deliveries before dead-lettering.')
-@click.option('--max-message-bytes', type=int, default=64 * 1024 * 1024, show_default=True)
+@click.option(
+    '--max-message-bytes',
+    type=click.IntRange(min=1),
+    default=64 * 1024 * 1024,
+    show_default=True,
+    help='Largest message a client may send, in bytes (all its frames together); larger ones are refused.',
+)
 @click.option(
     '--lock-timeout',
     type=float,
@@ -54,7 +60,13 @@ def main() -> None:
     'naming its pid, when a broker serves the directory; wait up to 30 s for one that is starting or shutting down.',
 )
 @click.option('--fsync', is_flag=True, help='fsync every batch: survives power loss, not only crashes (slower).')
-@click.option('--log-level', default='INFO', show_default=True, type=click.Choice(['DEBUG', 'INFO', 'WARNING']))
+@click.option(
+    '--log-level',
+    default='INFO',
+    show_default=True,
+    type=click.Choice(['DEBUG', 'INFO', 'WARNING']),
+    help='Least severe log lines written (to stderr).',
+)
 @click.option(
     '--log-time/--no-log-time',
     default=True,

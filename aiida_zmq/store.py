@@ -22,7 +22,7 @@ from pathlib import Path
 from .exceptions import BrokerRunning, StoreError
 from .security import ensure_private_dir  # here for the callers that import it from the store
 
-__all__ = ('DEAD', 'DELIVERED', 'READY', 'StoredTask', 'TaskStore', 'broker_lock', 'submit_offline')
+__all__ = ('DEAD', 'DELIVERED', 'READY', 'StoredTask', 'TaskStore', 'broker_lock', 'stopped_store', 'submit_offline')
 
 LOGGER = logging.getLogger(__name__)
 
@@ -350,6 +350,33 @@ def broker_lock(data_dir: str | os.PathLike[str], *, blocking: bool, timeout: fl
         os.close(fd)  # closing the descriptor releases the lock
 
 
+@contextlib.contextmanager
+def stopped_store(data_dir: str | os.PathLike[str], *, create: bool = False) -> Iterator[TaskStore | None]:
+    """The task store of a broker that is not running, under the broker's lock while the block runs; committed at
+    the end. A broker that starts meanwhile waits for the lock (``--lock-timeout``): keep the block short.
+
+    Yields ``None`` when there is no store yet (no broker ever ran there) unless ``create``.
+
+    :raises BrokerRunning: when a broker holds the lock (go through the broker instead).
+    """
+    directory = Path(data_dir)
+    if not create and not (directory / STORE_FILENAME).exists():
+        yield None
+        return
+    directory = ensure_private_dir(directory)
+    with broker_lock(directory, blocking=False):
+        if not create and not (directory / STORE_FILENAME).exists():  # removed before we held the lock
+            yield None
+            return
+        store = TaskStore(directory / STORE_FILENAME)
+        try:
+            yield store
+            store.commit()
+        finally:
+            store.close()
+    os.chmod(directory / STORE_FILENAME, 0o600)
+
+
 def submit_offline(data_dir: str | os.PathLike[str], queue: str, payload: bytes, no_reply: bool = True) -> int:
     """Write a task straight into the store of a broker that is not running; it is delivered once the broker starts.
 
@@ -357,13 +384,6 @@ def submit_offline(data_dir: str | os.PathLike[str], queue: str, payload: bytes,
 
     :raises BrokerRunning: when a broker holds the lock (send the task through a communicator instead).
     """
-    directory = ensure_private_dir(data_dir)
-    with broker_lock(directory, blocking=False):
-        store = TaskStore(directory / STORE_FILENAME)
-        try:
-            task_id = store.insert(queue, payload, no_reply, None, None)
-            store.commit()
-        finally:
-            store.close()
-    os.chmod(directory / STORE_FILENAME, 0o600)
-    return task_id
+    with stopped_store(data_dir, create=True) as store:
+        assert store is not None
+        return store.insert(queue, payload, no_reply, None, None)

@@ -92,6 +92,14 @@ def test_broker_watcher_in_daemon(aiida_zmq_profile: AiidaZmqProfile) -> None:
     """The broker is a watcher of the daemon's arbiter, and its probe reports the workers as consumers."""
     profile = aiida_zmq_profile
     assert profile.watcher_pids(profile.watcher) == [profile.broker_pid()]
+    # Its log has a name of its own in the daemon log directory that every profile shares (issue 15).
+    log_dir = profile.aiida_path / '.aiida' / 'daemon' / 'log'
+    assert (log_dir / f'zmq-broker-{profile.name}.log').exists(), sorted(path.name for path in log_dir.iterdir())
+    # `aiida-zmq status` names the daemon's arbiter and the circusctl line to paste.
+    answer = json.loads(profile.aiida_zmq('status', '--profile', profile.name, '--json').stdout)
+    assert answer['circus']['endpoint'] == profile.circus_endpoint()
+    assert answer['circus']['watcher'] == profile.watcher
+    assert answer['circus']['circusctl'].endswith(f'--endpoint {profile.circus_endpoint()} status')
     probe = profile.driver('info')  # loads the profile: the probe below goes through the same broker plugin
     assert probe['queue'].endswith('.process.queue')
     status = profile.broker_status()
