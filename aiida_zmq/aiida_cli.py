@@ -270,8 +270,8 @@ def configure(
     config = _get_config()
     try:
         profile = config.get_profile(profile_name)
-    except exceptions.ProfileConfigurationError as exception:
-        raise click.ClickException(str(exception))
+    except exceptions.ProfileConfigurationError as exception:  # bad usage (exit 2), as the docs say
+        raise click.BadParameter(f'{exception}; `verdi profile list` shows the profiles', param_hint='PROFILE')
 
     overrides: dict[str, t.Any] = _parse_settings(settings)
     if data_dir is not None:
@@ -430,6 +430,14 @@ def presto(
     profile_name: str | None, email: str, data_dir: pathlib.Path | None, set_default: bool, computer: bool
 ) -> None:
     """Create a ready profile: SQLite storage (`core.sqlite_dos`) and this broker, like `verdi presto`."""
+    profile = create_presto_profile(profile_name, email, data_dir, set_default, computer)
+    click.echo(f'Start the daemon (and with it the broker): `verdi -p {profile.name} daemon start`.')
+
+
+def create_presto_profile(
+    profile_name: str | None, email: str, data_dir: pathlib.Path | None, set_default: bool, computer: bool
+) -> Profile:
+    """What `aiida-zmq presto` does, but for the advice that follows (the demo starts the daemon itself)."""
     from aiida.common import exceptions
     from aiida.manage.configuration import create_profile, load_profile
 
@@ -461,7 +469,7 @@ def presto(
 
     if computer:
         _setup_localhost(config, profile.name, load_profile)
-    click.echo(f'Start the daemon (and with it the broker): `verdi -p {profile.name} daemon start`.')
+    return profile
 
 
 def _setup_localhost(config: Config, profile_name: str, load_profile: t.Callable[..., t.Any]) -> None:

@@ -34,6 +34,8 @@ LOGGER = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2
 TERMINAL_STATES = ['finished', 'excepted', 'killed']
+# Without a terminal (a log, CI) progress is a line every this many seconds, not a bar.
+PROGRESS_LINE_INTERVAL = 5.0
 
 
 def register(group: click.Group) -> None:
@@ -113,8 +115,54 @@ def _print_broker_status(status: dict[str, t.Any], queue_name: str) -> None:
     )
 
 
+class _Progress:
+    """A progress bar on a terminal; elsewhere (a log, CI) a line every few seconds with the count and the rate.
+
+    click's bar prints only its label when the output is not a terminal, which says nothing about how far it got.
+    """
+
+    def __init__(self, label: str, total: int, verb: str, *, interval: float = PROGRESS_LINE_INTERVAL) -> None:
+        self.label = label
+        self.total = total
+        self.verb = verb
+        self.done = 0
+        self.interval = interval
+        self.started = self.last_line = time.monotonic()
+        self._bar = click.progressbar(length=total, label=label, show_pos=True) if _is_terminal() else None
+
+    def __enter__(self) -> _Progress:
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+        elif time.monotonic() - self.last_line >= self.interval:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line = time.monotonic()
+        elapsed = max(self.last_line - self.started, 1e-9)
+        click.echo(
+            f'{self.label.strip()}: {self.done}/{self.total} {self.verb} after {elapsed:.1f} s '
+            f'({self.done / elapsed:.1f}/s)'
+        )
+
+    def __exit__(self, *exc_info: t.Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc_info)
+        else:
+            self._line()
+
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
 def _wait_terminated(pks: list[int], timeout: float) -> list[int]:
-    """Wait with a progress bar until the processes terminated; return those that did not in time.
+    """Wait with a progress display until the processes terminated; return those that did not in time.
 
     Polls the database: what the user sees is what AiiDA stored, not what the broker claims.
     """
@@ -122,11 +170,11 @@ def _wait_terminated(pks: list[int], timeout: float) -> list[int]:
 
     pending = set(pks)
     deadline = time.monotonic() + timeout
-    with click.progressbar(length=len(pks), label='Running   ', show_pos=True) as bar:
+    with _Progress('Running   ', len(pks), 'finished') as progress:
         while pending and time.monotonic() < deadline:
             done = terminated(pending)
             pending -= done
-            bar.update(len(done))
+            progress.update(len(done))
             if pending:
                 time.sleep(POLL_INTERVAL)
     return sorted(pending)
@@ -154,8 +202,7 @@ def _leftover_processes(pids: list[int]) -> list[int]:
     help='Create the profile in your AiiDA configuration and keep it (daemon stopped) instead of a throwaway one.',
 )
 @click.option('--timeout', type=float, default=600.0, show_default=True, help='Seconds to wait for the work chains.')
-@click.pass_context
-def demo(ctx: click.Context, workchains: int, workers: int, keep: bool, timeout: float) -> None:
+def demo(workchains: int, workers: int, keep: bool, timeout: float) -> None:
     """Run real AiiDA work chains through the daemon with this broker, on a throwaway SQLite profile.
 
     Creates the profile, starts the daemon (and with it the broker), submits WORKCHAINS work chains with a progress
@@ -165,27 +212,27 @@ def demo(ctx: click.Context, workchains: int, workers: int, keep: bool, timeout:
     profile_name = f'demo-{uuid.uuid4().hex[:6]}'
     run = _DemoRun(profile_name)
     try:
-        from aiida_zmq.aiida_cli import presto
+        from aiida_zmq.aiida_cli import create_presto_profile
 
         _echo_step(
             f'Creating profile `{profile_name}` (core.sqlite_dos, broker zmq)'
             + (f' in {aiida_path}' if aiida_path else '')
         )
-        ctx.invoke(
-            presto,
-            profile_name=profile_name,
-            email='aiida@localhost',
-            data_dir=None,
-            set_default=not keep,
-            computer=False,
-        )
+        create_presto_profile(profile_name, 'aiida@localhost', None, set_default=not keep, computer=False)
         submit_s, elapsed_s = run.run(workchains, workers, timeout)
         _echo_step('Throughput')
+        parents = workchains // 2  # every other one submits a child (``_DemoRun.run``)
+        processes = workchains + parents
         click.echo(
-            f'  {workchains} work chains ({(workchains + 1) // 2} with a child) in {elapsed_s:.1f} s: '
-            f'{click.style(f"{workchains / elapsed_s:.1f} workflows/s", bold=True)} end to end'
+            f'  {workchains} work chains ({parents} of them submit a child and wait for it: {processes} processes) in '
+            f'{elapsed_s:.1f} s: {click.style(f"{workchains / elapsed_s:.1f} workflows/s", bold=True)} end to end, '
+            f'{processes / elapsed_s:.1f} processes/s'
         )
         click.echo(f'  submit: {workchains / submit_s:.1f} calls/s ({submit_s:.1f} s for {workchains})')
+        click.echo(
+            '  (docs/benchmarks.md measures other workloads: work chains without children, and parents alone, after a '
+            'warm-up on an idle machine; docs/aiida.md, "End-to-end figures", compares them)'
+        )
     finally:
         _cleanup(run.client, run.pids, aiida_path, keep, profile_name)
 
@@ -217,7 +264,9 @@ class _DemoRun:
         profile_name = self.profile_name
         profile = load_profile(profile_name, allow_switch=True)
         client = self.client = DaemonClient(profile)
-        _echo_step(f'Starting the daemon with {workers} worker(s): `verdi -p {profile_name} daemon start {workers}`')
+        # Said as what it does, not as an instruction: the demo starts the daemon itself.
+        command = f'verdi -p {profile_name} daemon start {workers}'
+        _echo_step(f'Starting the daemon with {workers} worker(s), as `{command}` does')
         client.start_daemon(number_workers=workers)
         broker = get_manager().get_broker()
         assert isinstance(broker, ZmqBroker)
@@ -232,9 +281,10 @@ class _DemoRun:
         kinds = (AddWorkChain, ParentWorkChain)
         pks: list[int] = []
         started = time.monotonic()
-        with click.progressbar(range(workchains), label='Submitting', show_pos=True) as bar:
-            for index in bar:
+        with _Progress('Submitting', workchains, 'submitted') as progress:
+            for index in range(workchains):
                 pks.append(t.cast(int, submit(kinds[index % 2], x=orm.Int(index), y=orm.Int(1)).pk))
+                progress.update(1)
         submit_s = time.monotonic() - started
         pending = _wait_terminated(pks, timeout)
         elapsed_s = time.monotonic() - started

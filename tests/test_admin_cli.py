@@ -256,6 +256,13 @@ def test_every_option_has_help_text():
     assert missing == []
 
 
+def test_configure_an_unknown_profile_is_bad_usage(tmp_path, monkeypatch):
+    monkeypatch.setenv('AIIDA_PATH', str(tmp_path))
+    result = CliRunner().invoke(main, ['configure', 'nope'])
+    assert result.exit_code == 2, result.output
+    assert 'nope' in result.output and '`verdi profile list` shows the profiles' in result.output
+
+
 def test_migrate_usage_line():
     result = CliRunner().invoke(main, ['migrate', '--help'], prog_name='aiida-zmq')
     assert 'Usage: aiida-zmq migrate [OPTIONS] [SERVER]\n' in result.output, result.output

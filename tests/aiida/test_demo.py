@@ -55,7 +55,14 @@ def test_demo_runs_and_cleans_up(tmp_path: Path) -> None:
     assert re.search(rf'aiida-{profile}\s+active\s+pids: \d+, \d+', output), output
     assert re.search(rf'{re.escape(watcher_name(profile))}\s+active\s+pids: \d+', output), output
     assert re.search(r'queue \S+\.process\.queue \(launch queue\): depth 0, consumers 2', output), output
-    assert re.search(r'\d+\.\d+ workflows/s end to end', output), output
+    assert re.search(r'\d+\.\d+ workflows/s end to end, \d+\.\d+ processes/s', output), output
+    # It starts the daemon itself: it says so, it does not tell the user to.
+    assert 'Start the daemon' not in output
+    assert re.search(rf'Starting the daemon with 2 worker\(s\), as `verdi -p {profile} daemon start 2` does', output)
+    # Without a terminal, progress is counted lines with a rate, not bare labels (the last line of each says all).
+    assert re.search(r'^Submitting: 10/10 submitted after \d+\.\d s \(\d+\.\d/s\)$', output, re.MULTILINE), output
+    assert re.search(r'^Running: 10/10 finished after \d+\.\d s \(\d+\.\d/s\)$', output, re.MULTILINE), output
+    assert not re.search(r'^(Submitting|Running)\s*$', output, re.MULTILINE), output
     assert 'no process left running' in output
     assert not Path(aiida_path).exists()
     assert not _processes_under(aiida_path)
