@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import kiwipy
 import pytest
@@ -52,26 +53,39 @@ def test_identifier_of_a_closed_client_is_free(zmq_broker):
         other.close()
 
 
-def test_rpc_answer_has_no_time_cap(zmq_broker):
-    """An answer that takes longer than core.zeromq's 10 s cap still reaches the caller (a slow ``pause`` in AiiDA)."""
+@pytest.mark.parametrize(
+    'delay',
+    [
+        3.0,  # longer than the caller's request and confirm timeouts (1 s here) and its broker's peer timeout (2 s)
+        pytest.param(11.0, marks=pytest.mark.slow, id='past-core.zeromq-cap'),  # past core.zeromq's 10 s cap
+    ],
+)
+def test_rpc_answer_has_no_time_cap(zmq_broker, delay):
+    """An answer that takes longer than any timeout on its way still reaches the caller (a slow ``pause`` in AiiDA).
+
+    The caller's request and confirm timeouts are 1 s here, so 3 s shows that none of them caps an RPC; the slow
+    variant waits past core.zeromq's 10 s cap as well.
+    """
     server = aiida_zmq.connect(zmq_broker.endpoint, **FAST)
-    client = aiida_zmq.connect(zmq_broker.endpoint, **FAST)
+    client = aiida_zmq.connect(zmq_broker.endpoint, request_timeout=1.0, confirm_timeout=1.0, **FAST)
     timers: list[threading.Timer] = []
 
     def slow(_comm, msg):
         answer = kiwipy.Future()
-        timer = threading.Timer(11.0, answer.set_result, args=(f'late {msg}',))
+        timer = threading.Timer(delay, answer.set_result, args=(f'late {msg}',))
         timers.append(timer)
         timer.start()
         return answer
 
     try:
         server.add_rpc_subscriber(slow, 'slow')
+        started = time.monotonic()
         outer = client.rpc_send('slow', 'answer')
         value = outer.result(timeout=30)
         while isinstance(value, kiwipy.Future):
             value = value.result(timeout=30)
         assert value == 'late answer'
+        assert time.monotonic() - started >= delay
     finally:
         for timer in timers:
             timer.cancel()
