@@ -414,12 +414,12 @@ def _print_status(answer: dict[str, t.Any]) -> None:
     queues = answer['queues']
     click.echo(f'  queues     {len(queues)}' + ('' if queues else ' (none yet)'))
     for name, queue in sorted(queues.items()):
-        click.echo(f'    {name}: {queue["depth"]} waiting, {queue["consumers"]} consumer(s)')
+        click.echo(f'    {name}: {queue["depth"]} waiting, {_tasks(queue["consumers"], "consumer")}')
     clients = answer['clients']
     click.echo(f'  clients    {len(clients)}')
     for client in clients:
         prefetch = ', '.join(f'{q} prefetch {p or "unlimited"}' for q, p in client['prefetch'].items()) or 'no queue'
-        click.echo(f'    {client["name"]} (pid {client["pid"]}): {client["held"]} task(s) in flight; {prefetch}')
+        click.echo(f'    {client["name"]} (pid {client["pid"]}): {_tasks(client["held"])} in flight; {prefetch}')
     stats = answer.get('stats', {})
     if stats:
         click.echo('  counters   ' + ', '.join(f'{key} {value}' for key, value in sorted(stats.items())))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 import kiwipy
@@ -28,7 +30,7 @@ def test_status_of_a_running_broker(zmq_broker, zmq_communicator):
     zmq_communicator.task_queue('work').task_send('x', no_reply=True)
     text = run('status', '--data-dir', str(zmq_broker.data_dir))
     assert 'running' in text and f'pid {zmq_broker.pid}' in text
-    assert 'work: 1 waiting, 0 consumer(s)' in text
+    assert 'work: 1 waiting, 0 consumers' in text
     assert 'aiida-zmq-cli' not in text  # its own session is not shown as a user
     # The zmq_broker fixture's --heartbeat 0.2 --peer-timeout 2, and the defaults.
     assert 'heartbeat 0.2 s, peer timeout 2 s, 20 deliveries before dead-lettering, fsync off' in text
@@ -267,3 +269,18 @@ def test_migrate_usage_line():
     result = CliRunner().invoke(main, ['migrate', '--help'], prog_name='aiida-zmq')
     assert 'Usage: aiida-zmq migrate [OPTIONS] [SERVER]\n' in result.output, result.output
     assert 'SERVER is `rabbitmq` (the default) or `core.zeromq`.' in result.output
+
+
+def test_shell_completion_works_as_documented():
+    """docs/reference.md, "Shell completion": the console script completes commands and subcommands (click's)."""
+    script = str(Path(sys.executable).parent / 'aiida-zmq')
+
+    def complete(words: str, cword: int) -> str:
+        env = {**os.environ, '_AIIDA_ZMQ_COMPLETE': 'bash_complete', 'COMP_WORDS': words, 'COMP_CWORD': str(cword)}
+        return subprocess.run([script], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+
+    assert 'plain,dead-letter' in complete('aiida-zmq dead', 1)
+    assert {'plain,list', 'plain,requeue', 'plain,drop'} <= set(complete('aiida-zmq dead-letter ', 2).splitlines())
+    env = {**os.environ, '_AIIDA_ZMQ_COMPLETE': 'bash_source'}
+    source = subprocess.run([script], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert '_aiida_zmq_completion' in source
