@@ -5,7 +5,7 @@ plumpy and AiiDA see no difference. What differs is how the broker is found and 
 
 * the broker's data directory is ``<AiiDA config dir>/broker/zmq/<profile uuid>`` unless the profile overrides it;
 * a running broker announces itself in ``DIR/broker.json`` (``aiida-zmq serve``); that is the first place looked at;
-* if there is none but the profile's daemon is running, the broker watcher ``aiida-zmq-<profile>`` is attached to
+* if there is none but the profile's daemon is running, the broker watcher ``zmq-broker-<profile>`` is attached to
   the daemon's circus arbiter (see ``docs/circus.md``), and the caller waits, bounded, for the broker to come up.
   Every daemon worker goes through here when it creates its runner, which is what makes ``verdi daemon start`` bring
   up the broker without any change to aiida-core.
