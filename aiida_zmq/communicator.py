@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import itertools
 import json
 import logging
@@ -39,8 +38,6 @@ from typing import Any
 
 import kiwipy
 import shortuuid
-import zmq
-import zmq.utils.monitor
 from kiwipy.rmq.utils import (
     CANCELLED_KEY,
     EXCEPTION_KEY,
@@ -58,11 +55,11 @@ from .exceptions import (
     BrokerUnavailable,
     BrokerUnreachable,
     MessageTooLarge,
-    TaskNotAccepted,
 )
-from .protocol import Command, ErrorCode
+from .protocol import Command
 from .ratelimit import RateLimitedLog
 from .security import CurveKeys, check_ipc_endpoint
+from .session import Session, broker_error
 from .tasks import ZmqIncomingTask, ZmqTaskQueue, follow_future
 
 __all__ = ('DEFAULT_TASK_QUEUE', 'ZmqCommunicator', 'ZmqIncomingTask', 'ZmqTaskQueue', 'connect', 'encode_name')
@@ -144,8 +141,18 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._routing_id = b'c' + uuid.uuid4().hex.encode()
         self._correlations = itertools.count(1)
         self._closed = False
-        self._closed_on_io_thread = False
-        self._draining = False  # closing: messages that already arrived are still handled
+        self._session = Session(
+            endpoint,
+            self,
+            routing_id=self._routing_id,
+            name=self.name,
+            heartbeat=heartbeat,
+            broker_timeout=broker_timeout,
+            curve=curve,
+        )
+        self._io_thread = self._session.thread
+        self._call = self._session.call  # run a function on the I/O thread, in order with every other call
+        self._context = self._session.context
 
         # Subscribers: read by the I/O and callback threads, changed by callers.
         self._lock = threading.RLock()
@@ -164,41 +171,31 @@ class ZmqCommunicator(kiwipy.Communicator):
         # Weak references to the outcomes of tasks being processed: a task whose outcome is forgotten goes back.
         self._outcome_refs: set[weakref.ref] = set()
 
-        # I/O-thread state: touched only by the I/O thread.
-        self._context: zmq.Context = zmq.Context.instance()
-        self._socket: zmq.Socket | None = None
-        self._outbound: collections.deque[list[bytes]] = collections.deque()
-        self._waiting_welcome: list[list[bytes]] = []  # sent while there is no session; flushed after WELCOME
-        self._welcomed = False
-        self._epoch: str | None = None
-        self._welcomes = 0  # WELCOMEs so far; a task sender sends again what a broker may have lost when it changes
-        self._last_heard = 0.0
-        self._last_sent = 0.0
-        self._last_hello = 0.0
+        # I/O-thread state (the session's is in Session): touched only by the I/O thread.
         self._task_results: dict[bytes, concurrent.futures.Future] = {}
         self._rpc_results: dict[bytes, concurrent.futures.Future] = {}
         self._registrations: dict[bytes, tuple[str, concurrent.futures.Future]] = {}
         self._gets: dict[bytes, concurrent.futures.Future] = {}
         self._admin_calls: dict[bytes, concurrent.futures.Future] = {}
-        self._dones: dict[bytes, concurrent.futures.Future] = {}  # requests answered DONE (or RPC_UNROUTABLE)
         self._unheard: collections.deque[tuple[float, bytes]] = collections.deque()  # broadcasts with no subscriber
         self._unheard_bytes = 0
-        # Frames of requests (RPC calls, registrations, gets, admin) until their first answer, to resend them after a
-        # HELLO when the broker answers that it had no session for us (it declared us dead, or restarted).
-        self._requests: dict[bytes, list[bytes]] = {}
         self._held: dict[int, int] = {}  # task id -> attempt, for tasks this client is processing
         self._registered_rpc: set[str] = set()
         self._consuming: dict[str, int] = {}
         self._subscribed = False
+        #: What the broker sends and the session passes on (SessionOwner.handlers), handled on the I/O thread.
+        self.handlers: dict[Command, Callable[[Sequence[bytes]], None]] = {
+            Command.TASK_DELIVER: self._io_on_task_deliver,
+            Command.TASK_RESULT: self._io_on_task_result,
+            Command.TASK_GOT: self._io_on_task_got,
+            Command.RPC_REGISTERED: self._io_on_rpc_registered,
+            Command.RPC_REQUEST: self._io_on_rpc_request,
+            Command.RPC_RESULT: self._io_on_rpc_result,
+            Command.RPC_UNROUTABLE: self._io_on_rpc_unroutable,
+            Command.BROADCAST: self._io_on_broadcast,
+            Command.ADMIN_REPLY: self._io_on_admin_reply,
+        }
 
-        # Hand-over from callers to the I/O thread.
-        self._calls: collections.deque[Callable[[], None]] = collections.deque()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        self._wake_pending = False
-        self._stopping = False
-        self._io_thread = threading.Thread(target=self._io_loop, name='aiida-zmq-io', daemon=True)
-        self._session_ready = threading.Event()
         self._callback_thread: int | None = None  # ident of the callback thread, once it started
         self._callbacks = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix='aiida-zmq-callback', initializer=self._on_callback_thread
@@ -217,72 +214,18 @@ class ZmqCommunicator(kiwipy.Communicator):
         """
         check_ipc_endpoint(self.endpoint)  # before anything is sent: a fake broker there would read and "confirm" it
         _refuse_missing_socket(self.endpoint)  # known at once: no broker there
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.ROUTING_ID, self._routing_id)
-        socket.setsockopt(zmq.LINGER, 2000)  # close() waits this long for a goodbye and last answers to go out
-        socket.setsockopt(zmq.SNDHWM, 100_000)
-        socket.setsockopt(zmq.RCVHWM, 100_000)
-        socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if self._curve is not None:
-            self._curve.apply(socket)
-        deadline = time.monotonic() + self._connect_timeout
         try:
-            monitor = socket.get_monitor_socket(_CONNECT_EVENTS)
-            try:
-                socket.connect(self.endpoint)
-                self._await_handshake(monitor, deadline)
-            finally:
-                socket.disable_monitor()
-                monitor.close(0)
-        except zmq.ZMQError as exception:
-            socket.close(0)
-            raise ValueError(f'cannot connect to {self.endpoint!r}: {exception}') from exception
+            self._session.start(self._connect_timeout)
         except BaseException:
-            socket.close(0)
-            raise
-        self._socket = socket
-        self._io_thread.start()
-        if not self._session_ready.wait(max(deadline - time.monotonic(), 0.0)):
             self.close()
-            raise BrokerUnavailable(
-                f'no aiida-zmq broker answered at {self.endpoint} within {self._connect_timeout:.0f}s. Is it running? '
-                'For an AiiDA profile run `verdi daemon start`; standalone run `aiida-zmq serve --data-dir DIR`; '
-                '`aiida-zmq status` shows what is running.'
-            )
-
-    def _await_handshake(self, monitor: zmq.Socket, deadline: float) -> None:
-        """Wait until ZeroMQ's handshake with the broker succeeded; fail at once when the answer is already known.
-
-        A refused connection (nothing listens there) or a refused CURVE key is known within milliseconds: waiting
-        ``connect_timeout`` for a WELCOME that cannot come would only hide it.
-        """
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not monitor.poll(int(remaining * 1000) + 1):
-                return  # no verdict in time: the WELCOME wait reports it
-            event = zmq.utils.monitor.recv_monitor_message(monitor)['event']
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                return
-            if event == zmq.EVENT_CONNECT_RETRIED:
-                raise BrokerUnavailable(
-                    f'nothing listens at {self.endpoint} (connection refused): the broker is not running there. For '
-                    'an AiiDA profile run `verdi daemon start`; standalone run `aiida-zmq serve --data-dir DIR`; '
-                    '`aiida-zmq status` shows what is running.'
-                )
-            if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                raise BrokerUnavailable(
-                    f'the broker at {self.endpoint} refused the connection handshake (a CURVE key it does not know, or '
-                    'not an aiida-zmq broker): check the client keys (`aiida_zmq.security.client_keys`) and the '
-                    'endpoint.'
-                )
+            raise
 
     def is_closed(self) -> bool:
         return self._closed
 
     def in_touch(self) -> bool:
         """Whether the broker answers: welcomed, and heard from within two heartbeats (not part of kiwipy)."""
-        return self._welcomed and time.monotonic() - self._last_heard < 2 * self._heartbeat + 0.5
+        return self._session.in_touch()
 
     def close(self) -> None:
         if self._closed:
@@ -293,22 +236,7 @@ class ZmqCommunicator(kiwipy.Communicator):
             sender.close_if_idle()  # a sender busy in another thread closes its socket itself, seeing _closed
         with self._taken:
             self._taken.notify_all()  # a sender waiting for its own subscriber gives up
-        if threading.current_thread() is self._io_thread:
-            # Closed from an RPC or broadcast subscriber: goodbye after this message (and its answer), then the loop
-            # ends and closes the pipe itself.
-            self._closed_on_io_thread = True
-            self._call(self._io_say_goodbye)
-            return
-        if self._io_thread.is_alive():
-            self._call(self._io_say_goodbye)
-            self._io_thread.join(10)
-        self._close_wake_pipe()
-
-    def _close_wake_pipe(self) -> None:
-        if self._wake_read >= 0:
-            os.close(self._wake_read)
-            os.close(self._wake_write)
-            self._wake_read = self._wake_write = -1
+        self._session.close()
 
     def _not_on_io_thread(self, what: str) -> None:
         """Refuse to wait for the broker on the I/O thread, the thread that would have to bring the answer."""
@@ -550,11 +478,11 @@ class ZmqCommunicator(kiwipy.Communicator):
 
     def _forget_admin(self, correlation: bytes) -> None:
         self._admin_calls.pop(correlation, None)
-        self._requests.pop(correlation, None)
+        self._session.io_forget(correlation)
 
     def _io_admin(self, correlation: bytes, frames: list[bytes], future: concurrent.futures.Future) -> None:
         self._admin_calls[correlation] = future
-        self._io_request(correlation, frames)
+        self._session.io_request(correlation, frames)
 
     def _io_on_admin_reply(self, args: Sequence[bytes]) -> None:
         correlation, status, response = bytes(args[0]), bytes(args[1]), bytes(args[2])
@@ -576,7 +504,7 @@ class ZmqCommunicator(kiwipy.Communicator):
     def _request_done(self, correlation: bytes, frames: list[bytes]) -> concurrent.futures.Future:
         """Send a request the broker answers ``DONE``; the future is done then (or fails with the broker's error)."""
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._call(lambda: self._io_expect_done(correlation, frames, done))
+        self._call(lambda: self._session.io_expect_done(correlation, frames, done))
         return done
 
     def _wait_done(self, done: concurrent.futures.Future, timeout: float) -> bool:
@@ -605,14 +533,6 @@ class ZmqCommunicator(kiwipy.Communicator):
                 'send a reference (a node pk, a file path) instead of the data'
             )
         return data
-
-    def _call(self, function: Callable[[], None]) -> None:
-        """Run ``function`` on the I/O thread, in order with every other call."""
-        self._calls.append(function)
-        if not self._wake_pending:
-            self._wake_pending = True
-            with contextlib.suppress(OSError):
-                os.write(self._wake_write, b'x')
 
     def _send_task(self, queue: str, task: Any, no_reply: bool) -> kiwipy.Future | None:
         self._ensure_open()
@@ -688,118 +608,13 @@ class ZmqCommunicator(kiwipy.Communicator):
             self._senders.add(direct)
         return direct
 
-    # I/O thread ---------------------------------------------------------------------------------------------------
+    # I/O thread: what the session asks of its owner (SessionOwner) ------------------------------------------------
 
-    def _io_loop(self) -> None:
-        socket = self._socket
-        assert socket is not None
-        poller = zmq.Poller()
-        poller.register(socket, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
-        polling_out = False
-        self._io_hello()
-        try:
-            while not self._stopping:
-                want_out = bool(self._outbound)
-                if want_out != polling_out:
-                    poller.modify(socket, zmq.POLLIN | (zmq.POLLOUT if want_out else 0))
-                    polling_out = want_out
-                events = dict(poller.poll(int(self._heartbeat * 500)))
-                if self._wake_read in events:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_read, 4096)
-                self._wake_pending = False
-                calls = self._calls
-                while calls:
-                    call = calls.popleft()
-                    try:
-                        call()
-                    except Exception:
-                        # Nothing a caller passes may stop this thread: every caller would hang.
-                        LIMITED.log(logging.ERROR, 'a call on the I/O thread failed', key='io-call', exc_info=True)
-                if socket in events:
-                    for _ in range(1000):
-                        try:
-                            frames = socket.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._io_receive(frames)
-                if self._outbound:
-                    self._io_flush()
-                self._io_timers(time.monotonic())
-        except Exception:
-            LOGGER.exception('the aiida-zmq I/O thread failed; the communicator stops working')
-            raise
-        finally:
-            self._io_shutdown()
+    def reclaim(self) -> bytes:
+        return b','.join(b'%d:%d' % item for item in self._held.items())
 
-    def _io_timers(self, now: float) -> None:
-        if self._welcomed and now - self._last_heard > self._broker_timeout:
-            LOGGER.warning(
-                'broker at %s silent for %.1fs: reconnecting and re-registering', self.endpoint, now - self._last_heard
-            )
-            self._welcomed = False
-        if not self._welcomed and now - self._last_hello > max(self._heartbeat, 0.5):
-            self._io_hello()
-        elif self._welcomed and now - self._last_sent >= self._heartbeat:
-            self._io_write(protocol.encode(Command.HEARTBEAT))
-
-    def _io_write(self, frames: list[bytes]) -> None:
-        """Send now if the socket takes it, else queue in order; never blocks, never drops."""
-        self._last_sent = time.monotonic()
-        if self._outbound:
-            self._outbound.append(frames)
-            return
-        assert self._socket is not None
-        try:
-            self._socket.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            self._outbound.append(frames)
-
-    def _io_flush(self) -> None:
-        assert self._socket is not None
-        while self._outbound:
-            try:
-                self._socket.send_multipart(self._outbound[0], zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._outbound.popleft()
-
-    def _io_send(self, frames: list[bytes]) -> None:
-        """Send a message that needs a session: held back until the broker has welcomed us."""
-        if self._welcomed:
-            self._io_write(frames)
-        else:
-            self._waiting_welcome.append(frames)
-
-    def _io_hello(self) -> None:
-        self._last_hello = time.monotonic()
-        reclaim = b','.join(b'%d:%d' % item for item in self._held.items())
-        self._io_write(
-            protocol.encode(
-                Command.HELLO,
-                self.name.encode(),
-                protocol.number(int(self._heartbeat * 1000)),
-                reclaim,
-                protocol.number(os.getpid()),
-            )
-        )
-
-    def _io_on_welcome(self, args: Sequence[bytes]) -> None:
-        epoch = bytes(args[0]).decode()
-        max_message_bytes = protocol.to_int(args[2])
-        if max_message_bytes <= 0:  # would refuse every send from now on
-            raise protocol.ProtocolError(f'WELCOME with max_message_bytes {max_message_bytes}')
+    def on_welcome(self, resumed: bool, restarted: bool, max_message_bytes: int) -> None:
         self._max_message_bytes = max_message_bytes
-        restarted = self._epoch is not None and epoch != self._epoch
-        resumed = self._epoch is not None
-        self._epoch = epoch
-        self._welcomed = True
-        self._welcomes += 1
-        if resumed:
-            LOGGER.info(
-                '%s broker at %s: re-registering', 'restarted' if restarted else 'back in touch with', self.endpoint
-            )
         if restarted:
             # Whether a call in flight reached its recipient is unknown: fail it rather than leave it hanging.
             for correlation, future in list(self._rpc_results.items()):
@@ -808,77 +623,38 @@ class ZmqCommunicator(kiwipy.Communicator):
             self._rpc_results.clear()
         if resumed:
             # The session's state again, in the order it was built: subscription first, as in add_rpc_subscriber.
+            write = self._session.io_write
             if self._subscribed:
-                self._io_write(protocol.encode(Command.SUBSCRIBE, self._correlation()))
+                write(protocol.encode(Command.SUBSCRIBE, self._correlation()))
             for identifier in self._registered_rpc:
-                self._io_write(protocol.encode(Command.RPC_REGISTER, self._correlation(), identifier.encode()))
+                write(protocol.encode(Command.RPC_REGISTER, self._correlation(), identifier.encode()))
             for queue, prefetch in self._consuming.items():
-                self._io_write(
-                    protocol.encode(Command.CONSUME, self._correlation(), queue.encode(), protocol.number(prefetch))
-                )
-        waiting, self._waiting_welcome = self._waiting_welcome, []
-        for frames in waiting:
-            self._io_write(frames)
-        self._session_ready.set()
+                write(protocol.encode(Command.CONSUME, self._correlation(), queue.encode(), protocol.number(prefetch)))
 
-    def _io_say_goodbye(self) -> None:
-        self._io_drain()
-        if self._welcomed:
-            self._io_write(protocol.encode(Command.BYE))
-        self._stopping = True
+    def on_error(self, correlation: bytes, exception: Exception) -> None:
+        for table in (self._rpc_results, self._gets, self._admin_calls):
+            future = table.pop(correlation, None)
+            if future is not None and not future.done():
+                future.set_exception(exception)
+        registration = self._registrations.pop(correlation, None)
+        if registration is not None:
+            registration[1].set_exception(exception)
 
-    def _io_drain(self, limit: int = 10_000) -> None:
-        """Handle what already arrived before closing, as kiwipy's RMQ communicator still handles a message it was
-        delivered before ``close()``: an RPC request or a broadcast sent just before is not lost. Tasks are not started
-        (the callback thread is stopped): the goodbye gives them back."""
-        assert self._socket is not None
-        self._draining = True
-        try:
-            for _ in range(limit):
-                try:
-                    frames = self._socket.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
-                self._io_receive(frames)
-        finally:
-            self._draining = False
-
-    def _io_shutdown(self) -> None:
-        self._stopping = True
-        closed = kiwipy.CommunicatorClosed('the communicator was closed')
-        tables = (self._task_results, self._rpc_results, self._gets, self._admin_calls, self._dones)
-        for table in tables:
+    def on_shutdown(self, closed: Exception) -> None:
+        for table in (self._task_results, self._rpc_results, self._gets, self._admin_calls):
             for future in list(table.values()):  # a caller thread may add a task's result future meanwhile
                 if not future.done():
                     future.set_exception(closed)
         for _, future in self._registrations.values():
             if not future.done():
                 future.set_exception(closed)
-        if self._socket is not None:
-            self._io_flush()
-            self._socket.close()  # LINGER lets the goodbye and last acknowledgements go out
-            self._socket = None
-        if self._closed_on_io_thread:
-            self._close_wake_pipe()  # closed from a subscriber on this thread: nobody joins it to close the pipe
 
     # I/O thread: requests from callers ------------------------------------------------------------------------------
 
-    def _io_request(self, correlation: bytes, frames: list[bytes]) -> None:
-        """Send a request that expects an answer, keeping its frames until then (see :data:`_ANSWERS`)."""
-        self._requests[correlation] = frames
-        self._io_send(frames)
-
-    def _io_expect_done(self, correlation: bytes, frames: list[bytes], done: concurrent.futures.Future) -> None:
-        self._dones[correlation] = done
-        self._io_request(correlation, frames)
-
     def _io_forget(self, correlation: bytes) -> None:
         """A caller stopped waiting for this request (no answer in time): it is not to go out any more."""
-        self._dones.pop(correlation, None)
         self._rpc_results.pop(correlation, None)
-        frames = self._requests.pop(correlation, None)
-        if frames is not None:
-            self._waiting_welcome = [waiting for waiting in self._waiting_welcome if waiting is not frames]
+        self._session.io_forget(correlation)
 
     def _io_rpc_call(
         self,
@@ -888,16 +664,16 @@ class ZmqCommunicator(kiwipy.Communicator):
         routed: concurrent.futures.Future,
     ) -> None:
         self._rpc_results[correlation] = future
-        self._io_expect_done(correlation, frames, routed)
+        self._session.io_expect_done(correlation, frames, routed)
 
     def _io_register(self, identifier: str, frame: bytes, future: concurrent.futures.Future) -> None:
         correlation = self._correlation()
         self._registrations[correlation] = (identifier, future)
-        self._io_request(correlation, protocol.encode(Command.RPC_REGISTER, correlation, frame))
+        self._session.io_request(correlation, protocol.encode(Command.RPC_REGISTER, correlation, frame))
 
     def _io_subscribe(self, correlation: bytes, frames: list[bytes], done: concurrent.futures.Future) -> None:
         self._subscribed = True
-        self._io_expect_done(correlation, frames, done)
+        self._session.io_expect_done(correlation, frames, done)
 
     def _io_consume(self, queue: str, prefetch: int | None, done: concurrent.futures.Future) -> None:
         correlation = self._correlation()
@@ -907,52 +683,18 @@ class ZmqCommunicator(kiwipy.Communicator):
         else:
             self._consuming[queue] = prefetch
             frames = protocol.encode(Command.CONSUME, correlation, queue.encode(), protocol.number(prefetch))
-        self._io_expect_done(correlation, frames, done)
+        self._session.io_expect_done(correlation, frames, done)
 
     def _io_get(self, correlation: bytes, queue: str, future: concurrent.futures.Future) -> None:
         self._gets[correlation] = future
-        self._io_request(correlation, protocol.encode(Command.TASK_GET, correlation, queue.encode()))
+        self._session.io_request(correlation, protocol.encode(Command.TASK_GET, correlation, queue.encode()))
 
     def _io_task_answer(self, task_id: int, attempt: int, frames: list[bytes], final: bool) -> None:
         if final:
             self._held.pop(task_id, None)
-        self._io_send(frames)
+        self._session.io_send(frames)
 
     # I/O thread: messages from the broker --------------------------------------------------------------------------
-
-    def _io_receive(self, frames: list[bytes]) -> None:
-        try:
-            message = protocol.decode(frames)
-        except protocol.VersionMismatch as exception:
-            LOGGER.error('%s', exception)
-            return
-        except protocol.ProtocolError as exception:
-            LOGGER.warning('dropped a malformed message from the broker: %s', exception)
-            return
-        self._last_heard = time.monotonic()
-        command, args = message.command, message.args
-        try:
-            handler = _IO_HANDLERS[command]
-        except KeyError:
-            LOGGER.warning('dropped %s: the broker does not send it', command.name)
-            return
-        if command in _ANSWERS and args:
-            frames_sent = self._requests.pop(bytes(args[0]), None)
-            if frames_sent is not None and command is Command.ERROR and bytes(args[1]) == ErrorCode.UNKNOWN_CLIENT:
-                # The broker dropped this request because it had no session for us: send it again after WELCOME.
-                self._waiting_welcome.append(frames_sent)
-        try:
-            handler(self, args)
-        except (protocol.ProtocolError, UnicodeDecodeError) as exception:
-            # A malformed message must not kill the I/O thread (every caller would hang): log it and drop it.
-            LIMITED.warning(
-                'dropped a malformed %s from the broker: %s', command.name, exception, key=('malformed', command)
-            )
-        except Exception:
-            LIMITED.log(logging.ERROR, 'handling %s failed', command.name, key=('handler', command), exc_info=True)
-
-    def _io_on_heartbeat(self, args: Sequence[bytes]) -> None:
-        pass
 
     def _io_on_task_result(self, args: Sequence[bytes]) -> None:
         correlation = bytes(args[0])
@@ -1016,17 +758,10 @@ class ZmqCommunicator(kiwipy.Communicator):
         if not future.done():
             future.set_result(status)
 
-    def _io_on_done(self, args: Sequence[bytes]) -> None:
-        done = self._dones.pop(bytes(args[0]), None)
-        if done is not None and not done.done():
-            done.set_result(None)
-
     def _io_on_rpc_unroutable(self, args: Sequence[bytes]) -> None:
         correlation = bytes(args[0])
         error = kiwipy.UnroutableError(bytes(args[1]).decode(errors='replace'))
-        routed = self._dones.pop(correlation, None)
-        if routed is not None and not routed.done():
-            routed.set_exception(error)  # before routing: the caller's rpc_send raises it
+        self._session.io_fail_done(correlation, error)  # before routing: the caller's rpc_send raises it
         future = self._rpc_results.pop(correlation, None)
         if future is not None and not future.done():
             future.set_exception(error)  # after routing (the recipient went away), or a caller that did not wait
@@ -1060,12 +795,12 @@ class ZmqCommunicator(kiwipy.Communicator):
         # broadcast subscriber answers at once or returns a future (plumpy schedules the work on its own loop), and two
         # thread hand-overs less halve what the communicator adds to a round trip. Task subscribers, which may load a
         # process from the database, stay on the callback thread, so that heartbeats never wait for them.
-        if not self._closed or self._draining:
+        if not self._closed or self._session.draining:
             self._run_rpc(bytes(args[0]), bytes(args[1]).decode(), args[2])
 
     def _io_on_broadcast(self, args: Sequence[bytes]) -> None:
         # On this thread, like RPC subscribers (see above).
-        if self._closed and not self._draining:
+        if self._closed and not self._session.draining:
             return
         self._unheard.append((time.monotonic(), args[0]))
         self._unheard_bytes += len(args[0])
@@ -1094,28 +829,6 @@ class ZmqCommunicator(kiwipy.Communicator):
             self._callbacks.submit(function, *args)
         except RuntimeError:
             return  # closed meanwhile (the executor is shut down): as above
-
-    def _io_on_error(self, args: Sequence[bytes]) -> None:
-        correlation, code, text_bytes = bytes(args[0]), bytes(args[1]), bytes(args[2])
-        text = text_bytes.decode(errors='replace')
-        if code == ErrorCode.UNKNOWN_CLIENT:
-            if self._welcomed:
-                LOGGER.warning('broker at %s has no session for us (it restarted?): saying HELLO again', self.endpoint)
-                self._welcomed = False
-                self._io_hello()
-            return
-        if code == ErrorCode.VERSION:
-            LOGGER.error('broker at %s refused this client: %s', self.endpoint, text)
-            return
-        exception = broker_error(code, text)
-        LOGGER.warning('broker error %s: %s', code.decode(errors='replace'), text)
-        for table in (self._dones, self._rpc_results, self._gets, self._admin_calls):
-            future = table.pop(correlation, None)
-            if future is not None and not future.done():
-                future.set_exception(exception)
-        registration = self._registrations.pop(correlation, None)
-        if registration is not None:
-            registration[1].set_exception(exception)
 
     # Callback thread ----------------------------------------------------------------------------------------------
 
@@ -1163,10 +876,10 @@ class ZmqCommunicator(kiwipy.Communicator):
             except Exception as exception:
                 data = self._encode(exception_response(exception))
             frames = protocol.encode(Command.RPC_REPLY, call_id, protocol.flag(final), data)
-            if threading.current_thread() is self._io_thread:
-                self._io_send(frames)
+            if self._session.on_io_thread():
+                self._session.io_send(frames)
             else:  # a future the subscriber returned, resolved on another thread
-                self._call(lambda: self._io_send(frames))
+                self._call(lambda: self._session.io_send(frames))
 
         with self._lock:
             subscriber = self._rpc_subscribers.get(identifier)
@@ -1193,45 +906,6 @@ class ZmqCommunicator(kiwipy.Communicator):
                 subscriber(self, body, sender, subject, correlation_id)
             except Exception:
                 LOGGER.exception('exception in broadcast subscriber')
-
-
-_IO_HANDLERS: dict[Command, Callable[[ZmqCommunicator, Sequence[bytes]], None]] = {
-    Command.WELCOME: ZmqCommunicator._io_on_welcome,
-    Command.DONE: ZmqCommunicator._io_on_done,
-    Command.HEARTBEAT: ZmqCommunicator._io_on_heartbeat,
-    Command.TASK_DELIVER: ZmqCommunicator._io_on_task_deliver,
-    Command.TASK_RESULT: ZmqCommunicator._io_on_task_result,
-    Command.TASK_GOT: ZmqCommunicator._io_on_task_got,
-    Command.RPC_REGISTERED: ZmqCommunicator._io_on_rpc_registered,
-    Command.RPC_REQUEST: ZmqCommunicator._io_on_rpc_request,
-    Command.RPC_RESULT: ZmqCommunicator._io_on_rpc_result,
-    Command.RPC_UNROUTABLE: ZmqCommunicator._io_on_rpc_unroutable,
-    Command.BROADCAST: ZmqCommunicator._io_on_broadcast,
-    Command.ADMIN_REPLY: ZmqCommunicator._io_on_admin_reply,
-    Command.ERROR: ZmqCommunicator._io_on_error,
-}
-
-
-# Answers to requests kept in ``_requests``: their first frame is the request's correlation.
-_ANSWERS = frozenset(
-    {
-        Command.DONE,
-        Command.RPC_RESULT,
-        Command.RPC_UNROUTABLE,
-        Command.RPC_REGISTERED,
-        Command.TASK_GOT,
-        Command.ADMIN_REPLY,
-        Command.ERROR,
-    }
-)
-
-
-_CONNECT_EVENTS = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_CONNECT_RETRIED
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-)
 
 
 def _refuse_missing_socket(endpoint: str) -> None:
@@ -1280,12 +954,3 @@ def _answer_error(answer: protocol.Message) -> Exception:
     if answer.command is Command.ERROR:
         return broker_error(bytes(args[1]), bytes(args[2]).decode(errors='replace'))
     return kiwipy.DeliveryFailed(f'unexpected answer {answer.command.name} from the broker')
-
-
-def broker_error(code: bytes, text: str) -> Exception:
-    """The exception a caller gets for the broker's ``ERROR`` answer to its request."""
-    if code == ErrorCode.TOO_LARGE:
-        return MessageTooLarge(text)
-    if code == ErrorCode.STORE:
-        return TaskNotAccepted(f'the broker could not store the task: {text}')
-    return kiwipy.DeliveryFailed(f'{code.decode(errors="replace")}: {text}')

@@ -43,9 +43,9 @@ class DirectSocket:
     named in the request, where the I/O thread resolves the caller's future.
 
     At least once, as through the session: a broker that dies holding an unanswered request may have lost it, so when
-    the I/O thread has been welcomed again (:attr:`ZmqCommunicator._welcomes` changed) the request is sent again; an
-    ``RPC_SUBMIT`` the broker refused because it did not know the session yet is sent again then too. An answer to an
-    earlier copy is ignored; the copy itself may take effect too.
+    the session has been welcomed again (:attr:`aiida_zmq.session.Session.welcomes` changed) the request is sent
+    again; an ``RPC_SUBMIT`` the broker refused because it did not know the session yet is sent again then too. An
+    answer to an earlier copy is ignored; the copy itself may take effect too.
     """
 
     #: How often a waiting caller looks whether the communicator was closed or met a restarted broker (seconds).
@@ -94,7 +94,7 @@ class DirectSocket:
         communicator = self._communicator
         deadline = time.monotonic() + timeout
         with self._busy:
-            welcomes = communicator._welcomes
+            welcomes = communicator._session.welcomes
             self._send(frames, deadline)
             while True:
                 remaining = deadline - time.monotonic()
@@ -105,9 +105,9 @@ class DirectSocket:
                     answer = self._answer(correlation, socket.recv_multipart())
                     if answer is not None:
                         return answer
-                elif communicator._welcomes != welcomes:
+                elif communicator._session.welcomes != welcomes:
                     # Welcomed again: the broker restarted (or we were cut off), and may have lost the request.
-                    welcomes = communicator._welcomes
+                    welcomes = communicator._session.welcomes
                     self._send(frames, deadline)
 
     def _ready_socket(self) -> zmq.Socket:
