@@ -6,8 +6,9 @@ Three kinds of thread meet here:
   a broadcast and an RPC to another client. For those, each caller thread sends on a socket of its own
   (:class:`DirectSocket`) and waits there for the broker's answer; the two thread hand-overs that saves were a third
   of a send's time;
-- the I/O thread owns the DEALER socket: it sends, receives, heartbeats, notices a lost or restarted broker and
-  says HELLO again, re-registering this communicator's subscriptions by itself. It also runs RPC and broadcast
+- the I/O thread (:class:`aiida_zmq.session.Session`) owns the DEALER socket: it sends, receives, heartbeats,
+  notices a lost or restarted broker and says HELLO again; this communicator then re-registers its subscriptions
+  (:meth:`ZmqCommunicator.on_welcome`). It also runs RPC and broadcast
   subscribers, as kiwipy's RMQ communicator runs them on its event-loop thread: they answer at once or return a
   future, and running them here saves two thread hand-overs per call. They must not wait for the broker themselves
   (a blocking call from them raises a clear error instead of a deadlock);
