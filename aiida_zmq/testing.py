@@ -12,6 +12,10 @@ Fixtures:
 - ``aiida_profile_zmq``: a temporary AiiDA profile whose broker is aiida-zmq, built on aiida-core's own fixtures
   (``pytest_plugins = ['aiida.tools.pytest_fixtures']``); see its docstring and ``docs/aiida.md``.
 
+Option ``--aiida-broker=zmq`` (ini setting ``aiida_broker = zmq``): aiida-core's own session profile (``aiida_profile``
+and the fixtures built on it) on this broker, whatever broker a conftest asks for; see :mod:`.pytest_aiida_broker` and
+``docs/testing-plugins.md``.
+
 Nothing here imports AiiDA until an AiiDA fixture is used: installing aiida-zmq must not change other projects' tests.
 """
 
@@ -30,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from . import pytest_aiida_broker
 from .discovery import read_broker_info
 
 __all__ = ('ArbiterProcess', 'BrokerProcess', 'wait_until')
@@ -419,16 +424,78 @@ def zmq_arbiter_communicator(zmq_arbiter: ArbiterProcess) -> Iterator[Any]:
     communicator.close()
 
 
-# --- AiiDA profile fixture ------------------------------------------------------------------------------------------
+# --- AiiDA profiles on this broker: the ``--aiida-broker`` option and ``aiida_profile_zmq`` --------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    pytest_aiida_broker.add_option(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    pytest_aiida_broker.configure(config)
+
+
+def _stop_daemon(profile: Any, timeout: float = 60.0) -> list[int]:
+    """Stop ``profile``'s daemon if it runs and wait until its processes (workers, broker, plugins) are gone.
+
+    Returns the pids that had to be killed (nothing, normally): nothing of the session is left running.
+    """
+    import psutil
+    from aiida.engine.daemon.client import DaemonException, get_daemon_client
+
+    client = get_daemon_client(profile.name)
+    pid = client.get_daemon_pid()
+    if pid is None:
+        return []
+    processes: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):
+        circusd = psutil.Process(pid)
+        processes = [circusd, *circusd.children(recursive=True)]
+    with contextlib.suppress(DaemonException):
+        client.stop_daemon(wait=True, timeout=int(timeout))
+    _gone, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return [process.pid for process in alive]
+
+
+@contextlib.contextmanager
+def profile_on_zmq(aiida_profile_factory: Any, aiida_config: Any, **options: Any) -> Iterator[Any]:
+    """Create and load a profile with aiida-core's ``aiida_profile_factory``, its broker aiida-zmq.
+
+    ``options`` go to the factory (``storage_backend``, ``storage_config``, ``name``, ...); ``broker_backend`` and
+    ``broker_config`` become ``zmq`` with ``ZmqBroker``'s default configuration (unless already ``zmq``). The broker's
+    data directory is inside the temporary configuration. The broker starts with the daemon (a process submitted while
+    the daemon is stopped waits in its store) and is stopped with it, at the end at the latest.
+    """
+    from .aiida.broker import ENTRY_POINT_NAME, ZmqBroker
+
+    if options.get('broker_backend') != ENTRY_POINT_NAME or options.get('broker_config') is None:
+        options['broker_backend'] = ENTRY_POINT_NAME
+        options['broker_config'] = ZmqBroker.get_default_config()
+    with aiida_profile_factory(aiida_config, **options) as profile:
+        try:
+            yield profile
+        finally:
+            killed = _stop_daemon(profile)
+            if killed:
+                import warnings
+
+                message = f'processes of the daemon of {profile.name} outlived `verdi daemon stop`: killed {killed}'
+                warnings.warn(message, stacklevel=2)
 
 
 @pytest.fixture(scope='session')
 def aiida_profile_zmq(aiida_config: Any, aiida_profile_factory: Any) -> Iterator[Any]:
     """A temporary AiiDA profile (``core.sqlite_dos`` storage) whose broker is aiida-zmq, loaded for the session.
 
-    It builds on aiida-core's fixtures, which a ``conftest.py`` enables with
-    ``pytest_plugins = ['aiida.tools.pytest_fixtures']``. Make it the session's profile, and aiida-core's daemon
-    fixtures (``started_daemon_client``, ``submit_and_await``) run their daemon with this broker::
+    With ``--aiida-broker=zmq`` (or ``aiida_broker = zmq`` in the pytest configuration) aiida-core's own
+    ``aiida_profile`` is such a profile, with no change to any conftest; see ``docs/testing-plugins.md``. Without it,
+    make this fixture the session's profile, and aiida-core's daemon fixtures (``started_daemon_client``,
+    ``submit_and_await``) run their daemon with this broker::
+
+        pytest_plugins = ['aiida.tools.pytest_fixtures']
 
         @pytest.fixture(scope='session', autouse=True)
         def aiida_profile(aiida_profile_zmq):
@@ -437,15 +504,5 @@ def aiida_profile_zmq(aiida_config: Any, aiida_profile_factory: Any) -> Iterator
     The broker's data directory is inside the temporary configuration. The broker starts with the daemon (a process
     submitted while the daemon is stopped waits in its store) and is stopped with it, at the end at the latest.
     """
-    from aiida.engine.daemon.client import DaemonNotRunningException, get_daemon_client
-
-    from .aiida.broker import ZmqBroker
-
-    with aiida_profile_factory(
-        aiida_config, broker_backend='zmq', broker_config=ZmqBroker.get_default_config()
-    ) as profile:
-        try:
-            yield profile
-        finally:
-            with contextlib.suppress(DaemonNotRunningException):
-                get_daemon_client(profile.name).stop_daemon(wait=True)
+    with profile_on_zmq(aiida_profile_factory, aiida_config) as profile:
+        yield profile

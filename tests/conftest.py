@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+# The example plugin's own tests run in a pytest session of their own (tests/test_plugin_example.py), not in this one.
+collect_ignore = ['plugin_example']
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption('--run-slow', action='store_true', help='also run the long variants (soak, 1M tasks)')

@@ -1,0 +1,101 @@
+"""``pytest --aiida-broker=zmq`` on a plugin's own tests (tests/plugin_example/), as its author would run them.
+
+The example's conftest asks aiida-core's ``aiida_profile_factory`` for a RabbitMQ profile at a port nothing listens on:
+with the option its tests, daemon included, pass on aiida-zmq; without it the profile is the RabbitMQ one it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from aiida_zmq.testing import wait_until
+
+pytestmark = pytest.mark.aiida
+
+EXAMPLE = Path(__file__).parent / 'plugin_example'
+
+
+def run_pytest(*args: str, cwd: Path = EXAMPLE, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(('AIIDA_', 'PYTEST_'))}
+    # aiida-core's daemon client runs `verdi` from the PATH, as in an activated virtual environment.
+    env['PATH'] = f'{Path(sys.executable).parent}{os.pathsep}{env.get("PATH", "")}'
+    return subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-s', '-p', 'no:cacheprovider', *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def printed(result: subprocess.CompletedProcess[str], tag: str) -> dict:
+    # With -q -s, what a test prints follows the progress dots of the tests before it on the same line.
+    found = [line.split(f'{tag} ', 1)[1] for line in result.stdout.splitlines() if f'{tag} {{' in line]
+    assert found, f'no {tag} line in the output:\n{result.stdout[-4000:]}\n{result.stderr[-2000:]}'
+    return json.loads(found[-1])
+
+
+def test_a_plugins_tests_pass_on_aiida_zmq_with_the_option() -> None:
+    result = run_pytest('--aiida-broker=zmq')
+    output = result.stdout[-6000:] + result.stderr[-2000:]
+    assert result.returncode == 0, output
+    assert '4 passed' in result.stdout, output
+    assert printed(result, 'PROFILE')['broker'] == 'zmq'
+    daemon = printed(result, 'DAEMON')
+    assert len(daemon['pids']) >= 3, daemon  # circusd, a worker, the broker (and its plugins)
+
+    def all_gone() -> bool:
+        alive = [pid for pid in daemon['pids'] if psutil.pid_exists(pid)]
+        return not [pid for pid in alive if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+    # The session stopped its daemon, and with it the broker: nothing of it is left running.
+    wait_until(all_gone, 30, interval=0.1, what='the daemon and broker of the finished session to be gone')
+
+
+def test_the_ini_setting_does_the_same() -> None:
+    result = run_pytest('-o', 'aiida_broker=zmq', '-k', 'session_profile')
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert printed(result, 'PROFILE')['broker'] == 'zmq'
+
+
+def test_without_the_option_the_profile_is_what_the_conftest_asks_for() -> None:
+    result = run_pytest('-k', 'session_profile')
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert printed(result, 'PROFILE')['broker'] == 'core.rabbitmq'
+
+
+def test_a_bad_ini_value_is_a_usage_error_that_lists_the_choices() -> None:
+    result = run_pytest('-o', 'aiida_broker=rabbit', '-k', 'session_profile')
+    assert result.returncode == 4, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "aiida_broker = 'rabbit'" in result.stderr and 'zmq, default' in result.stderr
+
+
+def test_the_option_imports_no_aiida_where_no_aiida_fixture_is_used(tmp_path: Path) -> None:
+    (tmp_path / 'test_plain.py').write_text(
+        'import sys\n\n\ndef test_plain():\n'
+        '    assert not [name for name in sys.modules if name.split(".")[0] == "aiida"]\n'
+    )
+    result = run_pytest('--aiida-broker=zmq', str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert '1 passed' in result.stdout
+
+
+def test_a_session_profile_not_made_by_the_factory_fails_with_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / 'conftest.py').write_text(
+        "import pytest\n\npytest_plugins = ['aiida.tools.pytest_fixtures']\n\n\n"
+        "@pytest.fixture(scope='session')\ndef aiida_profile(aiida_config, aiida_profile_factory):\n"
+        '    with aiida_profile_factory.__wrapped__(aiida_config) as profile:\n        yield profile\n'
+    )
+    (tmp_path / 'test_profile.py').write_text('def test_profile(aiida_profile):\n    pass\n')
+    result = run_pytest('--aiida-broker=zmq', str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
+    assert 'has the broker None, not zmq' in result.stdout
