@@ -11,12 +11,16 @@ RabbitMQ URL and random exchange and queue names, by :func:`aiida_zmq.connect` t
   test starts, so the random names kept nothing apart that needs keeping apart here. ``testing_mode`` (auto-deleting
   exchanges), ``task_prefetch_size`` and ``async_task_timeout`` have no counterpart.
 
+Python processes that the tests start get the same swap (``subprocesses/sitecustomize.py``, on their ``PYTHONPATH``):
+test_jupyter_notebook runs ``kiwipy.connect('amqp://127.0.0.1')`` in a Jupyter kernel.
+
 Nothing else is changed: a test that asks the communicator for what only RabbitMQ has fails, and is on the runner's
 list of expected failures with that reason.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,23 +28,23 @@ from typing import Any
 
 import pytest
 
+ENDPOINT_VARIABLE = 'AIIDA_ZMQ_UPSTREAM_ENDPOINT'
+# Holds a sitecustomize.py that makes the same swap in the Python processes the tests start (test_jupyter_notebook's
+# Jupyter kernel runs kiwipy.connect('amqp://127.0.0.1') in a process of its own).
+SUBPROCESSES = Path(__file__).resolve().parent / 'subprocesses'
+
 _broker: Any = None
 _base: Path | None = None
+_saved_environment: dict[str, str | None] = {}
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    global _broker, _base
+def install(endpoint: str) -> None:
+    """Make kiwipy's RabbitMQ thread communicator (``RmqThreadCommunicator.connect``, ``kiwipy.rmq.connect`` and so
+    ``kiwipy.connect('amqp://...')``) an aiida-zmq communicator connected to ``endpoint``."""
     import kiwipy.rmq
     from kiwipy.rmq import defaults
 
     import aiida_zmq
-    from aiida_zmq.testing import BrokerProcess
-
-    if _broker is not None:
-        return
-    _base = Path(tempfile.mkdtemp(prefix='azup-'))  # short: the broker's ipc:// socket lives in it
-    _broker = BrokerProcess(_base / 'broker').start()
-    endpoint = _broker.endpoint
 
     def connect(
         connection_params: Any = None,
@@ -71,6 +75,23 @@ def pytest_configure(config: pytest.Config) -> None:
     kiwipy.rmq.threadcomms.connect = connect
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    global _broker, _base
+    from aiida_zmq.testing import BrokerProcess
+
+    if _broker is not None:
+        return
+    _base = Path(tempfile.mkdtemp(prefix='azup-'))  # short: the broker's ipc:// socket lives in it
+    _broker = BrokerProcess(_base / 'broker').start()
+    install(_broker.endpoint)
+    for name, value in (
+        (ENDPOINT_VARIABLE, _broker.endpoint),
+        ('PYTHONPATH', os.pathsep.join(filter(None, [str(SUBPROCESSES), os.environ.get('PYTHONPATH')]))),
+    ):
+        _saved_environment[name] = os.environ.get(name)
+        os.environ[name] = value
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     endpoint = _broker.endpoint if _broker is not None else '?'
     return f'kiwipy.rmq.RmqThreadCommunicator.connect -> aiida_zmq.connect({endpoint!r})'
@@ -78,6 +99,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     global _broker, _base
+    for name, value in _saved_environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _saved_environment.clear()
     if _broker is not None:
         code = _broker.stop()
         if code not in (0, -15):
