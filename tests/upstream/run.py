@@ -4,6 +4,7 @@ Usage, from the repository root::
 
     python -m tests.upstream.run --trees ../shared/upstream            # all three suites on aiida-zmq
     python -m tests.upstream.run --suite kiwipy -- -k task_queue       # one suite, pytest arguments after --
+    python -m tests.upstream.run --suite aiida-core --tests tests/engine/test_rmq.py --runs 3   # some tests, 3 times
     python -m tests.upstream.run --broker rabbitmq                     # the same selection on RabbitMQ (127.0.0.1)
     python -m tests.upstream.run --compare                             # what passed on RabbitMQ but not on aiida-zmq
 
@@ -200,8 +201,20 @@ def kill_leftovers(marker: str) -> list[str]:
     return killed
 
 
-def run_session(suite: Suite, python: Path, tree: Path, work: Path, broker: str, extra: list[str], index: int) -> Path:
-    """Run one pytest session of ``suite`` on a fresh copy of its tree; return its record (JSON lines)."""
+def run_session(
+    suite: Suite,
+    python: Path,
+    tree: Path,
+    work: Path,
+    broker: str,
+    extra: list[str],
+    index: int,
+    tests: list[str] | None = None,
+) -> Path:
+    """Run one pytest session of ``suite`` on a fresh copy of its tree; return its record (JSON lines).
+
+    ``tests``: node ids or paths in the suite's tree to run instead of the suite's own (still within the selection).
+    """
     copy = work / suite.name
     if copy.exists():
         shutil.rmtree(copy)
@@ -231,13 +244,14 @@ def run_session(suite: Suite, python: Path, tree: Path, work: Path, broker: str,
             for test in entry['tests']
         ]
     }
-    args = [*suite.args]
+    args = list(tests) if tests else [*suite.args]
     if broker == 'zmq':
         plugins += list(suite.plugins)
         args += list(suite.zmq_args)
     if suite.name == 'aiida-core':
         selection.update(AIIDA_CORE_SELECTION)
-        args += aiida_core_candidates(tree)
+        if not tests:
+            args += aiida_core_candidates(tree)
     env['AIIDA_ZMQ_UPSTREAM_SELECTION'] = json.dumps(selection)
     command = [
         str(python),
@@ -266,6 +280,11 @@ def run_session(suite: Suite, python: Path, tree: Path, work: Path, broker: str,
             timed_out = True
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        except BaseException:  # the runner interrupted (Ctrl-C, SIGTERM): the session and what it started go too
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            kill_leftovers(marker)
+            raise
     elapsed = time.monotonic() - started
     leftovers = kill_leftovers(marker)
     with open(record, 'a') as handle:
@@ -474,10 +493,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         '--runs', type=int, help='sessions per suite (default: 3 for plumpy, whose failures were intermittent, else 1)'
     )
+    parser.add_argument(
+        '--tests',
+        nargs='+',
+        metavar='ID',
+        help="node ids or paths in the suite's tree to run instead of the suite's own (with one --suite)",
+    )
     parser.add_argument('--compare', action='store_true', help='compare the last runs on both brokers and exit')
     parser.add_argument('pytest_args', nargs='*', help='after --: passed to every pytest session (e.g. -k NAME, -x)')
     options = parser.parse_args(argv)
 
+    if options.tests and len(options.suite or ()) != 1:
+        parser.error('--tests needs exactly one --suite')
+    # SIGTERM (CI's timeout, kill) ends the runner as Ctrl-C does: the running session is killed with what it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if options.compare:
         EXPECTED_ENTRIES.update(load_expected())
         return compare(options.work)
@@ -510,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(1, suite.runs + 1):
             log(f'== {name}{f" run {index} of {suite.runs}" if suite.runs > 1 else ""} on {options.broker}')
             work.mkdir(parents=True, exist_ok=True)
-            path = run_session(suite, python, trees / name, work, options.broker, options.pytest_args, index)
+            path = run_session(
+                suite, python, trees / name, work, options.broker, options.pytest_args, index, options.tests
+            )
             result = read_record(name, index, path)
             log(f'   {len(result.outcomes)} tests in {result.runner.get("seconds", 0):.0f} s (log: {result.log})')
             results.append(result)
