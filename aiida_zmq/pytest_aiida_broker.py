@@ -13,8 +13,8 @@ this module is what it registers when the option is given, and is never a plugin
 Why registered late: of the fixtures of one name that plugins define, the last plugin registered wins (conftests win
 over all plugins). :func:`configure` runs in ``pytest_configure``, after the initial conftests and their
 ``pytest_plugins`` (where ``aiida.tools.pytest_fixtures`` is loaded) are registered, so this ``aiida_profile_factory``
-comes after aiida-core's and asks for it. Once ``aiida_profile`` is set up its broker is checked: a session profile
-made some other way fails with what to do, rather than a session that quietly needs RabbitMQ after all.
+comes after aiida-core's and asks for it. Every test that uses ``aiida_profile`` checks its broker: with a session
+profile made some other way the tests fail with what to do, rather than run on a broker that needs RabbitMQ after all.
 """
 
 from __future__ import annotations
@@ -64,17 +64,31 @@ def configure(config: pytest.Config) -> None:
         config.pluginmanager.register(sys.modules[__name__], PLUGIN_NAME)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: Any) -> Generator[None, Any, Any]:
+# Old-style wrappers and plain hooks only: they work with every pluggy that pytest 7 and later install.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: Any) -> Generator[None, Any, None]:
     global _session_profile_setups
 
     if fixturedef.argname != 'aiida_profile':
-        return (yield)
+        yield
+        return
     _session_profile_setups += 1
     try:
-        profile = yield
+        yield
     finally:
         _session_profile_setups -= 1
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """After a test's fixtures are set up: its session profile must be on aiida-zmq, else it fails saying why.
+
+    Checked for every test that uses the profile (not once when it is made: pytest caches the fixture's value, and a
+    failure raised after that would reach the first test only).
+    """
+    profile = getattr(item, 'funcargs', {}).get('aiida_profile')
+    if profile is None:
+        return
     backend = getattr(profile, 'process_control_backend', None)
     if backend != 'zmq':
         pytest.fail(
@@ -84,7 +98,6 @@ def pytest_fixture_setup(fixturedef: Any) -> Generator[None, Any, Any]:
             'fixture use `aiida_profile_factory(aiida_config, ...)`, or run without the option.',
             pytrace=False,
         )
-    return profile
 
 
 @pytest.fixture(scope='session')

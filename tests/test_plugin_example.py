@@ -95,7 +95,9 @@ def test_a_session_profile_not_made_by_the_factory_fails_with_what_to_do(tmp_pat
         "@pytest.fixture(scope='session')\ndef aiida_profile(aiida_config, aiida_profile_factory):\n"
         '    with aiida_profile_factory.__wrapped__(aiida_config) as profile:\n        yield profile\n'
     )
-    (tmp_path / 'test_profile.py').write_text('def test_profile(aiida_profile):\n    pass\n')
-    result = run_pytest('--aiida-broker=zmq', str(tmp_path), cwd=tmp_path)
+    # Every test that uses the profile fails, not the first only (pytest caches the fixture's value).
+    (tmp_path / 'test_profile.py').write_text('def test_one(aiida_profile):\n    pass\n\n\ndef test_two():\n    pass\n')
+    result = run_pytest('--aiida-broker=zmq', '-rE', str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-2000:]
-    assert 'has the broker None, not zmq' in result.stdout
+    assert '2 errors' in result.stdout, result.stdout[-4000:]
+    assert result.stdout.count('has the broker None, not zmq') >= 2, result.stdout[-4000:]
