@@ -80,4 +80,6 @@ def test_a_session_that_died_fails_the_run(tmp_path: Path, capsys: pytest.Captur
     path = tmp_path / 'kiwipy.jsonl'
     path.write_text(json.dumps({'session': 'runner', 'seconds': 600, 'timed_out': True, 'returncode': -9}) + '\n')
     assert run.report([run.read_record('kiwipy', 1, path)], 'zmq') == 1
-    assert 'SESSION PROBLEM [kiwipy] the session hit its deadline' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'SESSION PROBLEM [kiwipy] the session hit its deadline' in out
+    assert out.splitlines()[-1] == 'upstream: 0 passed, 1 failed, 0 skipped'
