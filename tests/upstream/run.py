@@ -412,16 +412,16 @@ def report(results: list[Result], broker: str, seconds: float | None = None) -> 
         f'{"suite":<16}{"passed":>8}{"failed":>8}{"expected-failed":>17}{"unexpected-pass":>17}{"skipped":>9}{"time":>8}'
     )
     totals = dict.fromkeys(('passed', 'failed', 'expected', 'unexpected-pass', 'skipped'), 0)
-    for label, groups, seconds in rows:
+    for label, groups, session_seconds in rows:
         counts = {key: len(value) for key, value in groups.items()}
         for key in totals:
             totals[key] += counts[key]
         log(
             f'{label:<16}{counts["passed"]:>8}{counts["failed"]:>8}{counts["expected"]:>17}'
-            f'{counts["unexpected-pass"]:>17}{counts["skipped"]:>9}{seconds:>7.0f}s'
+            f'{counts["unexpected-pass"]:>17}{counts["skipped"]:>9}{session_seconds:>7.0f}s'
         )
     if seconds is not None:
-        log(f'total {seconds:.0f} s')
+        log(f'total {seconds:.0f} s for the suites (not counting the installation of their environment)')
     if broker == 'zmq':
         # The closing line, the last one, as CI reads it: failed counts what fails the run (unexpected failures and
         # passes, sessions that died, processes left running); skipped includes the expected failures.
