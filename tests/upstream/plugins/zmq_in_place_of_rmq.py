@@ -14,15 +14,19 @@ RabbitMQ URL and random exchange and queue names, by :func:`aiida_zmq.connect` t
 Python processes that the tests start get the same swap (``subprocesses/sitecustomize.py``, on their ``PYTHONPATH``):
 test_jupyter_notebook runs ``kiwipy.connect('amqp://127.0.0.1')`` in a Jupyter kernel.
 
-Nothing else is changed: a test that asks the communicator for what only RabbitMQ has fails, and is on the runner's
-list of expected failures with that reason.
+One private attribute is given to the communicator: ``_loop``, an asyncio loop nothing runs, because plumpy's
+``test_process_comms.py`` fixture calls ``communicator._loop.set_debug(True)`` (``RmqThreadCommunicator``'s private
+loop) before any test. Nothing else is changed: a test that asks the communicator for what only RabbitMQ has fails,
+and is on the runner's list of expected failures with that reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +63,20 @@ def install(endpoint: str) -> None:
         testing_mode: bool = False,
         async_task_timeout: Any = None,
     ) -> Any:
-        return aiida_zmq.connect(
+        communicator = aiida_zmq.connect(
             endpoint,
             task_queue=task_queue,
             task_prefetch_count=task_prefetch_count,
             encoder=encoder,
             decoder=decoder,
         )
+        # plumpy's tests/rmq/test_process_comms.py fixture calls ``communicator._loop.set_debug(True)``: the private
+        # asyncio loop of RmqThreadCommunicator's thread. aiida-zmq's communicator runs no asyncio loop (kiwipy's API
+        # has none); it gets one here that nothing runs, on which that call does what it does on any idle loop.
+        loop = asyncio.new_event_loop()
+        communicator._loop = loop
+        weakref.finalize(communicator, loop.close)
+        return communicator
 
     def connect_classmethod(cls: type, *args: Any, **kwargs: Any) -> Any:
         return connect(*args, **kwargs)
