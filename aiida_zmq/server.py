@@ -23,15 +23,16 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
-from . import __version__, protocol, security
+from . import __version__, admin, protocol, security
 from .exceptions import BrokerRunning, StoreError
 from .protocol import Command, ErrorCode
+from .queues import QueueState
 from .ratelimit import RateLimitedLog
 from .security import ensure_private_dir, remove_stale_socket
 from .store import DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock
@@ -135,50 +136,6 @@ class Client:
         if prefetch == 0:
             return 1 << 30
         return prefetch - self.held_per_queue[queue]
-
-
-class QueueState:
-    """One named task queue: a FIFO window of ready tasks in memory, the rest (``backlog``) on disk."""
-
-    def __init__(self, name: str, backlog: int = 0) -> None:
-        self.name = name
-        self.ready: collections.deque[StoredTask] = collections.deque()
-        self.ready_bytes = 0
-        self.backlog = backlog  # ready tasks in the store with an id above ``cursor``, not in memory
-        self.cursor = 0  # highest id that was ever in the window
-        self.consumers: list[Client] = []
-        self.next_consumer = 0
-
-    def __len__(self) -> int:
-        return len(self.ready) + self.backlog
-
-    def add_new(self, task: StoredTask, config: BrokerConfig) -> None:
-        if self.backlog == 0 and len(self.ready) < config.window and self.ready_bytes < config.window_bytes:
-            self.ready.append(task)
-            self.ready_bytes += len(task.payload)
-            self.cursor = task.id
-        else:
-            self.backlog += 1
-
-    def put_back(self, task: StoredTask) -> None:
-        """A task that was handed out comes back: it goes to the front, ahead of newer tasks."""
-        self.ready.appendleft(task)
-        self.ready_bytes += len(task.payload)
-
-    def pop(self, store: TaskStore, config: BrokerConfig) -> StoredTask | None:
-        if not self.ready and self.backlog:
-            page = store.load_ready(self.name, self.cursor, max(1, config.window // 2))
-            for task in page:
-                self.ready.append(task)
-                self.ready_bytes += len(task.payload)
-            if page:
-                self.cursor = page[-1].id
-            self.backlog = 0 if len(page) < max(1, config.window // 2) else max(0, self.backlog - len(page))
-        if not self.ready:
-            return None
-        task = self.ready.popleft()
-        self.ready_bytes -= len(task.payload)
-        return task
 
 
 @dataclass(slots=True)
@@ -1185,89 +1142,12 @@ class Broker:
     def _on_admin(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, request_bytes = args
         try:
-            request = json.loads(request_bytes)
-            if not isinstance(request, dict):
-                raise ValueError('the request must be a JSON object')
-            operation = self._admin_operations.get(request.pop('op', None))
-            if operation is None:
-                raise ValueError(f'unknown operation; known: {", ".join(sorted(self._admin_operations))}')
-            response = operation(self, **request)
+            response = admin.run(self, request_bytes)
         except (ValueError, TypeError) as exception:
             self._send(client, Command.ADMIN_REPLY, correlation, b'error', json.dumps(str(exception)).encode())
             return
         # Operations that change the store answer after the batch's commit, like task confirms.
         self._admin_replies.append((client, correlation, json.dumps(response).encode()))
-
-    def _admin_status(self) -> dict:
-        """Queues, clients, counters, dead letters and store size: what `aiida-zmq status` shows."""
-        status = self.snapshot()
-        status['dead_letters'] = len(self.store.dead_letters())
-        status['store_bytes'] = self.store.size_bytes()
-        status['data_dir'] = str(self.data_dir)
-        status['version'] = __version__
-        return status
-
-    def _admin_peer_gone(self, pid: int) -> dict:
-        """A supervisor (the circus plugin) saw process ``pid`` exit: its clients are dead now, not in a minute."""
-        gone = [client for client in self.clients.values() if client.pid == int(pid)]
-        requeued = 0
-        for client in gone:
-            requeued += len(client.held)
-            LOGGER.warning(
-                'client %s: its process %d exited, %d held task(s) go back to their queues',
-                client.name,
-                client.pid,
-                len(client.held),
-            )
-            self._drop_client(client, released=False)
-        return {'clients': len(gone), 'requeued': requeued}
-
-    def _admin_dead_letters(self, queue: str | None = None) -> dict:
-        """List dead-lettered tasks (id, queue, deliveries, reason)."""
-        rows = self.store.dead_letters(queue)
-        return {'dead_letters': [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in rows]}
-
-    def _admin_dead_letters_requeue(self, ids: list[int] | None = None) -> dict:
-        """Put dead-lettered tasks (all when `ids` is null) back in their queues with a fresh delivery count."""
-        revived = self.store.revive_dead(ids)
-        for task in self.store.load_tasks(revived):
-            self._queue(task.queue).put_back(task)
-        LOGGER.info('%d dead-lettered task(s) requeued by request', len(revived))
-        return {'requeued': len(revived)}
-
-    def _admin_dead_letters_drop(self, ids: list[int] | None = None) -> dict:
-        """Delete dead-lettered tasks (all when `ids` is null)."""
-        dropped = self.store.drop_dead(ids)
-        LOGGER.info('%d dead-lettered task(s) dropped by request', dropped)
-        return {'dropped': dropped}
-
-    def _admin_tasks(self, queue: str | None = None, limit: int = 100) -> dict:
-        """List stored tasks, oldest first, without payloads."""
-        return {'tasks': self.store.list_tasks(queue, int(limit))}
-
-    def _admin_tasks_purge(self, queue: str) -> dict:
-        """Drop the waiting tasks of a queue (held ones stay with their consumers)."""
-        self._flush_writes()  # requeues of this batch first, so that the purge sees every waiting task
-        purged = self.store.purge_ready(queue)
-        state = self.queues.get(queue)
-        if state is not None:
-            state.ready.clear()
-            state.ready_bytes = 0
-            state.backlog = 0
-        self._delayed = [entry for entry in self._delayed if entry[2].queue != queue]
-        heapq.heapify(self._delayed)
-        LOGGER.warning('%d waiting task(s) of queue %s purged by request', purged, queue)
-        return {'purged': purged}
-
-    _admin_operations: dict[str, Callable[..., dict]] = {
-        'status': _admin_status,
-        'peer-gone': _admin_peer_gone,
-        'dead-letters': _admin_dead_letters,
-        'dead-letters-requeue': _admin_dead_letters_requeue,
-        'dead-letters-drop': _admin_dead_letters_drop,
-        'tasks': _admin_tasks,
-        'tasks-purge': _admin_tasks_purge,
-    }
 
     _handlers = {
         Command.HEARTBEAT: _on_heartbeat,
