@@ -1142,12 +1142,22 @@ class Broker:
     def _on_admin(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, request_bytes = args
         try:
-            response = admin.run(self, request_bytes)
-        except (ValueError, TypeError) as exception:
-            self._send(client, Command.ADMIN_REPLY, correlation, b'error', json.dumps(str(exception)).encode())
+            op, operation, arguments = admin.parse(request_bytes)
+        except admin.AdminRequestError as exception:
+            self._admin_error(client, correlation, str(exception))
+            return
+        try:
+            response = operation.function(self, **arguments)
+        except Exception:
+            # A bug, not bad input (the arguments were checked): the caller still gets an answer, not a timeout.
+            LOGGER.exception('ADMIN %s from %s failed', op, client.name)
+            self._admin_error(client, correlation, f'{op} failed inside the broker: see its log')
             return
         # Operations that change the store answer after the batch's commit, like task confirms.
         self._admin_replies.append((client, correlation, json.dumps(response).encode()))
+
+    def _admin_error(self, client: Client, correlation: bytes, text: str) -> None:
+        self._send(client, Command.ADMIN_REPLY, correlation, b'error', json.dumps(text).encode())
 
     _handlers = {
         Command.HEARTBEAT: _on_heartbeat,

@@ -1,0 +1,340 @@
+"""Hostile and unlucky clients (issue 14): resource limits, data integrity under failures, ADMIN input.
+
+Each test reproduces something a red team broke, so that it stays fixed; the hypothesis tests at the end keep
+throwing input at the broker (ADMIN arguments, queue and identifier names, frame counts and sizes) and require that it
+keeps answering another client and never logs a traceback. The fast tests run an in-process broker
+(``Broker(...).start_in_thread()``); the floods (``--run-slow``) run ``aiida-zmq serve`` processes, see
+``tests/hostile_floods.py``, and check the broker's RSS, another client's RPC latency and the log volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aiida_zmq
+from aiida_zmq import protocol
+from aiida_zmq.protocol import Command
+from aiida_zmq.server import Broker, BrokerConfig
+from aiida_zmq.store import STORE_FILENAME
+
+FAST = {'heartbeat': 0.2, 'broker_timeout': 2.0}
+RUN_SLOW = '--run-slow' in sys.argv
+
+
+class Captured(logging.Handler):
+    """Every record the broker logs while a test runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.guard = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.guard:
+            self.records.append(record)
+
+    def lines(self, level: int = logging.DEBUG) -> list[str]:
+        with self.guard:
+            return [record.getMessage() for record in self.records if record.levelno >= level]
+
+    def tracebacks(self) -> list[str]:
+        with self.guard:
+            return [self.format(record) for record in self.records if record.exc_info]
+
+
+class LiveBroker:
+    """An in-process broker on a short private directory, its log captured."""
+
+    def __init__(self, **options: object) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix='azhc-'))
+        self.endpoint = f'ipc://{self.base}/b.sock'
+        self.config = BrokerConfig(heartbeat=0.2, peer_timeout=2.0, **options)  # type: ignore[arg-type]
+        self.log = Captured()
+        self.logger = logging.getLogger('aiida_zmq')
+        self.previous_level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.log)
+        self.broker = Broker(self.base / 'data', [self.endpoint], self.config).start_in_thread()
+        self.communicators: list = []
+
+    @property
+    def store_path(self) -> Path:
+        return self.base / 'data' / STORE_FILENAME
+
+    def connect(self, **options: object):
+        communicator = aiida_zmq.connect(self.endpoint, **{**FAST, **options})
+        self.communicators.append(communicator)
+        return communicator
+
+    def raw(self, **options: object) -> Raw:
+        return Raw(self.endpoint, **options)  # type: ignore[arg-type]
+
+    def admin(self, op: str, **arguments: object) -> dict:
+        with Raw(self.endpoint, name='admin') as client:
+            return client.admin(op, **arguments)
+
+    def rows(self) -> list[tuple]:
+        """(id, queue, state, attempts) of every stored row, read straight from SQLite (committed state)."""
+        database = sqlite3.connect(self.store_path)
+        try:
+            return database.execute('SELECT id, queue, state, attempts FROM tasks ORDER BY id').fetchall()
+        finally:
+            database.close()
+
+    def close(self) -> None:
+        for communicator in self.communicators:
+            with contextlib.suppress(Exception):
+                communicator.close()
+        self.broker.stop()
+        self.logger.removeHandler(self.log)
+        self.logger.setLevel(self.previous_level)
+
+
+@pytest.fixture
+def live() -> Iterator[LiveBroker]:
+    broker = LiveBroker()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def live_factory() -> Iterator:
+    started: list[LiveBroker] = []
+
+    def factory(**options: object) -> LiveBroker:
+        broker = LiveBroker(**options)
+        started.append(broker)
+        return broker
+
+    yield factory
+    for broker in started:
+        broker.close()
+
+
+class Raw:
+    """A bare DEALER socket speaking the protocol by hand: what a hostile or buggy client sends."""
+
+    def __init__(
+        self, endpoint: str, *, hello: bool = True, name: str = 'raw', pid: int = 0, rcvhwm: int | None = None
+    ) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDTIMEO, 5000)
+        if rcvhwm is not None:
+            self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+            self.socket.setsockopt(zmq.RCVBUF, 4096)
+        self.socket.connect(endpoint)
+        self.correlations = (b'r%d' % n for n in range(1, 1 << 62))
+        if hello:
+            self.hello(name, pid)
+
+    def __enter__(self) -> Raw:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def hello(self, name: str = 'raw', pid: int = 0) -> None:
+        self.send(Command.HELLO, name.encode(), b'200', b'', b'%d' % pid)
+        self.expect(Command.WELCOME)
+
+    def send(self, command: Command, *args: bytes) -> None:
+        self.socket.send_multipart(protocol.encode(command, *args))
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.socket.send_multipart(frames)
+
+    def recv(self, timeout: float = 5.0) -> protocol.Message | None:
+        if not self.socket.poll(int(timeout * 1000)):
+            return None
+        return protocol.decode(self.socket.recv_multipart())
+
+    def expect(
+        self, command: Command | None, timeout: float = 5.0, correlation: bytes | None = None
+    ) -> protocol.Message:
+        """The next message of this kind (any kind: None) and correlation, skipping heartbeats and anything else."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            message = self.recv(max(0.0, left)) if left > 0 else None
+            if message is None:
+                raise TimeoutError(f'no {command.name if command else "answer"} {correlation!r} within {timeout}s')
+            if command is not None and message.command is not command:
+                continue
+            if correlation is None or (message.args and bytes(message.args[0]) == correlation):
+                return message
+
+    def admin(self, op: str, timeout: float = 5.0, **arguments: object) -> dict:
+        reply = self.admin_raw(json.dumps({'op': op, **arguments}).encode(), timeout)
+        assert reply.command is Command.ADMIN_REPLY, reply
+        status, response = bytes(reply.args[1]), json.loads(reply.args[2])
+        if status != b'ok':
+            raise AssertionError(f'ADMIN {op} refused: {response}')
+        return response
+
+    def admin_raw(self, request: bytes, timeout: float = 5.0) -> protocol.Message:
+        """The broker's answer to an ADMIN request: ADMIN_REPLY, or ERROR (no session, too large)."""
+        correlation = next(self.correlations)
+        self.send(Command.ADMIN, correlation, request)
+        return self.expect(None, timeout, correlation)
+
+    def close(self) -> None:
+        """Close once the broker read everything sent (libzmq may abort a process that closes mid-message)."""
+        with contextlib.suppress(Exception):
+            self.admin_raw(b'{"op": "status"}', timeout=5)
+        self.socket.close(0)
+
+
+def task_ids(rows: list[tuple], state: int | None = None) -> list[int]:
+    return [row[0] for row in rows if state is None or row[2] == state]
+
+
+READY, DELIVERED, DEAD = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 12. ADMIN arguments are validated and always answered
+
+
+@pytest.mark.parametrize(
+    'request_text',
+    [
+        b'{"op": "dead-letters-requeue", "ids": [1e999]}',
+        b'{"op": "dead-letters-drop", "ids": [100000000000000000000000000000]}',
+        b'{"op": "tasks", "limit": 1e999}',
+        b'{"op": "tasks", "limit": 1000000000000000000000000000000}',
+        b'{"op": "peer-gone", "pid": 1e999}',
+        b'{"op": "peer-gone", "pid": 1000000000000000000000000000000}',
+        b'{"op": "peer-gone", "pid": NaN}',
+        b'{"op": "tasks", "limit": true}',
+        b'{"op": "dead-letters", "queue": ["x"]}',
+        b'[' * 100_000,
+        b'{"op": "status", "nested": ' + b'[' * 100_000 + b']' * 100_000 + b'}',
+    ],
+)
+def test_bad_admin_arguments_are_answered_with_an_error(live, request_text):
+    with live.raw() as client:
+        reply = client.admin_raw(request_text, timeout=5)
+        assert reply.command is Command.ADMIN_REPLY and bytes(reply.args[1]) == b'error', reply
+        text = json.loads(reply.args[2])
+        assert isinstance(text, str) and text
+    assert not live.log.tracebacks(), live.log.tracebacks()[0]
+
+
+def test_admin_error_texts_say_what_is_expected(live):
+    with live.raw() as client:
+        reply = client.admin_raw(b'{"op": "tasks", "limit": 1e999}')
+        assert 'limit' in json.loads(reply.args[2]) and 'integer' in json.loads(reply.args[2])
+        reply = client.admin_raw(b'{"op": "tasks", "bogus": 1}')
+        assert 'bogus' in json.loads(reply.args[2]) and 'queue' in json.loads(reply.args[2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hypothesis: whatever a client sends, the broker answers another client and logs no traceback
+
+
+@pytest.fixture(scope='module')
+def shared() -> Iterator[tuple[LiveBroker, object]]:
+    broker = LiveBroker(max_message_bytes=256 * 1024)
+    control = broker.connect(task_queue='control')
+    control.add_rpc_subscriber(lambda _comm, msg: msg, 'control-echo')
+    control.add_task_subscriber(lambda _comm, task: task)
+    yield broker, control
+    broker.close()
+
+
+def assert_still_serving(broker: LiveBroker, control, token: object) -> None:
+    assert control.rpc_send('control-echo', token).result(timeout=10) == token
+    assert not broker.log.tracebacks(), broker.log.tracebacks()[0]
+
+
+HYPOTHESIS = settings(
+    max_examples=200 if RUN_SLOW else 25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=10,
+)
+ADMIN_OPS = ['status', 'peer-gone', 'dead-letters', 'dead-letters-requeue', 'dead-letters-drop', 'tasks', 'tasks-purge']
+raw_numbers = st.sampled_from([b'1e999', b'-1e999', b'NaN', b'Infinity', b'10' + b'0' * 40, b'-0', b'1.5', b'2e9'])
+
+
+@st.composite
+def admin_requests(draw: st.DrawFn) -> bytes:
+    """An ADMIN request: a known or unknown op with arguments of any JSON type, some written as raw JSON text."""
+    op = draw(st.sampled_from([*ADMIN_OPS, 'nope']))
+    arguments = draw(
+        st.dictionaries(st.sampled_from(['ids', 'limit', 'pid', 'queue', 'extra']), json_values, max_size=3)
+    )
+    text = json.dumps({'op': op, **arguments}).encode()
+    if draw(st.booleans()):  # numbers Python's json writes differently, as a hostile client would
+        number = draw(raw_numbers)
+        key = draw(st.sampled_from(['ids', 'limit', 'pid']))
+        value = b'[' + number + b']' if key == 'ids' else number
+        text = text[:-1] + b', "' + key.encode() + b'": ' + value + b'}'
+    return text
+
+
+@HYPOTHESIS
+@given(request_text=admin_requests())
+def test_any_admin_request_is_answered(shared, request_text):
+    broker, control = shared
+    with broker.raw() as client:
+        reply = client.admin_raw(request_text, timeout=10)
+        assert reply.command is Command.ADMIN_REPLY and bytes(reply.args[1]) in (b'ok', b'error')
+        json.loads(reply.args[2])
+    assert_still_serving(broker, control, 'admin')
+
+
+names = st.one_of(
+    st.text(max_size=30).map(lambda text: text.encode('utf-8', 'surrogatepass')),  # lone surrogates included
+    st.binary(max_size=30),
+    st.sampled_from(
+        [b'', b'\x00', b'control', b'control-echo', b'q' * 5000, '\ud800'.encode('utf-8', 'surrogatepass')]
+    ),
+)
+NAMED = [Command.CONSUME, Command.CANCEL, Command.TASK_SEND, Command.TASK_GET, Command.RPC_REGISTER, Command.RPC_CALL]
+
+
+@HYPOTHESIS
+@given(commands=st.lists(st.tuples(st.sampled_from(NAMED), names), min_size=1, max_size=8))
+def test_any_queue_or_identifier_name(shared, commands):
+    broker, control = shared
+    with broker.raw(name='names') as client:
+        for command, name in commands:
+            args = {
+                Command.CONSUME: (b'n0', name, b'1'),
+                Command.CANCEL: (b'n0', name),
+                Command.TASK_SEND: (b'n1', name, b'1', b'\x00J1'),
+                Command.TASK_GET: (b'n2', name),
+                Command.RPC_REGISTER: (b'n3', name),
+                Command.RPC_CALL: (b'n4', name, b'\x00J1'),
+            }[command]
+            client.send(command, *args)
+        client.send(Command.BYE)
+    assert_still_serving(broker, control, 'names')
