@@ -165,11 +165,12 @@ def peer_gone(broker: Broker, pid: int) -> dict:
     requeued = 0
     for client in gone:
         requeued += len(client.held)
-        LOGGER.warning(
+        broker.limited_log.warning(
             'client %s: its process %d exited, %d held task(s) go back to their queues',
             client.name,
             client.pid,
             len(client.held),
+            key=('peer-gone', client.routing_id),
         )
         broker._drop_client(client, released=False)
     return {'clients': len(gone), 'requeued': requeued}
@@ -186,14 +187,14 @@ def dead_letters_requeue(broker: Broker, ids: list[int] | None = None) -> dict:
     revived = broker.store.revive_dead(ids)
     for task in broker.store.load_tasks(revived):
         broker._queue(task.queue).put_back(task)
-    LOGGER.info('%d dead-lettered task(s) requeued by request', len(revived))
+    broker.limited_log.info('%d dead-lettered task(s) requeued by request', len(revived), key=('admin', 'requeue'))
     return {'requeued': len(revived)}
 
 
 def dead_letters_drop(broker: Broker, ids: list[int] | None = None) -> dict:
     """Delete dead-lettered tasks (all when `ids` is null)."""
     dropped = broker.store.drop_dead(ids)
-    LOGGER.info('%d dead-lettered task(s) dropped by request', dropped)
+    broker.limited_log.info('%d dead-lettered task(s) dropped by request', dropped, key=('admin', 'drop'))
     return {'dropped': dropped}
 
 
@@ -213,7 +214,9 @@ def tasks_purge(broker: Broker, queue: str) -> dict:
         state.backlog = 0
     broker._delayed = [entry for entry in broker._delayed if entry[2].queue != queue]
     heapq.heapify(broker._delayed)
-    LOGGER.warning('%d waiting task(s) of queue %s purged by request', purged, queue)
+    broker.limited_log.warning(
+        '%d waiting task(s) of queue %s purged by request', purged, queue, key=('admin', 'purge', queue)
+    )
     return {'purged': purged}
 
 

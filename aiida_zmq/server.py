@@ -70,6 +70,7 @@ class BrokerConfig:
     # How long to wait for the data directory's lock. ``None``: up to 30 s for a holder that does not serve (a broker
     # starting or still closing, an offline submit), and a refusal at once, naming it, for a broker that serves.
     lock_timeout: float | None = None
+    log_interval: float = 10.0  # a line a peer can make the broker repeat: 5 per interval, the rest counted
     curve: bool = False  # CURVE on tcp:// endpoints (keys in DATA_DIR/curve); TCP is refused without it
     insecure_tcp: bool = False  # plain TCP on loopback only (any local user can connect): for tests
 
@@ -196,6 +197,9 @@ class Broker:
         self._admin_replies: list[tuple[Client, bytes, bytes]] = []  # wait for the batch's commit
         self._unknown_warned: dict[bytes, float] = {}
         self.stats = collections.Counter[str]()
+        # Every line a peer can make the broker repeat goes through this, keyed by (kind, peer): a flood of malformed
+        # messages writes a few lines and a count, not a line each (1.1 million lines, 154 MiB in 20 s, before).
+        self.limited_log = RateLimitedLog(LOGGER, burst=5, interval=self.config.log_interval, max_keys=1000)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -548,7 +552,7 @@ class Broker:
             return True
         except StoreError as exception:
             # Nothing of this batch is stored: refuse its tasks loudly rather than confirming them.
-            LOGGER.error('%s; refusing the tasks of this batch', exception)
+            self.limited_log.error('%s; refusing the tasks of this batch', exception, key=('store',))
             for peer, correlation, _, _ in self._confirms:
                 self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
             self._confirms.clear()
@@ -598,12 +602,13 @@ class Broker:
         deadline = now - self.config.peer_timeout
         for client in list(self.clients.values()):
             if client.last_seen < deadline:
-                LOGGER.warning(
+                self.limited_log.warning(
                     'client %s (%s) silent for %.1fs: declared dead, %d held task(s) go back to their queues',
                     client.name,
                     client.routing_id.decode(errors='replace'),
                     now - client.last_seen,
                     len(client.held),
+                    key=('silent', client.routing_id),
                 )
                 self._drop_client(client, released=False)
             elif now - client.last_sent >= self.config.heartbeat:
@@ -640,7 +645,11 @@ class Broker:
     def _queue_outbound(self, client: Client, frames: list[bytes]) -> None:
         if len(client.outbound) >= self.config.outbound_limit:
             self.stats['dropped_to_stalled_client'] += 1
-            LOGGER.warning('client %s is not reading: message dropped (outbound limit reached)', client.name)
+            self.limited_log.warning(
+                'client %s is not reading: message dropped (outbound limit reached)',
+                client.name,
+                key=('outbound', client.routing_id),
+            )
             return
         client.outbound.append(frames)
 
@@ -677,19 +686,21 @@ class Broker:
         try:
             message = protocol.decode(frames[1:])
         except protocol.VersionMismatch as exception:
-            LOGGER.warning('client %r: %s', routing_id, exception)
+            self.limited_log.warning('client %r: %s', routing_id, exception, key=('version', routing_id))
             self._send_raw(socket, routing_id, Command.ERROR, b'', ErrorCode.VERSION, str(exception).encode())
             return
         except protocol.ProtocolError as exception:
             self.stats['malformed'] += 1
-            LOGGER.warning('dropped a malformed message from %r: %s', routing_id, exception)
+            self.limited_log.warning(
+                'dropped a malformed message from %r: %s', routing_id, exception, key=('malformed', routing_id)
+            )
             return
         size = sum(len(frame) for frame in frames)
         if size > self.config.max_message_bytes:
             self.stats['too_large'] += 1
             correlation = message.args[0] if message.command in _CORRELATED else b''
             text = f'message of {size} bytes exceeds the broker maximum of {self.config.max_message_bytes} bytes'
-            LOGGER.warning('client %r: %s', routing_id, text)
+            self.limited_log.warning('client %r: %s', routing_id, text, key=('too-large', routing_id))
             self._send_raw(socket, routing_id, Command.ERROR, correlation, ErrorCode.TOO_LARGE, text.encode())
             return
 
@@ -707,7 +718,13 @@ class Broker:
                 sessionless(self, client if client is not None else Sender(routing_id, socket), message.args)
             except (protocol.ProtocolError, UnicodeDecodeError) as exception:
                 self.stats['malformed'] += 1
-                LOGGER.warning('dropped a malformed %s from %r: %s', message.command.name, routing_id, exception)
+                self.limited_log.warning(
+                    'dropped a malformed %s from %r: %s',
+                    message.command.name,
+                    routing_id,
+                    exception,
+                    key=('malformed', routing_id),
+                )
             return
         if client is None:
             self._on_unknown_client(socket, routing_id, message)
@@ -715,18 +732,36 @@ class Broker:
         client.last_seen = time.monotonic()
         handler = self._handlers.get(message.command)
         if handler is None:
-            LOGGER.warning('client %s sent %s, which only the broker sends: dropped', client.name, message.command.name)
+            self.limited_log.warning(
+                'client %s sent %s, which only the broker sends: dropped',
+                client.name,
+                message.command.name,
+                key=('broker-only', routing_id),
+            )
             return
         try:
             handler(self, client, message.args)
         except (protocol.ProtocolError, UnicodeDecodeError) as exception:  # a queue or identifier that is not UTF-8
             self.stats['malformed'] += 1
-            LOGGER.warning('dropped a malformed %s from %s: %s', message.command.name, client.name, exception)
+            self.limited_log.warning(
+                'dropped a malformed %s from %s: %s',
+                message.command.name,
+                client.name,
+                exception,
+                key=('malformed', routing_id),
+            )
         except StoreError:
             raise
         except Exception:
             # A bug must not take the broker down with everyone's tasks: log it and carry on.
-            LOGGER.exception('error handling %s from %s', message.command.name, client.name)
+            self.limited_log.log(
+                logging.ERROR,
+                'error handling %s from %s',
+                message.command.name,
+                client.name,
+                key=('handler-failed', message.command),
+                exc_info=True,
+            )
 
     def _on_unknown_client(self, socket: zmq.Socket, routing_id: bytes, message: protocol.Message) -> None:
         """A message from a client without a session: the broker restarted, or declared the client dead."""
@@ -747,11 +782,12 @@ class Broker:
                 return
             # The delivery was taken away (declared dead, then given to another consumer) or is already finished.
             self.stats['late_acks_refused'] += 1
-            LOGGER.warning(
+            self.limited_log.warning(
                 'refused an answer for task %d (attempt %d) from a client without a session: it was declared dead '
                 'and the delivery taken away',
                 task_id,
                 attempt,
+                key=('late-answer', routing_id),
             )
         if message.command in _CORRELATED:
             # A request: answer it by its correlation, so that the client sends it again after its HELLO.
@@ -798,8 +834,12 @@ class Broker:
                 del self.orphans[task_id]
                 self._hold(client, orphan)
                 reclaimed += 1
-        LOGGER.info(
-            'client %s connected (%s), reclaimed %d task(s)', name, routing_id.decode(errors='replace'), reclaimed
+        self.limited_log.info(
+            'client %s connected (%s), reclaimed %d task(s)',
+            name,
+            routing_id.decode(errors='replace'),
+            reclaimed,
+            key=('hello', routing_id),
         )
         self._send(
             client,
@@ -813,7 +853,12 @@ class Broker:
         pass  # last_seen is updated for every message
 
     def _on_bye(self, client: Client, args: Sequence[bytes]) -> None:
-        LOGGER.info('client %s said goodbye, %d held task(s) released', client.name, len(client.held))
+        self.limited_log.info(
+            'client %s said goodbye, %d held task(s) released',
+            client.name,
+            len(client.held),
+            key=('bye', client.routing_id),
+        )
         self._drop_client(client, released=True)
 
     def _drop_client(self, client: Client, *, released: bool) -> None:
@@ -881,7 +926,7 @@ class Broker:
         try:
             task_id = self.store.insert(name, payload, no_reply, reply_to, correlation)
         except StoreError as exception:
-            LOGGER.error('%s', exception)
+            self.limited_log.error('%s', exception, key=('store',))
             self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
             return
         task = StoredTask(task_id, name, payload, no_reply, reply_to, correlation, 0)
@@ -913,11 +958,12 @@ class Broker:
         if task is None or task.attempts != attempt:
             # A late answer for a delivery that was taken away (the client was silent too long, or reclaimed late).
             self.stats['late_acks_refused'] += 1
-            LOGGER.warning(
+            self.limited_log.warning(
                 'refused an answer from %s for task %d (attempt %d): it does not hold that delivery',
                 client.name,
                 task_id,
                 attempt,
+                key=('late-answer', client.routing_id),
             )
             return None
         return task
@@ -997,7 +1043,13 @@ class Broker:
 
     def _dead_letter(self, task: StoredTask) -> None:
         reason = f'delivered {task.attempts} times without an answer (max_deliveries={self.config.max_deliveries})'
-        LOGGER.error('task %d of queue %s moved to the dead-letter queue: %s', task.id, task.queue, reason)
+        self.limited_log.error(
+            'task %d of queue %s moved to the dead-letter queue: %s',
+            task.id,
+            task.queue,
+            reason,
+            key=('dead', task.queue),
+        )
         self.store.mark_dead(task.id, reason)
         self.stats['dead_lettered'] += 1
 
@@ -1150,7 +1202,9 @@ class Broker:
             response = operation.function(self, **arguments)
         except Exception:
             # A bug, not bad input (the arguments were checked): the caller still gets an answer, not a timeout.
-            LOGGER.exception('ADMIN %s from %s failed', op, client.name)
+            self.limited_log.log(
+                logging.ERROR, 'ADMIN %s from %s failed', op, client.name, key=('admin-failed', op), exc_info=True
+            )
             self._admin_error(client, correlation, f'{op} failed inside the broker: see its log')
             return
         # Operations that change the store answer after the batch's commit, like task confirms.
@@ -1206,7 +1260,7 @@ class Broker:
                 for c in self.clients.values()
             ],
             'orphans': len(self.orphans),
-            'stats': dict(self.stats),
+            'stats': {**self.stats, 'log_lines_suppressed': self.limited_log.suppressed_total},
             # What the operator chose (`serve` options, or the AiiDA profile's broker options through the watcher).
             'settings': {
                 'heartbeat': self.config.heartbeat,

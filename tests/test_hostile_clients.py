@@ -30,6 +30,7 @@ from aiida_zmq import protocol
 from aiida_zmq.protocol import Command
 from aiida_zmq.server import Broker, BrokerConfig
 from aiida_zmq.store import STORE_FILENAME
+from aiida_zmq.testing import wait_until
 
 FAST = {'heartbeat': 0.2, 'broker_timeout': 2.0}
 RUN_SLOW = '--run-slow' in sys.argv
@@ -204,6 +205,45 @@ def task_ids(rows: list[tuple], state: int | None = None) -> list[int]:
 
 
 READY, DELIVERED, DEAD = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. What a peer can make the broker repeat is logged a few times, then counted
+
+
+def _spam_kinds(client: Raw, count: int) -> None:
+    for index in range(count):
+        client.send_frames([b'\xde\xad', b'junk'])  # not an aiida-zmq message
+        client.send_frames([b'AZMQ/9', b'\x01'])  # another version
+        client.send_frames([protocol.SIGNATURE, b'\x11', b'x', b'1'])  # a command only the broker sends
+        client.send(Command.TASK_ACK, b'%d' % (10_000 + index), b'1')  # a late answer for a task it does not hold
+        client.send(Command.CONSUME, b'k', b'q', b'not-a-number')  # an argument that does not parse
+
+
+def test_repeated_warnings_are_rate_limited_per_peer_and_kind(live):
+    with live.raw() as spammer:
+        _spam_kinds(spammer, 400)
+        spammer.admin('status')  # everything before it was read
+        stats = spammer.admin('status')['stats']
+    assert stats.get('malformed', 0) >= 800
+    lines = live.log.lines(logging.WARNING)
+    # 2,000 offences of 5 kinds from one peer: a few lines per kind, not one per offence.
+    assert len(lines) <= 5 * 6, '\n'.join(lines[:40])
+    assert any('counted, not logged' in line for line in lines)
+    assert stats.get('log_lines_suppressed', 0) >= 1900
+
+
+def test_suppressed_lines_are_reported_with_their_count(live_factory):
+    live = live_factory(log_interval=0.5)
+    with live.raw() as spammer:
+        for _ in range(50):
+            spammer.send_frames([b'\xde\xad', b'junk'])
+        spammer.admin('status')
+        time.sleep(0.6)  # the rate limiter's interval passes (a clock, not an event: what is tested is the clock)
+        spammer.send_frames([b'\xde\xad', b'junk'])
+        spammer.admin('status')
+    wait_until(lambda: any('suppressed' in line for line in live.log.lines()), 5, what='the suppression count logged')
+    assert any('45 similar message(s) suppressed' in line for line in live.log.lines()), live.log.lines()
 
 
 # --------------------------------------------------------------------------------------------------------------------
