@@ -140,6 +140,16 @@ ARGUMENTS: dict[Command, tuple[str, ...]] = {
 _COMMAND_BYTES: dict[int, bytes] = {command: bytes((command,)) for command in Command}
 _ARITY: dict[int, int] = {command: len(names) for command, names in ARGUMENTS.items()}
 
+#: The most frames any message has: signature, command and the most arguments of any command.
+MAX_FRAMES = 2 + max(_ARITY.values())
+
+
+def frame_count(command_frame: bytes) -> int:
+    """How many frames (signature and command included) a message with this command frame has; for an unknown
+    command :data:`MAX_FRAMES`, the most any message has. A receiver reads no more than that of one message."""
+    arity = _ARITY.get(command_frame[0]) if len(command_frame) == 1 else None
+    return MAX_FRAMES if arity is None else 2 + arity
+
 
 class ErrorCode:
     """Values of the ``code`` frame of :attr:`Command.ERROR`."""

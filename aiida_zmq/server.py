@@ -49,6 +49,8 @@ SOCKET_FILENAME = 'broker.sock'
 MAX_IPC_PATH = 100
 # How long a new broker waits, by default, for a lock whose holder does not serve (starting, closing, offline submit).
 LOCK_WAIT_NOT_SERVING = 30.0
+# A correlation the broker echoes in an ERROR; the communicator's are short decimals, a longer one is not a request.
+MAX_CORRELATION = 1024
 
 
 @dataclass
@@ -511,12 +513,15 @@ class Broker:
             # Wake at least every 100 ms so that a stop request is seen promptly.
             events = poller.poll(int(min(timeout, 0.1) * 1000))
             for socket, _ in events:
-                for _ in range(batch_size):
+                budget = batch_size
+                while budget > 0:
                     try:
-                        frames = socket.recv_multipart(zmq.NOBLOCK)
+                        frames, cost = self._receive(socket)
                     except zmq.Again:
                         break
-                    self._handle(socket, frames)
+                    budget -= cost
+                    if frames is not None:
+                        self._handle(socket, frames)
             self._end_of_batch()
             now = time.monotonic()
             if now >= next_tick:
@@ -681,6 +686,73 @@ class Broker:
 
     # Receiving ----------------------------------------------------------------------------------------------------
 
+    def _receive(self, socket: zmq.Socket) -> tuple[list[bytes] | None, int]:
+        """Read one message frame by frame; return its frames (None when it was refused) and what it cost the batch.
+
+        ZeroMQ's MAXMSGSIZE bounds one frame only: a message of 150 frames of 1 MiB each was read whole (336 MiB)
+        under a 1 MiB limit. Here the frames past ``max_message_bytes`` in all, or past the frame count of the
+        message's command, are read and dropped at once (never kept), and the request is answered by its correlation.
+        Extra frames count toward the batch, so that a message of 100,000 empty frames does not hold up the others.
+
+        :raises zmq.Again: when the socket has no message.
+        """
+        frames = [socket.recv(zmq.NOBLOCK)]  # the routing id
+        limit = self.config.max_message_bytes
+        allowed = 1 + protocol.MAX_FRAMES
+        size = count = 0
+        refusal: bytes | None = None
+        while socket.getsockopt(zmq.RCVMORE):
+            if refusal is not None:
+                count += 1
+                size += len(socket.recv(copy=False))  # dropped without a copy
+                continue
+            frame: bytes = socket.recv()
+            count += 1
+            size += len(frame)
+            if count == 2:  # the command frame: from now on the message's frame count is known
+                allowed = 1 + protocol.frame_count(frame)
+            if size > limit:
+                refusal = ErrorCode.TOO_LARGE
+            elif count + 1 > allowed:
+                refusal = ErrorCode.MALFORMED
+            else:
+                frames.append(frame)
+        if refusal is None:
+            return frames, 1
+        if size > limit:  # too many frames and too many bytes: the size is what the sender must change
+            refusal = ErrorCode.TOO_LARGE
+        self._refuse(socket, frames, refusal, size, count)
+        return None, 1 + count // 8
+
+    def _refuse(self, socket: zmq.Socket, frames: list[bytes], code: bytes, size: int, count: int) -> None:
+        """Answer a message that was too large or had too many frames (by its correlation, when it is a request)."""
+        routing_id = frames[0]
+        command = frames[2][0] if len(frames) > 2 and len(frames[2]) == 1 else None
+        name = Command(command).name if command in _COMMANDS else 'message'
+        if code == ErrorCode.TOO_LARGE:
+            self.stats['too_large'] += 1
+            text = f'{name} of {size} bytes exceeds the broker maximum of {self.config.max_message_bytes} bytes'
+        else:
+            self.stats['malformed'] += 1
+            text = f'{name} takes {protocol.frame_count(frames[2]) - 2} arguments, got {count - 2}'
+        self.limited_log.warning('client %r: %s: dropped', routing_id, text, key=(code, routing_id))
+        self._answer_error(socket, frames, code, text)
+
+    def _answer_error(self, socket: zmq.Socket, frames: Sequence[bytes], code: bytes, text: str) -> None:
+        """Answer a message that cannot be handled with ERROR: a request by its correlation; anything else only when
+        it was too large (the sender learns the limit; a HELLO too large fails the client's connect)."""
+        request = (
+            len(frames) >= 4
+            and frames[1] == protocol.SIGNATURE
+            and len(frames[2]) == 1
+            and frames[2][0] in _CORRELATED
+            and len(frames[3]) <= MAX_CORRELATION
+        )
+        if request:
+            self._send_raw(socket, frames[0], Command.ERROR, frames[3], code, text.encode())
+        elif code == ErrorCode.TOO_LARGE:
+            self._send_raw(socket, frames[0], Command.ERROR, b'', code, text.encode())
+
     def _handle(self, socket: zmq.Socket, frames: list[bytes]) -> None:
         routing_id = frames[0]
         try:
@@ -694,14 +766,7 @@ class Broker:
             self.limited_log.warning(
                 'dropped a malformed message from %r: %s', routing_id, exception, key=('malformed', routing_id)
             )
-            return
-        size = sum(len(frame) for frame in frames)
-        if size > self.config.max_message_bytes:
-            self.stats['too_large'] += 1
-            correlation = message.args[0] if message.command in _CORRELATED else b''
-            text = f'message of {size} bytes exceeds the broker maximum of {self.config.max_message_bytes} bytes'
-            self.limited_log.warning('client %r: %s', routing_id, text, key=('too-large', routing_id))
-            self._send_raw(socket, routing_id, Command.ERROR, correlation, ErrorCode.TOO_LARGE, text.encode())
+            self._answer_error(socket, frames, ErrorCode.MALFORMED, str(exception))
             return
 
         client = self.clients.get(routing_id)
@@ -1288,3 +1353,4 @@ _CORRELATED = frozenset(
         Command.ADMIN,
     },
 )
+_COMMANDS = frozenset(Command)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 import aiida_zmq
 from aiida_zmq import protocol
-from aiida_zmq.protocol import Command
+from aiida_zmq.protocol import ARGUMENTS, Command, ErrorCode
 from aiida_zmq.server import Broker, BrokerConfig
 from aiida_zmq.store import STORE_FILENAME
 from aiida_zmq.testing import wait_until
@@ -247,6 +247,40 @@ def test_suppressed_lines_are_reported_with_their_count(live_factory):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# 6. The size limit holds for the whole message, and every command has its frame count
+
+
+def test_a_message_of_many_frames_over_the_limit_is_refused_with_its_correlation(live_factory):
+    live = live_factory(max_message_bytes=1024 * 1024)
+    with live.raw() as client:
+        frames = protocol.encode(Command.TASK_SEND, b'big-1', b'q', b'1', b'x')
+        client.send_frames(frames + [b'y' * (64 * 1024)] * 40)  # 40 frames of 64 KiB: 2.5 MiB in all
+        error = client.expect(Command.ERROR, correlation=b'big-1')
+        assert bytes(error.args[1]) == ErrorCode.TOO_LARGE and b'1048576' in bytes(error.args[2])
+        assert client.admin('status')['queues'].get('q', {'depth': 0})['depth'] == 0
+
+
+def test_a_command_with_extra_frames_is_answered_malformed(live):
+    with live.raw() as client:
+        client.send_frames([*protocol.encode(Command.TASK_SEND, b'long-1', b'q', b'1', b'x'), b'extra', b'more'])
+        error = client.expect(Command.ERROR, correlation=b'long-1')
+        assert bytes(error.args[1]) == ErrorCode.MALFORMED and b'TASK_SEND takes 4' in bytes(error.args[2])
+        client.send_frames([*protocol.encode(Command.ADMIN, b'short-1', b'{}')[:-1]])  # a request cut short
+        error = client.expect(Command.ERROR, correlation=b'short-1')
+        assert bytes(error.args[1]) == ErrorCode.MALFORMED
+
+
+def test_many_tiny_frames_do_not_stall_the_others(live):
+    control = live.connect()
+    control.add_rpc_subscriber(lambda _comm, msg: msg, 'echo')
+    with live.raw() as client:
+        client.send_frames([*protocol.encode(Command.RPC_CALL, b'tiny-1', b'echo', b'x'), *([b''] * 100_000)])
+        error = client.expect(Command.ERROR, correlation=b'tiny-1', timeout=10)
+        assert bytes(error.args[1]) == ErrorCode.MALFORMED
+    assert control.rpc_send('echo', 1).result(timeout=5) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # 12. ADMIN arguments are validated and always answered
 
 
@@ -378,3 +412,26 @@ def test_any_queue_or_identifier_name(shared, commands):
             client.send(command, *args)
         client.send(Command.BYE)
     assert_still_serving(broker, control, 'names')
+
+
+@HYPOTHESIS
+@given(
+    command=st.sampled_from(list(Command)),
+    sizes=st.lists(st.integers(min_value=0, max_value=96 * 1024), min_size=0, max_size=12),
+    hello=st.booleans(),
+)
+def test_any_frame_count_and_size(shared, command, sizes, hello):
+    """Any command with any number of frames of any size (each under ZeroMQ's own per-frame cut-off)."""
+    broker, control = shared
+    with broker.raw(hello=hello) as client:
+        frames = [protocol.SIGNATURE, bytes((command,)), b'f1'] + [b'z' * size for size in sizes]
+        client.send_frames(frames)
+        if command in (Command.TASK_SEND, Command.ADMIN, Command.RPC_CALL, Command.TASK_GET) and hello:
+            arity = len(ARGUMENTS[command])
+            total = sum(len(frame) for frame in frames)
+            if len(frames) - 2 != arity or total > broker.config.max_message_bytes:
+                # A request of the wrong shape or size is answered by its correlation, not left to time out.
+                error = client.expect(Command.ERROR, correlation=b'f1', timeout=10)
+                expected = ErrorCode.TOO_LARGE if total > broker.config.max_message_bytes else ErrorCode.MALFORMED
+                assert bytes(error.args[1]) == expected
+    assert_still_serving(broker, control, 'frames')
