@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .store import READY
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -184,18 +185,22 @@ def dead_letters(broker: Broker, queue: str | None = None) -> dict:
 
 def dead_letters_requeue(broker: Broker, ids: list[int] | None = None) -> dict:
     """Put dead-lettered tasks (all when `ids` is null) back in their queues with a fresh delivery count."""
-    revived = broker.store.revive_dead(ids)
+    revived = broker.store.dead_ids(ids)
     for task in broker.store.load_tasks(revived):
+        task.attempts, task.state = 0, READY
+        broker.store.stage(task.id, READY, 0)
         broker._queue(task.queue).put_back(task)
+        broker.queues.wake(task.queue)
     broker.limited_log.info('%d dead-lettered task(s) requeued by request', len(revived), key=('admin', 'requeue'))
     return {'requeued': len(revived)}
 
 
 def dead_letters_drop(broker: Broker, ids: list[int] | None = None) -> dict:
     """Delete dead-lettered tasks (all when `ids` is null)."""
-    dropped = broker.store.drop_dead(ids)
-    broker.limited_log.info('%d dead-lettered task(s) dropped by request', dropped, key=('admin', 'drop'))
-    return {'dropped': dropped}
+    dropped = broker.store.dead_ids(ids)
+    broker.store.delete(dropped)
+    broker.limited_log.info('%d dead-lettered task(s) dropped by request', len(dropped), key=('admin', 'drop'))
+    return {'dropped': len(dropped)}
 
 
 def tasks(broker: Broker, queue: str | None = None, limit: int = 100) -> dict:
@@ -204,16 +209,17 @@ def tasks(broker: Broker, queue: str | None = None, limit: int = 100) -> dict:
 
 
 def tasks_purge(broker: Broker, queue: str) -> dict:
-    """Drop the waiting tasks of a queue (held ones stay with their consumers)."""
-    broker._flush_writes()  # requeues of this batch first, so that the purge sees every waiting task
-    purged = broker.store.purge_ready(queue)
+    """Drop the waiting tasks of a queue, those backing off included (held ones stay with their consumers)."""
+    waiting = broker.store.ready_ids(queue)
+    backing_off = [task.id for _, _, task in broker._delayed if task.queue == queue]
+    broker.store.delete(waiting + backing_off)
     state = broker.queues.get(queue)
     if state is not None:
-        state.ready.clear()
-        state.ready_bytes = 0
-        state.backlog = 0
+        state.clear()
+        broker.queues.wake(queue)  # to forget it, if nobody consumes it
     broker._delayed = [entry for entry in broker._delayed if entry[2].queue != queue]
     heapq.heapify(broker._delayed)
+    purged = len(waiting) + len(backing_off)
     broker.limited_log.warning(
         '%d waiting task(s) of queue %s purged by request', purged, queue, key=('admin', 'purge', queue)
     )

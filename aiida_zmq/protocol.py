@@ -159,6 +159,7 @@ class ErrorCode:
     TOO_LARGE = b'too-large'  # the message exceeds the broker's maximum message size
     MALFORMED = b'malformed'  # wrong frame count or an unparsable argument
     STORE = b'store'  # the store could not commit the task (disk full, read-only): the task was not accepted
+    LIMIT = b'limit'  # a bound of the broker was reached (queues per client, queues in all): the request was refused
 
 
 class ProtocolError(ValueError):

@@ -1,12 +1,23 @@
-"""The broker's task queues: per queue, a FIFO window of ready tasks in memory, the rest on disk.
+"""The broker's task queues: which exist, what each holds in memory, and which may have a delivery to make.
 
 A queue's tasks live in the store; what is kept in memory is bounded (``window`` tasks, ``window_bytes`` bytes per
-queue), and the rest is counted (``backlog``) and read back in pages, in id order, as the window empties.
+queue), and the rest is counted (``backlog``) and read back in pages, in id order, as the window empties. The rule
+that keeps memory and store apart: a ready row with an id above the queue's ``cursor`` is never in memory, one at or
+below it always is (or is held, or backing off). A task that comes back goes to the front of the window if its id is
+at or below the cursor, else it is counted in the backlog and read again in its turn.
+
+Queues cost memory whether or not they hold tasks, and any client can name one, so their number is bounded, per
+client (``max_queues_per_client`` consumed at once) and in all (``max_queues``). A queue that holds nothing and that
+nobody consumes is idle: it is forgotten after ``queue_expiry`` seconds (RabbitMQ's ``x-expires``), or at once when a
+new queue needs its place under ``max_queues``. A turn of the broker's loop hands out tasks only for the queues where
+something changed (a task arrived or came back, a consumer came or got room): with 10,000 idle queues a turn costs
+what it costs with one.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from .store import StoredTask, TaskStore
@@ -14,7 +25,7 @@ from .store import StoredTask, TaskStore
 if TYPE_CHECKING:
     from .server import BrokerConfig, Client
 
-__all__ = ('QueueState',)
+__all__ = ('QueueState', 'TaskQueues')
 
 
 class QueueState:
@@ -32,18 +43,42 @@ class QueueState:
     def __len__(self) -> int:
         return len(self.ready) + self.backlog
 
-    def add_new(self, task: StoredTask, config: BrokerConfig) -> None:
+    @property
+    def idle(self) -> bool:
+        """Holds nothing and nobody consumes it: it can be forgotten (it is made again when it is named)."""
+        return not self.consumers and not self.ready and not self.backlog
+
+    def add_new(self, task: StoredTask, config: BrokerConfig) -> bool:
+        """A task just stored; returns whether it went into the window (else it waits on disk)."""
         if self.backlog == 0 and len(self.ready) < config.window and self.ready_bytes < config.window_bytes:
             self.ready.append(task)
             self.ready_bytes += len(task.payload)
             self.cursor = task.id
-        else:
-            self.backlog += 1
+            return True
+        self.backlog += 1
+        return False
 
     def put_back(self, task: StoredTask) -> None:
-        """A task that was handed out comes back: it goes to the front, ahead of newer tasks."""
+        """A task that was handed out comes back (its store row ready again): ahead of newer tasks."""
+        if task.id > self.cursor:
+            self.backlog += 1  # never in this window (a task from before a restart): read again in id order
+            return
         self.ready.appendleft(task)
         self.ready_bytes += len(task.payload)
+
+    def remove(self, task_ids: set[int]) -> int:
+        """Take these tasks out of the window (a batch that did not commit); returns how many were there."""
+        kept = collections.deque(task for task in self.ready if task.id not in task_ids)
+        removed = len(self.ready) - len(kept)
+        if removed:
+            self.ready = kept
+            self.ready_bytes = sum(len(task.payload) for task in kept)
+        return removed
+
+    def clear(self) -> None:
+        self.ready.clear()
+        self.ready_bytes = 0
+        self.backlog = 0
 
     def pop(self, store: TaskStore, config: BrokerConfig) -> StoredTask | None:
         if not self.ready and self.backlog:
@@ -59,3 +94,94 @@ class QueueState:
         task = self.ready.popleft()
         self.ready_bytes -= len(task.payload)
         return task
+
+
+class TaskQueues:
+    """The broker's named queues, bounded in number, and the set of those that may have a delivery to make."""
+
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self._by_name: dict[str, QueueState] = {}
+        self._woken: dict[str, None] = {}  # an ordered set: queues to look at in the next dispatch
+        self._idle: dict[str, float] = {}  # idle queues, oldest first, with the time they became idle
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, name: str) -> QueueState:
+        return self._by_name[name]
+
+    def __setitem__(self, name: str, queue: QueueState) -> None:
+        """A queue loaded from the store at start (unbounded: its tasks are there)."""
+        self._by_name[name] = queue
+
+    def get(self, name: str) -> QueueState | None:
+        return self._by_name.get(name)
+
+    def values(self) -> Iterator[QueueState]:
+        return iter(self._by_name.values())
+
+    def items(self) -> Iterator[tuple[str, QueueState]]:
+        return iter(self._by_name.items())
+
+    def open(self, name: str, *, bounded: bool = True, backlog: int = 0) -> QueueState | None:
+        """The queue ``name``, made if it does not exist. A client naming a new queue (``bounded``) gets None when
+        the broker holds ``max_queues`` already; tasks coming back always get their queue."""
+        queue = self._by_name.get(name)
+        if queue is None:
+            if bounded and len(self._by_name) >= self.config.max_queues and not self._evict_idle():
+                return None
+            queue = self._by_name[name] = QueueState(name, backlog)
+        return queue
+
+    def _evict_idle(self) -> bool:
+        """Forget the queue idle the longest; returns whether there was one."""
+        while self._idle:
+            name = next(iter(self._idle))
+            del self._idle[name]
+            queue = self._by_name.get(name)
+            if queue is not None and queue.idle:
+                del self._by_name[name]
+                return True
+        return False
+
+    def wake(self, name: str) -> None:
+        """Something changed in this queue (a task, a consumer, room): look at it in the next dispatch."""
+        self._woken[name] = None
+
+    def take_woken(self, now: float) -> list[QueueState]:
+        """The queues woken since the last call that may have something to hand out; those that turned idle start
+        their expiry."""
+        names, self._woken = self._woken, {}
+        woken = []
+        for name in names:
+            queue = self._by_name.get(name)
+            if queue is None:
+                continue
+            if queue.idle:
+                self._idle.setdefault(name, now)
+                continue
+            self._idle.pop(name, None)
+            woken.append(queue)
+        return woken
+
+    def expire(self, now: float) -> int:
+        """Forget the queues idle for ``queue_expiry`` seconds; returns how many."""
+        deadline = now - self.config.queue_expiry
+        forgotten = 0
+        while self._idle:
+            name, since = next(iter(self._idle.items()))
+            if since > deadline:
+                break
+            del self._idle[name]
+            queue = self._by_name.get(name)
+            if queue is not None and queue.idle:
+                del self._by_name[name]
+                forgotten += 1
+        return forgotten

@@ -17,6 +17,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -32,10 +33,10 @@ import zmq
 from . import __version__, admin, protocol, security
 from .exceptions import BrokerRunning, StoreError
 from .protocol import Command, ErrorCode
-from .queues import QueueState
+from .queues import QueueState, TaskQueues
 from .ratelimit import RateLimitedLog
 from .security import ensure_private_dir, remove_stale_socket
-from .store import DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock
+from .store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock
 from .store_identity import StoreIdentity
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
@@ -49,6 +50,8 @@ SOCKET_FILENAME = 'broker.sock'
 MAX_IPC_PATH = 100
 # How long a new broker waits, by default, for a lock whose holder does not serve (starting, closing, offline submit).
 LOCK_WAIT_NOT_SERVING = 30.0
+# How a delivery ended without an answer (see Broker._give_back).
+REFUSED, RELEASED, LOST = 'refused', 'released', 'lost'
 # A correlation the broker echoes in an ERROR; the communicator's are short decimals, a longer one is not a request.
 MAX_CORRELATION = 1024
 
@@ -69,6 +72,10 @@ class BrokerConfig:
     reclaim_grace: float | None = None  # after a restart, how long holders may reclaim tasks (default: peer_timeout)
     retry_backoff: float = 0.1  # first delay before a rejected task is offered again; doubles per delivery
     retry_backoff_max: float = 10.0
+    quick_release: float = 10.0  # a pushed task given back cleanly sooner than this after its delivery counts as one
+    max_queues: int = 10_000  # queues in all (each costs memory whether or not it holds tasks)
+    max_queues_per_client: int = 1_000  # queues one client consumes at once
+    queue_expiry: float = 60.0  # an empty queue nobody consumes is forgotten after this long (RabbitMQ's x-expires)
     # How long to wait for the data directory's lock. ``None``: up to 30 s for a holder that does not serve (a broker
     # starting or still closing, an offline submit), and a refusal at once, naming it, for a broker that serves.
     lock_timeout: float | None = None
@@ -121,6 +128,8 @@ class Client:
     last_sent: float = 0.0
     outbound: collections.deque = field(default_factory=collections.deque)
     held: dict[int, StoredTask] = field(default_factory=dict)
+    held_since: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed out (monotonic)
+    fetched: set[int] = field(default_factory=set)  # held tasks taken by TASK_GET (next_task), not pushed
     prefetch: dict[str, int] = field(default_factory=dict)  # queue -> prefetch (0 = unlimited)
     held_per_queue: collections.Counter = field(default_factory=collections.Counter)
     pid: int = 0  # the client's process id, as it said in its HELLO (0 when unknown)
@@ -183,7 +192,7 @@ class Broker:
         self._ready = threading.Event()
 
         self.clients: dict[bytes, Client] = {}
-        self.queues: dict[str, QueueState] = {}
+        self.queues = TaskQueues(self.config)
         self.rpc_owners: dict[str, Client] = {}
         self.calls: dict[int, RpcCall] = {}
         self._call_ids = itertools.count(1)
@@ -192,10 +201,8 @@ class Broker:
         self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): rejected tasks backing off
         # (peer, correlation, task id, sender's session): confirms wait for the batch's commit
         self._confirms: list[tuple[Client | Sender, bytes, int, bytes | None]] = []
-        self._deliveries: list[tuple[int, int]] = []  # (attempts, task id) to record as delivered
+        self._inserted: list[StoredTask] = []  # the new tasks of the batch (refused if its commit fails)
         self._outgoing: list[tuple[Client, StoredTask, Command, bytes]] = []  # deliveries sent after the commit
-        self._requeues: list[tuple[int, int]] = []  # (attempts, task id) to record as ready
-        self._acks: list[int] = []  # task ids to delete
         self._admin_replies: list[tuple[Client, bytes, bytes]] = []  # wait for the batch's commit
         self._unknown_warned: dict[bytes, float] = {}
         self.stats = collections.Counter[str]()
@@ -532,7 +539,10 @@ class Broker:
         """Hand out ready tasks, commit the batch (stores and deliveries in one transaction), then confirm what it
         stored and send the deliveries: nothing leaves before the commit that records it."""
         self._release_delayed(time.monotonic())
-        self._dispatch()
+        try:
+            self._dispatch()
+        except StoreError:
+            pass  # the store failed reading a queue's next page: the batch is lost, its commit below says so
         if not self._commit():
             return
         # Confirms first: the senders wait for them (consumers, woken first, would take the CPU from them). A sender
@@ -553,53 +563,54 @@ class Broker:
 
     def _commit(self) -> bool:
         try:
-            self._flush_writes()
-            return True
+            self.store.commit()
         except StoreError as exception:
-            # Nothing of this batch is stored: refuse its tasks loudly rather than confirming them.
-            self.limited_log.error('%s; refusing the tasks of this batch', exception, key=('store',))
-            for peer, correlation, _, _ in self._confirms:
-                self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
-            self._confirms.clear()
-            self._undo_outgoing()
-            self._forget_uncommitted()
+            self._batch_failed(exception)
             return False
+        self._inserted.clear()
+        return True
 
-    def _undo_outgoing(self) -> None:
-        """Deliveries of a batch that did not commit were never sent: their tasks are no longer held."""
+    def _batch_failed(self, exception: StoreError) -> None:
+        """Nothing of this batch is stored. Its new tasks are refused (loudly, never confirmed) and forgotten; its
+        deliveries were not sent, so their tasks are back in their queues; everything else the batch changed (acks,
+        requeues, dead letters) stays as the broker holds it in memory and is written with the next commit."""
+        self.limited_log.error('%s; refusing the tasks of this batch', exception, key=('store',))
+        inserted = {task.id: task for task in self._inserted}
+        self._inserted.clear()
+        self.store.unstage(inserted)  # their ids are free again: the next insert may reuse them
+        for peer, correlation, _, _ in self._confirms:
+            self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
+        self._confirms.clear()
         for client, task, command, first in self._outgoing:
             if client.held.get(task.id) is task:
                 self._release_held(client, task)
-            task.attempts -= 1
-            task.state = READY
             if command is Command.TASK_GOT:
                 self._send(client, Command.TASK_GOT, first, b'', b'0', b'0', b'')
+            if task.id not in inserted:  # not a delivery after all: back to the front, as it was
+                task.attempts -= 1
+                self._requeue(task)
         self._outgoing.clear()
+        for name in {task.queue for task in inserted.values()}:
+            queue = self.queues.get(name)
+            if queue is not None:
+                waiting = {task.id for task in inserted.values() if task.queue == name}
+                queue.backlog = max(0, queue.backlog - (len(waiting) - queue.remove(waiting)))
+                self.queues.wake(name)
+        for queue in self.queues.values():  # a dispatch cut short by the failure left some unlooked at
+            if queue.consumers and len(queue):
+                self.queues.wake(queue.name)
+        for client, correlation, _ in self._admin_replies:
+            self._admin_error(
+                client,
+                correlation,
+                f'done in the broker, but not stored yet: {exception}. It is written with the next commit that '
+                'succeeds; `aiida-zmq status` shows the store fault meanwhile',
+            )
+        self._admin_replies.clear()
 
     def _flush_writes(self) -> None:
-        store = self.store
-        if self._deliveries:
-            store.mark_delivered(self._deliveries)
-            self._deliveries.clear()
-        if self._requeues:
-            store.mark_ready(self._requeues)
-            self._requeues.clear()
-        if self._acks:
-            store.delete(self._acks)
-            self._acks.clear()
-        store.commit()
-
-    def _forget_uncommitted(self) -> None:
-        """After a failed commit, rebuild the queues from what the store really holds (held tasks stay held)."""
-        self._deliveries.clear()
-        self._requeues.clear()
-        self._acks.clear()
-        counts = self.store.ready_counts()
-        for name, queue in self.queues.items():
-            queue.ready.clear()
-            queue.ready_bytes = 0
-            queue.cursor = 0
-            queue.backlog = counts.get(name, 0)
+        """Commit what the batch staged (at close; the loop commits through :meth:`_commit`)."""
+        self.store.commit()
 
     def _tick(self, now: float) -> None:
         """Heartbeats out, silent clients declared dead, orphans past their grace requeued."""
@@ -618,6 +629,7 @@ class Broker:
                 self._drop_client(client, released=False)
             elif now - client.last_sent >= self.config.heartbeat:
                 self._send(client, Command.HEARTBEAT)
+        self.queues.expire(now)
         if self.orphans and now >= self._orphan_deadline:
             LOGGER.info('%d task(s) delivered before the restart were not reclaimed: requeued', len(self.orphans))
             for task in sorted(self.orphans.values(), key=lambda t: -t.id):
@@ -660,6 +672,8 @@ class Broker:
 
     def _flush_outbound(self) -> None:
         for client in self.clients.values():
+            if not client.outbound:
+                continue
             while client.outbound:
                 try:
                     client.socket.send_multipart(client.outbound[0], zmq.NOBLOCK)
@@ -669,6 +683,9 @@ class Broker:
                     client.outbound.clear()
                     break
                 client.outbound.popleft()
+            if not client.outbound:  # no longer stalled: its queues may hand it tasks again
+                for name in client.prefetch:
+                    self.queues.wake(name)
 
     def _answer(self, peer: Client | Sender, command: Command, *args: bytes) -> None:
         """Answer a client through its session, a sender directly."""
@@ -815,8 +832,11 @@ class Broker:
                 exception,
                 key=('malformed', routing_id),
             )
-        except StoreError:
-            raise
+        except StoreError as exception:
+            # The store failed under this request (disk full): the batch is lost, its commit says so to every
+            # sender; this request gets the same answer, now.
+            self.limited_log.error('%s', exception, key=('store',))
+            self._answer_error(socket, frames, ErrorCode.STORE, str(exception))
         except Exception:
             # A bug must not take the broker down with everyone's tasks: log it and carry on.
             self.limited_log.log(
@@ -841,7 +861,7 @@ class Broker:
                 final = message.command is Command.TASK_ACK or message.args[2] == protocol.FLAG_TRUE
                 if final:
                     del self.orphans[task_id]
-                    self._acks.append(task_id)
+                    self.store.delete((task_id,))
                     if message.command is Command.TASK_REPLY:
                         self._forward_result(task, message.args[3], final=True)
                 return
@@ -890,14 +910,13 @@ class Broker:
             client.socket, client.last_seen = socket, time.monotonic()
             for task in sorted(client.held.values(), key=lambda t: -t.id):
                 if claimed.get(task.id) != task.attempts:
-                    self._release_held(client, task)
-                    self._requeue(task)
+                    self._give_back(client, task, LOST)
         reclaimed = 0
         for task_id, attempt in claimed.items():
             orphan = self.orphans.get(task_id)
             if orphan is not None and orphan.attempts == attempt:
                 del self.orphans[task_id]
-                self._hold(client, orphan)
+                self._hold(client, orphan, since=-math.inf)  # held since before the restart
                 reclaimed += 1
         self.limited_log.info(
             'client %s connected (%s), reclaimed %d task(s)',
@@ -929,16 +948,13 @@ class Broker:
     def _drop_client(self, client: Client, *, released: bool) -> None:
         """Forget a client: its held tasks go back (at once), its RPC identifiers free up, its callers are told."""
         self.clients.pop(client.routing_id, None)
-        for task in sorted(client.held.values(), key=lambda t: -t.id):
-            if released:
-                task.attempts -= 1  # a clean goodbye is not a failed delivery
-            self._requeue(task)
-        client.held.clear()
-        client.held_per_queue.clear()
         for queue_name in client.prefetch:
             queue = self.queues.get(queue_name)
             if queue is not None and client in queue.consumers:
                 queue.consumers.remove(client)
+                self.queues.wake(queue_name)  # to forget it, if nothing else holds it
+        for task in sorted(client.held.values(), key=lambda t: -t.id):  # newest first: each goes to the front
+            self._give_back(client, task, RELEASED if released else LOST)
         for identifier in client.rpc_identifiers:
             if self.rpc_owners.get(identifier) is client:
                 del self.rpc_owners[identifier]
@@ -957,9 +973,9 @@ class Broker:
     # Tasks --------------------------------------------------------------------------------------------------------
 
     def _queue(self, name: str) -> QueueState:
-        queue = self.queues.get(name)
-        if queue is None:
-            queue = self.queues[name] = QueueState(name)
+        """The queue of a task that exists (coming back, revived): made again if it was forgotten."""
+        queue = self.queues.open(name, bounded=False)
+        assert queue is not None
         return queue
 
     def _on_task_send(self, client: Client, args: Sequence[bytes]) -> None:
@@ -987,6 +1003,16 @@ class Broker:
         whether the task went to that same session in this batch.
         """
         name = bytes(queue_name).decode()
+        queue = self.queues.open(name)
+        if queue is None:
+            self.stats['refused_queue_limit'] += 1
+            text = (
+                f'the broker holds its maximum of {self.config.max_queues} queues (max_queues): a task for a new queue '
+                'is refused until some queue is empty and nobody consumes it'
+            )
+            self.limited_log.warning('%s (queue %r)', text, name[:80], key=('queue-limit',))
+            self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, text.encode())
+            return
         reply_to = None if no_reply else session
         try:
             task_id = self.store.insert(name, payload, no_reply, reply_to, correlation)
@@ -995,18 +1021,45 @@ class Broker:
             self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
             return
         task = StoredTask(task_id, name, payload, no_reply, reply_to, correlation, 0)
-        self._queue(name).add_new(task, self.config)
+        queue.add_new(task, self.config)
+        self.queues.wake(name)
+        self._inserted.append(task)
         self._confirms.append((peer, correlation, task_id, session))
         self.stats['tasks_stored'] += 1
 
     def _on_consume(self, client: Client, args: Sequence[bytes]) -> None:
-        correlation, queue_name, prefetch = args
+        correlation, queue_name, prefetch_text = args
         name = bytes(queue_name).decode()
-        client.prefetch[name] = protocol.to_int(prefetch)
-        queue = self._queue(name)
+        prefetch = protocol.to_int(prefetch_text)
+        if prefetch < 0:
+            raise protocol.ProtocolError(f'prefetch must be 0 (unlimited) or more, got {prefetch}')
+        if name not in client.prefetch and len(client.prefetch) >= self.config.max_queues_per_client:
+            self._refuse_consume(
+                client,
+                correlation,
+                f'this client consumes {len(client.prefetch)} queues, the most one client may '
+                f'(max_queues_per_client={self.config.max_queues_per_client}): cancel one first',
+            )
+            return
+        queue = self.queues.open(name)
+        if queue is None:
+            self._refuse_consume(
+                client,
+                correlation,
+                f'the broker holds its maximum of {self.config.max_queues} queues (max_queues): a new queue can be '
+                'consumed once some queue is empty and nobody consumes it',
+            )
+            return
+        client.prefetch[name] = prefetch
         if client not in queue.consumers:
             queue.consumers.append(client)
+        self.queues.wake(name)
         self._send(client, Command.DONE, correlation)
+
+    def _refuse_consume(self, client: Client, correlation: bytes, text: str) -> None:
+        self.stats['refused_queue_limit'] += 1
+        self.limited_log.warning('client %s: CONSUME refused: %s', client.name, text, key=('queue-limit', client))
+        self._send(client, Command.ERROR, correlation, ErrorCode.LIMIT, text.encode())
 
     def _on_cancel(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, queue_name = args
@@ -1015,6 +1068,7 @@ class Broker:
         queue = self.queues.get(name)
         if queue is not None and client in queue.consumers:
             queue.consumers.remove(client)
+            self.queues.wake(name)  # to forget it, if nothing else holds it
         self._send(client, Command.DONE, correlation)
 
     def _held_task(self, client: Client, args: Sequence[bytes]) -> StoredTask | None:
@@ -1033,9 +1087,21 @@ class Broker:
             return None
         return task
 
+    def _hold(self, client: Client, task: StoredTask, since: float, fetched: bool = False) -> None:
+        client.held[task.id] = task
+        client.held_since[task.id] = since
+        if fetched:
+            client.fetched.add(task.id)
+        client.held_per_queue[task.queue] += 1
+
     def _release_held(self, client: Client, task: StoredTask) -> None:
         del client.held[task.id]
+        client.held_since.pop(task.id, None)
+        client.fetched.discard(task.id)
         client.held_per_queue[task.queue] -= 1
+        if not client.held_per_queue[task.queue]:
+            del client.held_per_queue[task.queue]
+        self.queues.wake(task.queue)  # the client has room again
 
     def _on_task_reply(self, client: Client, args: Sequence[bytes]) -> None:
         task = self._held_task(client, args)
@@ -1044,9 +1110,12 @@ class Broker:
         final = args[2] == protocol.FLAG_TRUE
         if final:
             self._release_held(client, task)
-            self._acks.append(task.id)
-            self.stats['tasks_acked'] += 1
+            self._acknowledged(task)
         self._forward_result(task, args[3], final)
+
+    def _acknowledged(self, task: StoredTask) -> None:
+        self.store.delete((task.id,))
+        self.stats['tasks_acked'] += 1
 
     def _forward_result(self, task: StoredTask, payload: bytes, final: bool) -> None:
         if task.no_reply or task.reply_to is None or task.correlation is None:
@@ -1061,40 +1130,62 @@ class Broker:
         task = self._held_task(client, args)
         if task is not None:
             self._release_held(client, task)
-            self._acks.append(task.id)
-            self.stats['tasks_acked'] += 1
+            self._acknowledged(task)
 
     def _on_task_nack(self, client: Client, args: Sequence[bytes]) -> None:
         task = self._held_task(client, args)
         if task is None:
             return
-        self._release_held(client, task)
-        if args[2] == protocol.FLAG_TRUE and task.attempts >= self.config.max_deliveries:
-            self._dead_letter(task)
+        if args[2] == protocol.FLAG_TRUE:
             self.stats['tasks_rejected'] += 1
-        elif args[2] == protocol.FLAG_TRUE:
-            # Refused by every subscriber: offer it again after a backoff so that a task nobody can take does not
-            # spin; the delivery counts toward the dead-letter cap.
-            delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
-            self._requeues.append((task.attempts, task.id))
-            heapq.heappush(self._delayed, (time.monotonic() + delay, task.id, task))
-            self.stats['tasks_rejected'] += 1
+            self._give_back(client, task, REFUSED)
         else:
-            task.attempts -= 1  # released unprocessed (inspected by `next_task`, for instance): not a delivery
+            self._give_back(client, task, RELEASED)
+
+    # What happens to a task whose delivery ended without an answer (see docs/protocol.md, "Redeliveries").
+
+    def _give_back(self, client: Client, task: StoredTask, how: str) -> None:
+        """The holder gave the task back (or lost it): it goes to its queue again, at once or after a backoff, or to
+        the dead-letter queue when that was its last delivery. No client behaviour makes a task loop hot:
+
+        - ``REFUSED`` (every subscriber refused it): counts, and backs off;
+        - ``RELEASED`` (NACK rejected=0, or BYE while holding it): a task taken by ``next_task`` (TASK_GET) or held
+          for ``quick_release`` seconds or more was looked at or worked on: not a delivery, back at once, first in
+          line. A pushed task given back sooner (a subscriber raising CancelledError, a consumer saying BYE at once)
+          counts, and backs off;
+        - ``LOST`` (the holder died, or stopped reading): counts, back at once to another consumer.
+        """
+        since = client.held_since.get(task.id, -math.inf)
+        fetched = task.id in client.fetched
+        self._release_held(client, task)
+        if how == RELEASED and (fetched or time.monotonic() - since >= self.config.quick_release):
+            task.attempts -= 1  # not a failed delivery: it is offered again with the same attempt number
             self._requeue(task)
+        elif task.attempts >= self.config.max_deliveries:
+            self._dead_letter(task)
+        elif how == LOST:
+            self._requeue(task)
+        else:
+            self.stats['redeliveries_delayed'] += 1
+            self._retry_later(task)
 
     def _requeue(self, task: StoredTask) -> None:
-        self._requeues.append((task.attempts, task.id))
+        """Back to its queue at once (its row ready again with this batch)."""
+        task.state = READY
+        self.store.stage(task.id, READY, task.attempts)
         self._queue(task.queue).put_back(task)
+        self.queues.wake(task.queue)
+
+    def _retry_later(self, task: StoredTask) -> None:
+        """Back to its queue after a backoff that doubles per delivery. Meanwhile its row stays delivered, so that
+        after a crash it is an orphan (requeued after the reclaim grace) rather than ready twice."""
+        delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
+        heapq.heappush(self._delayed, (time.monotonic() + delay, task.id, task))
 
     def _release_delayed(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
             _, _, task = heapq.heappop(self._delayed)
-            self._queue(task.queue).put_back(task)
-
-    def _hold(self, client: Client, task: StoredTask) -> None:
-        client.held[task.id] = task
-        client.held_per_queue[task.queue] += 1
+            self._requeue(task)
 
     def _deliverable(self, queue: QueueState) -> StoredTask | None:
         """Next task of the queue that has deliveries left; dead-letters those that have none."""
@@ -1115,11 +1206,14 @@ class Broker:
             reason,
             key=('dead', task.queue),
         )
-        self.store.mark_dead(task.id, reason)
+        task.state = DEAD
+        self.store.stage(task.id, DEAD, task.attempts, reason)
         self.stats['dead_lettered'] += 1
 
     def _dispatch(self) -> None:
-        for queue in self.queues.values():
+        """Hand out tasks in the queues where something changed since the last turn (a task came, a consumer came
+        or got room): the others have nothing to hand out, however many there are."""
+        for queue in self.queues.take_woken(time.monotonic()):
             consumers = queue.consumers
             if not consumers or not len(queue):
                 continue
@@ -1145,8 +1239,8 @@ class Broker:
         """Hand ``task`` to ``client``; the message goes out after the batch's commit (see :meth:`_end_of_batch`)."""
         task.attempts += 1
         task.state = DELIVERED
-        self._hold(client, task)
-        self._deliveries.append((task.attempts, task.id))
+        self._hold(client, task, time.monotonic(), fetched=command is Command.TASK_GOT)
+        self.store.stage(task.id, DELIVERED, task.attempts)
         self.stats['deliveries'] += 1
         self._outgoing.append((client, task, command, first))
 
@@ -1165,8 +1259,11 @@ class Broker:
 
     def _on_task_get(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, queue_name = args
-        queue = self.queues.get(bytes(queue_name).decode())
+        name = bytes(queue_name).decode()
+        queue = self.queues.get(name)
         task = self._deliverable(queue) if queue is not None else None
+        if queue is not None:
+            self.queues.wake(name)  # emptied by this get, it may be forgotten
         if task is None:
             self._send(client, Command.TASK_GOT, correlation, b'', b'0', b'0', b'')
             return

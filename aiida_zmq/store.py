@@ -120,43 +120,106 @@ class TaskStore:
             raise StoreError(
                 f'cannot open the task store {self.path}: {exception}. {_open_advice(self.path, exception)}'
             )
-        self._in_transaction = False
-        # Highest task id inserted through this store, and what to call after each commit: the broker's store
-        # identity records the high-water mark beside the file (:mod:`aiida_zmq.store_identity`).
+        # Writes of the batch, by task id, last one wins: (state, attempts, dead reason), or None to delete. Staged
+        # writes are executed when the batch commits (or before a read that must see them); those executed in the
+        # open transaction wait in ``_pending`` until it commits, and go back to ``_staged`` if it does not, so that
+        # a batch that fails (disk full) loses nothing the broker still holds in memory: it is written next time.
+        self._staged: dict[int, tuple[int, int, str | None] | None] = {}
+        self._pending: dict[int, tuple[int, int, str | None] | None] = {}
+        self._failure: StoreError | None = None  # the open batch failed: it commits nothing, not even later writes
+        # Highest task id inserted through this store and committed, and what to call after each commit: the broker's
+        # store identity records the high-water mark beside the file (:mod:`aiida_zmq.store_identity`). An insert
+        # counts once its batch commits: a batch rolled back (disk full) frees its ids, the next one reuses them.
         self.high_water = 0
+        self._batch_high_water = 0
         self.after_commit: Callable[[TaskStore], None] | None = None
 
     # Transactions -------------------------------------------------------------------------------------------------
 
     def _begin(self) -> None:
-        if not self._in_transaction:
-            self._db.execute('BEGIN IMMEDIATE')
-            self._in_transaction = True
+        if self._failure is not None:
+            raise self._failure  # the batch is lost already: a later write in it must not commit on its own
+        if not self._db.in_transaction:
+            try:
+                self._db.execute('BEGIN IMMEDIATE')
+            except sqlite3.Error as exception:
+                raise self._fail(exception, 'write to') from exception
+
+    def _fail(self, exception: sqlite3.Error, doing: str) -> StoreError:
+        """A statement of the batch failed: SQLite may have rolled the whole transaction back (disk full does), so
+        the batch is lost; roll back what is left and remember it, so that its commit fails too."""
+        failure = StoreError(f'could not {doing} the task store {self.path}: {exception}')
+        self._failure = self._failure or failure
+        self._roll_back()
+        return failure
+
+    def _roll_back(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            if self._db.in_transaction:
+                self._db.execute('ROLLBACK')
+        self._staged = {**self._pending, **self._staged}
+        self._pending = {}
+        self._batch_high_water = self.high_water
+
+    @property
+    def staged(self) -> int:
+        """Writes not committed yet."""
+        return len(self._staged) + len(self._pending)
+
+    def _flush(self) -> None:
+        """Execute the staged writes in the open transaction (they commit with it)."""
+        if not self._staged:
+            return
+        self._begin()
+        staged, self._staged = self._staged, {}
+        updates = [(*write, task_id) for task_id, write in staged.items() if write is not None]
+        deletes = [(task_id,) for task_id, write in staged.items() if write is None]
+        self._pending.update(staged)
+        try:
+            if updates:
+                self._db.executemany('UPDATE tasks SET state=?, attempts=?, dead_reason=? WHERE id=?', updates)
+            if deletes:
+                self._db.executemany('DELETE FROM tasks WHERE id=?', deletes)
+        except sqlite3.Error as exception:
+            raise self._fail(exception, 'write to') from exception
 
     def commit(self) -> bool:
-        """Commit the open batch, if any. Returns whether there was one. Raises :class:`StoreError` on failure."""
-        if not self._in_transaction:
-            return False
+        """Commit the batch: its inserts and staged writes. Returns whether there was anything to commit.
+
+        :raises StoreError: when the batch could not be stored (disk full, read-only): nothing of it is; the staged
+            writes stay staged (the next commit tries them again), the inserts are gone.
+        """
         try:
-            self._db.execute('COMMIT')
-        except sqlite3.Error as exception:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute('ROLLBACK')
-            self._in_transaction = False
-            raise StoreError(f'could not commit to the task store {self.path}: {exception}') from exception
-        self._in_transaction = False
-        if self.after_commit is not None:
-            self.after_commit(self)
-        return True
+            if self._failure is not None:
+                raise self._failure
+            self._flush()
+            if not self._db.in_transaction:
+                return False
+            try:
+                self._db.execute('COMMIT')
+            except sqlite3.Error as exception:
+                raise self._fail(exception, 'commit to') from exception
+            self._pending = {}
+            self.high_water = max(self.high_water, self._batch_high_water)
+            if self.after_commit is not None:
+                self.after_commit(self)
+            return True
+        except StoreError:
+            self._roll_back()
+            raise
+        finally:
+            self._failure = None
 
     def rollback(self) -> None:
-        if self._in_transaction:
-            self._db.execute('ROLLBACK')
-            self._in_transaction = False
+        """Give up the open batch: its inserts are gone, its staged writes stay staged."""
+        self._roll_back()
+        self._failure = None
 
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        try:
+            self.commit()
+        finally:
+            self._db.close()
 
     # Writes (inside the open batch) -----------------------------------------------------------------------------
 
@@ -172,33 +235,30 @@ class TaskStore:
                 (queue, payload, int(no_reply), reply_to, correlation, time.time()),
             )
         except sqlite3.Error as exception:
-            raise StoreError(f'could not write to the task store {self.path}: {exception}') from exception
+            raise self._fail(exception, 'write to') from exception
         assert cursor.lastrowid is not None
-        self.high_water = max(self.high_water, cursor.lastrowid)
+        self._batch_high_water = max(self._batch_high_water, cursor.lastrowid)
         return cursor.lastrowid
 
-    def mark_delivered(self, deliveries: Iterable[tuple[int, int]]) -> None:
-        """Record (attempts, task id) pairs as handed out."""
-        self._begin()
-        self._db.executemany(f'UPDATE tasks SET state={DELIVERED}, attempts=? WHERE id=?', deliveries)
-
-    def mark_ready(self, requeues: Iterable[tuple[int, int]]) -> None:
-        """Record (attempts, task id) pairs as waiting again."""
-        self._begin()
-        self._db.executemany(f'UPDATE tasks SET state={READY}, attempts=? WHERE id=?', requeues)
-
-    def mark_dead(self, task_id: int, reason: str) -> None:
-        self._begin()
-        self._db.execute(f'UPDATE tasks SET state={DEAD}, dead_reason=? WHERE id=?', (reason, task_id))
+    def stage(self, task_id: int, state: int, attempts: int, reason: str | None = None) -> None:
+        """Record the task's state and delivery count with the batch (the last write of a task in a batch wins)."""
+        self._staged[task_id] = (state, attempts, reason)
 
     def delete(self, task_ids: Iterable[int]) -> None:
-        self._begin()
-        self._db.executemany('DELETE FROM tasks WHERE id=?', ((task_id,) for task_id in task_ids))
+        """Delete these tasks with the batch."""
+        for task_id in task_ids:
+            self._staged[task_id] = None
+
+    def unstage(self, task_ids: Iterable[int]) -> None:
+        """Forget the staged writes of these tasks (tasks whose insert was rolled back: their ids are reused)."""
+        for task_id in task_ids:
+            self._staged.pop(task_id, None)
 
     # Reads --------------------------------------------------------------------------------------------------------
 
     def load_ready(self, queue: str, after_id: int, limit: int) -> list[StoredTask]:
-        """Ready tasks of a queue with an id above ``after_id``, oldest first."""
+        """Ready tasks of a queue with an id above ``after_id``, oldest first (as the batch left them so far)."""
+        self._flush()
         rows = self._db.execute(
             f'SELECT {_COLUMNS} FROM tasks WHERE queue=? AND state={READY} AND id>? ORDER BY id LIMIT ?',
             (queue, after_id, limit),
@@ -215,7 +275,7 @@ class TaskStore:
         return dict(rows)
 
     def dead_letters(self, queue: str | None = None) -> list[tuple[int, str, int, str]]:
-        """(id, queue, attempts, reason) of every dead-lettered task."""
+        """(id, queue, attempts, reason) of every dead-lettered task (as committed)."""
         sql = f'SELECT id, queue, attempts, dead_reason FROM tasks WHERE state={DEAD}'
         params: tuple = ()
         if queue is not None:
@@ -223,39 +283,21 @@ class TaskStore:
             params = (queue,)
         return self._db.execute(sql + ' ORDER BY id', params).fetchall()
 
-    def revive_dead(self, task_ids: Iterable[int] | None = None) -> list[int]:
-        """Put dead-lettered tasks back as ready with a fresh delivery count (all when ``task_ids`` is None).
-
-        Returns the ids revived; the caller puts them in its queues.
-        """
-        self._begin()
+    def dead_ids(self, task_ids: Iterable[int] | None = None) -> list[int]:
+        """The dead-lettered tasks among ``task_ids`` (all when None), as the batch left them so far."""
+        self._flush()
         if task_ids is None:
-            ids = [row[0] for row in self._db.execute(f'SELECT id FROM tasks WHERE state={DEAD} ORDER BY id')]
-        else:
-            wanted = [int(task_id) for task_id in task_ids]
-            ids = [
-                i
-                for i in wanted
-                if self._db.execute(f'SELECT 1 FROM tasks WHERE id=? AND state={DEAD}', (i,)).fetchone()
-            ]
-        self._db.executemany(
-            f'UPDATE tasks SET state={READY}, attempts=0, dead_reason=NULL WHERE id=?', ((i,) for i in ids)
-        )
-        return ids
+            return [row[0] for row in self._db.execute(f'SELECT id FROM tasks WHERE state={DEAD} ORDER BY id')]
+        return [
+            task_id
+            for task_id in sorted(set(task_ids))
+            if self._db.execute(f'SELECT 1 FROM tasks WHERE id=? AND state={DEAD}', (task_id,)).fetchone()
+        ]
 
-    def drop_dead(self, task_ids: Iterable[int] | None = None) -> int:
-        """Delete dead-lettered tasks (all when ``task_ids`` is None); returns how many."""
-        self._begin()
-        if task_ids is None:
-            return self._db.execute(f'DELETE FROM tasks WHERE state={DEAD}').rowcount
-        return sum(
-            self._db.execute(f'DELETE FROM tasks WHERE id=? AND state={DEAD}', (int(i),)).rowcount for i in task_ids
-        )
-
-    def purge_ready(self, queue: str) -> int:
-        """Delete the waiting (ready) tasks of a queue; tasks held by consumers stay. Returns how many."""
-        self._begin()
-        return self._db.execute(f'DELETE FROM tasks WHERE queue=? AND state={READY}', (queue,)).rowcount
+    def ready_ids(self, queue: str) -> list[int]:
+        """The waiting (ready) tasks of a queue, as the batch left them so far."""
+        self._flush()
+        return [row[0] for row in self._db.execute(f'SELECT id FROM tasks WHERE queue=? AND state={READY}', (queue,))]
 
     def load_tasks(self, task_ids: Iterable[int]) -> list[StoredTask]:
         """The tasks with these ids, oldest first."""

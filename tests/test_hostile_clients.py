@@ -9,7 +9,9 @@ keeps answering another client and never logs a traceback. The fast tests run an
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import json
 import logging
 import sqlite3
@@ -208,6 +210,75 @@ READY, DELIVERED, DEAD = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# 3. Queues are bounded, forgotten when idle, and only queues with work are dispatched
+
+
+def test_queues_of_a_client_that_left_are_forgotten(live_factory):
+    """442k CONSUMEs with unique names stayed in memory for good; queues nobody consumes and that hold nothing go."""
+    live = live_factory(queue_expiry=0.3)
+    control = live.connect(task_queue='control-q')
+    control.add_task_subscriber(lambda _comm, task: task)
+    with live.raw() as flooder:
+        for index in range(500):
+            flooder.send(Command.CONSUME, b'k', b'flood-%d' % index, b'1')
+        assert len(flooder.admin('status')['queues']) >= 500
+        flooder.send(Command.BYE)
+    wait_until(lambda: set(live.admin('status')['queues']) <= {'control-q'}, 5, what='the flood queues forgotten')
+    assert control.task_send('still served').result(timeout=5) == 'still served'
+
+
+def test_a_queue_emptied_and_cancelled_is_forgotten(live_factory):
+    live = live_factory(queue_expiry=0.3)
+    with live.raw() as client:
+        client.send(Command.TASK_SEND, b'c1', b'once', b'1', b'\x00J1')
+        client.expect(Command.TASK_CONFIRM)
+        client.send(Command.CONSUME, b'k', b'once', b'0')
+        delivery = client.expect(Command.TASK_DELIVER)
+        client.send(Command.TASK_ACK, delivery.args[1], delivery.args[2])
+        client.send(Command.CANCEL, b'k', b'once')
+        wait_until(lambda: 'once' not in client.admin('status')['queues'], 5, what='the idle queue forgotten')
+
+
+def test_consumes_past_the_per_client_limit_are_refused(live_factory):
+    live = live_factory(max_queues_per_client=20)
+    with live.raw() as flooder:
+        for index in range(25):
+            flooder.send(Command.CONSUME, b'k', b'mine-%d' % index, b'1')
+        error = flooder.expect(Command.ERROR)
+        assert bytes(error.args[1]) == ErrorCode.LIMIT and b'20' in bytes(error.args[2])
+        queues = flooder.admin('status')['queues']
+        assert len([name for name in queues if name.startswith('mine-')]) == 20
+    # Another client still consumes what it asks for.
+    with live.raw() as other:
+        other.send(Command.TASK_SEND, b'c1', b'theirs', b'1', b'\x00J1')
+        other.expect(Command.TASK_CONFIRM)
+        other.send(Command.CONSUME, b'k', b'theirs', b'1')
+        other.expect(Command.TASK_DELIVER)
+
+
+def test_queues_in_all_are_bounded_and_task_sends_past_it_refused(live_factory):
+    live = live_factory(max_queues=30, max_queues_per_client=1000)
+    with live.raw() as client:
+        for index in range(30):
+            client.send(Command.CONSUME, b'k', b'q-%d' % index, b'1')
+        client.send(Command.CONSUME, b'k', b'one-too-many', b'1')
+        assert bytes(client.expect(Command.ERROR).args[1]) == ErrorCode.LIMIT
+        client.send(Command.TASK_SEND, b'c7', b'new-queue', b'1', b'\x00J1')
+        error = client.expect(Command.ERROR, correlation=b'c7')
+        assert bytes(error.args[1]) == ErrorCode.STORE and b'queues' in bytes(error.args[2])
+        client.send(Command.TASK_SEND, b'c8', b'q-3', b'1', b'\x00J1')  # an existing queue takes tasks
+        client.expect(Command.TASK_CONFIRM, correlation=b'c8')
+        assert len(client.admin('status')['queues']) == 30
+        # An idle queue (empty, consumed by nobody) gives its place to a new one at once.
+        client.send(Command.CANCEL, b'k', b'q-0')
+        client.admin('status')  # a turn later, q-0 is idle
+        client.send(Command.CONSUME, b'k2', b'one-more', b'1')
+        client.expect(Command.DONE, correlation=b'k2')
+        queues = client.admin('status')['queues']
+        assert 'q-0' not in queues and 'one-more' in queues and len(queues) == 30
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # 4. What a peer can make the broker repeat is logged a few times, then counted
 
 
@@ -278,6 +349,110 @@ def test_many_tiny_frames_do_not_stall_the_others(live):
         error = client.expect(Command.ERROR, correlation=b'tiny-1', timeout=10)
         assert bytes(error.args[1]) == ErrorCode.MALFORMED
     assert control.rpc_send('echo', 1).result(timeout=5) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7. A dead letter stays dead
+
+
+def test_a_task_at_its_cap_when_its_consumer_dies_is_dead_lettered_for_good(live_factory):
+    """The red team's sequence: the holder of a task's last allowed delivery dies while another consumer has room;
+    the task was marked dead, then the batch's deferred requeue marked it ready again (and nobody ever got it)."""
+    live = live_factory(max_deliveries=2)
+    with live.raw(name='producer') as producer:
+        producer.send(Command.TASK_SEND, b'c1', b'cap', b'1', b'\x00J1')
+        producer.expect(Command.TASK_CONFIRM)
+    first = live.raw(name='c101', pid=101)
+    first.send(Command.CONSUME, b'k', b'cap', b'1')
+    assert int(first.expect(Command.TASK_DELIVER).args[2]) == 1
+    second = live.raw(name='c102', pid=102)
+    second.send(Command.CONSUME, b'k', b'cap', b'1')
+    live.admin('peer-gone', pid=101)  # its process was reaped: the task goes to the other consumer
+    assert int(second.expect(Command.TASK_DELIVER).args[2]) == 2
+    third = live.raw(name='c103', pid=103)
+    third.send(Command.CONSUME, b'k', b'cap', b'1')
+    third.admin('status')  # its CONSUME is in: it has room when the holder of delivery 2 dies
+    live.admin('peer-gone', pid=102)
+    dead = live.admin('dead-letters')['dead_letters']
+    assert len(dead) == 1 and dead[0]['attempts'] == 2, dead
+    assert live.admin('status')['queues'].get('cap', {'depth': 0})['depth'] == 0
+    assert [row[2] for row in live.rows()] == [DEAD]
+    while (message := third.recv(0.3)) is not None:  # heartbeats at most: nobody gets a dead letter
+        assert message.command is not Command.TASK_DELIVER
+    for client in (first, second, third):
+        client.socket.close(0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8. No client behaviour makes a task loop hot: every quick return counts, backs off, and dead-letters at the cap
+
+
+def test_a_subscriber_raising_cancelled_error_ends_in_the_dead_letter_queue(live_factory):
+    live = live_factory(max_deliveries=4)
+    deliveries = []
+
+    def cancelled(_comm, task):
+        deliveries.append(time.monotonic())
+        raise concurrent.futures.CancelledError()
+
+    consumer = live.connect(task_queue='cancel')
+    consumer.add_task_subscriber(cancelled)
+    consumer.task_send('cancel me', no_reply=True)
+    wait_until(lambda: live.admin('dead-letters')['dead_letters'], 10, what='the dead letter')
+    assert len(deliveries) == 4, len(deliveries)
+    gaps = [b - a for a, b in itertools.pairwise(deliveries)]
+    assert all(gap >= 0.08 for gap in gaps), gaps  # backed off: 0.1, 0.2, 0.4 s
+    assert [row[2:] for row in live.rows()] == [(DEAD, 4)]
+
+
+def test_a_consumer_saying_bye_while_holding_a_task_cannot_spin_it(live_factory):
+    live = live_factory(max_deliveries=3)
+    with live.raw() as producer:
+        producer.send(Command.TASK_SEND, b'c1', b'bye', b'1', b'\x00J1')
+        producer.expect(Command.TASK_CONFIRM)
+    attempts = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(attempts) < 10:
+        client = live.raw(name='quitter')
+        client.send(Command.CONSUME, b'k', b'bye', b'1')
+        with contextlib.suppress(TimeoutError):  # backing off: it comes to a later consumer
+            attempts.append(int(client.expect(Command.TASK_DELIVER, 1.5).args[2]))
+        client.send(Command.BYE)
+        client.close()
+        if live.admin('dead-letters')['dead_letters']:
+            break
+    assert attempts == [1, 2, 3], attempts
+    assert [row[2:] for row in live.rows()] == [(DEAD, 3)]
+
+
+def test_a_consumer_that_held_a_task_a_while_gives_it_back_uncounted(live_factory):
+    """A daemon stopped after working on a task for a while (the held-for-weeks case): not a failed delivery."""
+    live = live_factory(max_deliveries=2, quick_release=0.3)
+    with live.raw() as producer:
+        producer.send(Command.TASK_SEND, b'c1', b'long', b'1', b'\x00J1')
+        producer.expect(Command.TASK_CONFIRM)
+    for _ in range(4):
+        client = live.raw(name='worker')
+        client.send(Command.CONSUME, b'k', b'long', b'1')
+        delivery = client.expect(Command.TASK_DELIVER)
+        assert int(delivery.args[2]) == 1  # each time the first (counted) delivery
+        time.sleep(0.35)  # held longer than quick_release (the clock is what is tested)
+        client.send(Command.BYE)
+        client.close()
+    assert not live.admin('dead-letters')['dead_letters']
+
+
+def test_next_task_and_requeue_does_not_count(live_factory):
+    live = live_factory(max_deliveries=2)
+    communicator = live.connect()
+    queue = communicator.task_queue('inspect')
+    queue.task_send('look at me', no_reply=True)
+    for _ in range(5):
+        with queue.next_task(timeout=5) as task:
+            assert task.body == 'look at me'
+            task.requeue()
+    assert not live.admin('dead-letters')['dead_letters']
+    assert live.admin('status')['queues']['inspect']['depth'] == 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
