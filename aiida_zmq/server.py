@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import heapq
 import itertools
 import json
@@ -24,7 +25,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,8 @@ SOCKET_FILENAME = 'broker.sock'
 MAX_IPC_PATH = 100
 # How long a new broker waits, by default, for a lock whose holder does not serve (starting, closing, offline submit).
 LOCK_WAIT_NOT_SERVING = 30.0
+# The broker gives free heap memory back to the system this often (and a second after a large release).
+TRIM_INTERVAL = 5.0
 # How a delivery ended without an answer (see Broker._give_back).
 REFUSED, RELEASED, LOST = 'refused', 'released', 'lost'
 # A correlation the broker echoes in an ERROR; the communicator's are short decimals, a longer one is not a request.
@@ -66,7 +69,9 @@ class BrokerConfig:
     max_deliveries: int = 20  # deliveries of one task before it goes to the dead-letter queue
     fsync: bool = False  # fsync every batch (survives power loss, not only process crashes)
     batch_size: int = 2000  # messages read per turn of the loop before the batch is committed
-    outbound_limit: int = 50_000  # messages queued for one client before it counts as stalled
+    outbound_limit: int = 50_000  # messages waiting for one client before it counts as not reading (its session ends)
+    outbound_bytes: int = 32 * 1024 * 1024  # bytes waiting for one client before the same (one larger message may)
+    socket_hwm: int = 1000  # messages ZeroMQ itself queues per peer, each way (ZMQ_SNDHWM, ZMQ_RCVHWM)
     window: int = 2000  # ready tasks per queue kept in memory; the rest stay on disk
     window_bytes: int = 32 * 1024 * 1024
     reclaim_grace: float | None = None  # after a restart, how long holders may reclaim tasks (default: peer_timeout)
@@ -105,6 +110,26 @@ def default_endpoint(data_dir: str | os.PathLike[str]) -> str:
     return f'ipc://{short_socket_dir()}/{digest}.sock'
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system. glibc keeps freed memory for reuse, so a broker that buffered
+    a flood for a client that did not read stayed at 1.2-1.5 GiB after every client left; ``malloc_trim(0)`` returns
+    it (all arenas, ZeroMQ's I/O thread's included). A no-op where the C library has no such call."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        function = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    return function
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # In-memory state
 
@@ -126,7 +151,10 @@ class Client:
     name: str
     last_seen: float
     last_sent: float = 0.0
-    outbound: collections.deque = field(default_factory=collections.deque)
+    outbound: collections.deque[tuple[list[bytes], int, bool]] = field(default_factory=collections.deque)
+    outbound_bytes: int = 0  # of what waits in ``outbound`` (entries: frames, size, droppable)
+    outbound_progress: float = 0.0  # when ZeroMQ last took a message of ``outbound`` (or it began to fill)
+    overflowed: bool = False  # past its outbound budget: the session ends with this batch
     held: dict[int, StoredTask] = field(default_factory=dict)
     held_since: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed out (monotonic)
     fetched: set[int] = field(default_factory=set)  # held tasks taken by TASK_GET (next_task), not pushed
@@ -139,7 +167,7 @@ class Client:
 
     @property
     def stalled(self) -> bool:
-        return len(self.outbound) > 0
+        return len(self.outbound) > 0 or self.overflowed
 
     def room(self, queue: str) -> int:
         prefetch = self.prefetch.get(queue)
@@ -205,6 +233,10 @@ class Broker:
         self._outgoing: list[tuple[Client, StoredTask, Command, bytes]] = []  # deliveries sent after the commit
         self._admin_replies: list[tuple[Client, bytes, bytes]] = []  # wait for the batch's commit
         self._unknown_warned: dict[bytes, float] = {}
+        self._backlogged: dict[Client, None] = {}  # clients with messages waiting in their outbound queue
+        self._overflowed: list[Client] = []  # clients past their outbound budget, dropped at the end of the batch
+        self._memory_freed = False  # much memory was freed: give it back to the system at the next tick
+        self._last_trim = 0.0
         self.stats = collections.Counter[str]()
         # Every line a peer can make the broker repeat goes through this, keyed by (kind, peer): a flood of malformed
         # messages writes a few lines and a count, not a line each (1.1 million lines, 154 MiB in 20 s, before).
@@ -338,8 +370,10 @@ class Broker:
                 socket.setsockopt(zmq.AFFINITY, security.CurveServer.PLAIN_AFFINITY)  # off the CURVE I/O thread
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
-            socket.setsockopt(zmq.SNDHWM, 100_000)
-            socket.setsockopt(zmq.RCVHWM, 100_000)
+            # ZeroMQ counts its queues in messages; bytes are bounded by the broker's own outbound queue
+            # (outbound_bytes) and the message size: a short queue here keeps what waits for a peer within that.
+            socket.setsockopt(zmq.SNDHWM, self.config.socket_hwm)
+            socket.setsockopt(zmq.RCVHWM, self.config.socket_hwm)
             socket.setsockopt(zmq.LINGER, 1000)
             # A safety net under the per-message check: ZeroMQ drops a peer that sends a frame larger than this.
             socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
@@ -515,7 +549,7 @@ class Broker:
             timeout = max(0.0, next_tick - now)
             if self._delayed:
                 timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
-            if any(client.outbound for client in self.clients.values()):
+            if self._backlogged:
                 timeout = min(timeout, 0.01)
             # Wake at least every 100 ms so that a stop request is seen promptly.
             events = poller.poll(int(min(timeout, 0.1) * 1000))
@@ -539,6 +573,8 @@ class Broker:
         """Hand out ready tasks, commit the batch (stores and deliveries in one transaction), then confirm what it
         stored and send the deliveries: nothing leaves before the commit that records it."""
         self._release_delayed(time.monotonic())
+        if self._overflowed:
+            self._drop_overflowed()  # before the dispatch: their tasks go to the others in this batch
         try:
             self._dispatch()
         except StoreError:
@@ -629,7 +665,13 @@ class Broker:
                 self._drop_client(client, released=False)
             elif now - client.last_sent >= self.config.heartbeat:
                 self._send(client, Command.HEARTBEAT)
-        self.queues.expire(now)
+        if self.queues.expire(now) > 100:
+            self._memory_freed = True
+        if now - self._last_trim >= (1.0 if self._memory_freed else TRIM_INTERVAL):
+            # After a flood the freed memory stays with the process unless it is handed back (1.2 GiB did).
+            self._memory_freed = False
+            self._last_trim = now
+            trim_heap()
         if self.orphans and now >= self._orphan_deadline:
             LOGGER.info('%d task(s) delivered before the restart were not reclaimed: requeued', len(self.orphans))
             for task in sorted(self.orphans.values(), key=lambda t: -t.id):
@@ -643,15 +685,17 @@ class Broker:
     # Sending ------------------------------------------------------------------------------------------------------
 
     def _send(self, client: Client, command: Command, *args: bytes) -> None:
+        if client.overflowed:
+            return  # its session ends with this batch (the slow-client rule): nothing more is kept for it
         frames = [client.routing_id, *protocol.encode(command, *args)]
         client.last_sent = time.monotonic()
         if client.outbound:
-            self._queue_outbound(client, frames)
+            self._queue_outbound(client, frames, droppable=command is Command.BROADCAST)
             return
         try:
             client.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            self._queue_outbound(client, frames)
+            self._queue_outbound(client, frames, droppable=command is Command.BROADCAST)
         except zmq.ZMQError as exception:
             if exception.errno == zmq.EHOSTUNREACH:
                 # The peer is gone (its pipe closed); the heartbeat check will clean up after it.
@@ -659,33 +703,112 @@ class Broker:
             else:
                 raise
 
-    def _queue_outbound(self, client: Client, frames: list[bytes]) -> None:
-        if len(client.outbound) >= self.config.outbound_limit:
-            self.stats['dropped_to_stalled_client'] += 1
-            self.limited_log.warning(
-                'client %s is not reading: message dropped (outbound limit reached)',
-                client.name,
-                key=('outbound', client.routing_id),
-            )
-            return
-        client.outbound.append(frames)
+    # What waits for a client that does not read. ZeroMQ's own queue to a peer holds ``socket_hwm`` messages; past
+    # it, messages wait in the client's outbound queue, within ``outbound_limit`` messages and ``outbound_bytes``
+    # bytes (one larger message may wait alone). Broadcasts may be dropped, oldest first, to keep within it, as
+    # RabbitMQ drops the head of a subscriber's full broadcast queue; anything else past it, or a client that takes
+    # nothing for ``peer_timeout`` while messages wait, is the slow-client rule: its session ends (:meth:`_overflow`).
+
+    def _queue_outbound(self, client: Client, frames: list[bytes], droppable: bool) -> None:
+        size = sum(len(frame) for frame in frames)
+        if client.outbound and (
+            len(client.outbound) >= self.config.outbound_limit
+            or client.outbound_bytes + size > self.config.outbound_bytes
+        ):
+            if droppable or not self._drop_broadcasts(client, size):
+                if droppable:
+                    self._dropped_broadcasts(client, 1)
+                else:
+                    self._overflow(client, size)
+                return
+        if not client.outbound:
+            client.outbound_progress = time.monotonic()
+        client.outbound.append((frames, size, droppable))
+        client.outbound_bytes += size
+        self._backlogged[client] = None
+        if client.outbound_bytes > self.stats['outbound_peak_bytes']:
+            self.stats['outbound_peak_bytes'] = client.outbound_bytes
+
+    def _drop_broadcasts(self, client: Client, size: int) -> bool:
+        """Make room for a message that must reach the client by dropping broadcasts waiting for it, oldest first;
+        returns whether that made enough room."""
+        excess_bytes = client.outbound_bytes + size - self.config.outbound_bytes
+        excess_count = len(client.outbound) + 1 - self.config.outbound_limit
+        kept: collections.deque[tuple[list[bytes], int, bool]] = collections.deque()
+        dropped = 0
+        for entry in client.outbound:
+            if entry[2] and (excess_bytes > 0 or excess_count > 0):
+                excess_bytes -= entry[1]
+                excess_count -= 1
+                client.outbound_bytes -= entry[1]
+                dropped += 1
+            else:
+                kept.append(entry)
+        client.outbound = kept
+        if dropped:
+            self._dropped_broadcasts(client, dropped)
+        return excess_bytes <= 0 and excess_count <= 0
+
+    def _dropped_broadcasts(self, client: Client, count: int) -> None:
+        self.stats['broadcasts_dropped_to_slow_clients'] += count
+        self.limited_log.warning(
+            'client %s (%s) is not reading its broadcasts: %d dropped (%d bytes waiting for it)',
+            client.name,
+            client.routing_id.decode(errors='replace'),
+            count,
+            client.outbound_bytes,
+            key=('broadcasts-dropped', client.routing_id),
+        )
+
+    def _overflow(self, client: Client, size: int) -> None:
+        """A client that does not read what it asked for: its session ends with this batch (its held tasks go to the
+        others, its RPC callers are told), and what waited for it is dropped now. A slow or stopped client loses its
+        tasks to others, not the broker its memory or its liveness (1.5 GiB for one deaf subscriber, before)."""
+        self.stats['slow_clients_dropped'] += 1
+        self.limited_log.warning(
+            'client %s (%s) is not reading: %d message(s), %d bytes waiting for it%s: its session ends, %d held '
+            'task(s) go to other consumers',
+            client.name,
+            client.routing_id.decode(errors='replace'),
+            len(client.outbound),
+            client.outbound_bytes,
+            f' (and {size} more)' if size else f', none taken for {self.config.peer_timeout:g}s',
+            len(client.held),
+            key=('overflow', client.routing_id),
+        )
+        client.overflowed = True
+        client.outbound.clear()
+        client.outbound_bytes = 0
+        self._backlogged.pop(client, None)
+        self._overflowed.append(client)
+        self._memory_freed = True
+
+    def _drop_overflowed(self) -> None:
+        for client in self._overflowed:
+            if self.clients.get(client.routing_id) is client:
+                self._drop_client(client, released=False)
+        self._overflowed.clear()
 
     def _flush_outbound(self) -> None:
-        for client in self.clients.values():
-            if not client.outbound:
-                continue
+        now = time.monotonic()
+        for client in list(self._backlogged):
             while client.outbound:
                 try:
-                    client.socket.send_multipart(client.outbound[0], zmq.NOBLOCK)
+                    client.socket.send_multipart(client.outbound[0][0], zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 except zmq.ZMQError:
                     client.outbound.clear()
+                    client.outbound_bytes = 0
                     break
-                client.outbound.popleft()
+                client.outbound_bytes -= client.outbound.popleft()[1]
+                client.outbound_progress = now  # ZeroMQ's queue took one: the client reads
             if not client.outbound:  # no longer stalled: its queues may hand it tasks again
+                del self._backlogged[client]
                 for name in client.prefetch:
                     self.queues.wake(name)
+            elif now - client.outbound_progress > self.config.peer_timeout:
+                self._overflow(client, 0)  # alive (it heartbeats), but it has taken nothing for that long
 
     def _answer(self, peer: Client | Sender, command: Command, *args: bytes) -> None:
         """Answer a client through its session, a sender directly."""
@@ -748,6 +871,7 @@ class Broker:
         name = Command(command).name if command in _COMMANDS else 'message'
         if code == ErrorCode.TOO_LARGE:
             self.stats['too_large'] += 1
+            self._memory_freed = True
             text = f'{name} of {size} bytes exceeds the broker maximum of {self.config.max_message_bytes} bytes'
         else:
             self.stats['malformed'] += 1
@@ -948,6 +1072,9 @@ class Broker:
     def _drop_client(self, client: Client, *, released: bool) -> None:
         """Forget a client: its held tasks go back (at once), its RPC identifiers free up, its callers are told."""
         self.clients.pop(client.routing_id, None)
+        self._backlogged.pop(client, None)
+        if client.outbound_bytes > 1024 * 1024:
+            self._memory_freed = True
         for queue_name in client.prefetch:
             queue = self.queues.get(queue_name)
             if queue is not None and client in queue.consumers:

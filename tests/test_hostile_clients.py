@@ -65,7 +65,7 @@ class LiveBroker:
     def __init__(self, **options: object) -> None:
         self.base = Path(tempfile.mkdtemp(prefix='azhc-'))
         self.endpoint = f'ipc://{self.base}/b.sock'
-        self.config = BrokerConfig(heartbeat=0.2, peer_timeout=2.0, **options)  # type: ignore[arg-type]
+        self.config = BrokerConfig(**{'heartbeat': 0.2, 'peer_timeout': 2.0, **options})  # type: ignore[arg-type]
         self.log = Captured()
         self.logger = logging.getLogger('aiida_zmq')
         self.previous_level = self.logger.level
@@ -132,14 +132,22 @@ class Raw:
     """A bare DEALER socket speaking the protocol by hand: what a hostile or buggy client sends."""
 
     def __init__(
-        self, endpoint: str, *, hello: bool = True, name: str = 'raw', pid: int = 0, rcvhwm: int | None = None
+        self,
+        endpoint: str,
+        *,
+        hello: bool = True,
+        name: str = 'raw',
+        pid: int = 0,
+        rcvhwm: int | None = None,
+        rcvbuf: int | None = None,
     ) -> None:
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDTIMEO, 5000)
         if rcvhwm is not None:
             self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
-            self.socket.setsockopt(zmq.RCVBUF, 4096)
+        if rcvbuf is not None:
+            self.socket.setsockopt(zmq.RCVBUF, rcvbuf)
         self.socket.connect(endpoint)
         self.correlations = (b'r%d' % n for n in range(1, 1 << 62))
         if hello:
@@ -318,6 +326,88 @@ def test_suppressed_lines_are_reported_with_their_count(live_factory):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# 5. Outbound limits count bytes; a client that does not read loses its session (and its tasks), not the broker
+
+
+def test_a_subscriber_that_never_reads_loses_its_session_and_its_tasks(live_factory):
+    live = live_factory(outbound_bytes=4 * 1024 * 1024)
+    producer = live.connect(task_queue='work')
+    # The slow client holds a task, subscribes to broadcasts, heartbeats, and never reads again.
+    slow = live.raw(name='slow', rcvhwm=1, rcvbuf=4096)
+    producer.task_send('held by the slow client', no_reply=True)
+    slow.send(Command.CONSUME, b'k', b'work', b'1')
+    slow.expect(Command.TASK_DELIVER)
+    slow.send(Command.SUBSCRIBE, b's1')
+    slow.send(Command.HEARTBEAT)
+    wait_until(lambda: any(c['subscribed'] for c in live.admin('status')['clients']), 5, what='the subscription')
+    got: concurrent.futures.Future = concurrent.futures.Future()
+    worker = live.connect(task_queue='work')
+    worker.add_task_subscriber(lambda _comm, task: got.set_result(task))
+    payload = 'x' * 64 * 1024
+    stop = threading.Event()
+
+    def keep_alive() -> None:  # a hostile client's heartbeats: it is alive, it just does not read
+        while not stop.wait(0.1):
+            slow.send(Command.HEARTBEAT)
+
+    heart = threading.Thread(target=keep_alive, daemon=True)
+    heart.start()
+    try:
+        for _ in range(1500):  # ~96 MiB of broadcasts: past ZeroMQ's queue and the 4 MiB budget
+            producer.broadcast_send(payload)
+            if got.done():
+                break
+        # The slow-client rule: its held task goes to the other consumer, long before any peer timeout.
+        assert got.result(timeout=10) == 'held by the slow client'
+        status = live.admin('status')
+        assert 'slow' not in [client['name'] for client in status['clients']]
+        assert status['stats'].get('slow_clients_dropped') == 1
+        assert status['stats'].get('outbound_peak_bytes', 0) <= 4 * 1024 * 1024 + 2 * 70 * 1024
+    finally:
+        stop.set()
+        heart.join(5)
+        slow.socket.close(0)
+
+
+def test_a_subscriber_that_reads_late_loses_broadcasts_not_its_session(live_factory):
+    """As RabbitMQ drops the head of a full broadcast queue: broadcasts past the budget go, the session stays."""
+    live = live_factory(outbound_bytes=1024 * 1024, peer_timeout=10.0)
+    producer = live.connect()
+    late = live.raw(name='late-reader')
+    late.send(Command.SUBSCRIBE, b's1')
+    late.expect(Command.DONE)
+    for _ in range(4000):  # 64 MiB: past ZeroMQ's queues (1,000 messages each side) and the 1 MiB budget behind
+        producer.broadcast_send('z' * 16384)
+    received = 0
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # read until no broadcast came for a second
+        message = late.recv(max(0.0, deadline - time.monotonic()))
+        if message is not None and message.command is Command.BROADCAST:
+            received += 1
+            deadline = time.monotonic() + 1.0
+    status = live.admin('status')
+    assert 'late-reader' in [client['name'] for client in status['clients']]
+    assert status['stats'].get('slow_clients_dropped', 0) == 0
+    dropped = status['stats']['broadcasts_dropped_to_slow_clients']
+    assert dropped > 0 and received + dropped == 4000 and received >= 2000
+    late.close()
+
+
+def test_a_client_that_reads_slowly_is_not_dropped(live_factory):
+    """Bytes in flight within the budget: a client that reads, however slowly, keeps its session."""
+    live = live_factory(outbound_bytes=8 * 1024 * 1024)
+    producer = live.connect()
+    received = threading.Semaphore(0)
+    reader = live.connect()
+    reader.add_broadcast_subscriber(lambda *_: received.release())
+    for _ in range(200):
+        producer.broadcast_send('y' * 4096)
+    for _ in range(200):
+        assert received.acquire(timeout=10)
+    assert live.admin('status')['stats'].get('slow_clients_dropped', 0) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # 6. The size limit holds for the whole message, and every command has its frame count
 
 
@@ -490,6 +580,38 @@ def test_admin_error_texts_say_what_is_expected(live):
         assert 'limit' in json.loads(reply.args[2]) and 'integer' in json.loads(reply.args[2])
         reply = client.admin_raw(b'{"op": "tasks", "bogus": 1}')
         assert 'bogus' in json.loads(reply.args[2]) and 'queue' in json.loads(reply.args[2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Floods (--run-slow): real broker processes, the figures of docs/reliability.md
+
+#: (peak RSS MiB, RSS after everyone left MiB, victim RPC p99 during ms, log bytes per 10 s): generous bounds for a
+#: loaded 2-core machine; before the fixes the floods reached 373-2,112 MiB, 665-1,333 MiB after, 133 MB of log/10 s.
+FLOOD_BOUNDS = {
+    'consume': (150, 70, 250, 20_000),
+    'malformed': (100, 70, 250, 20_000),
+    'broadcast': (250, 80, 500, 20_000),
+    'broadcast-sigstop': (250, 80, 500, 20_000),
+    'frames': (400, 80, 500, 20_000),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', list(FLOOD_BOUNDS))
+def test_flood(kind):
+    from tests.hostile_floods import run_flood
+
+    figures = run_flood(kind, seconds=10)
+    log_tail = figures.pop('log_tail')
+    print(json.dumps(figures))
+    peak, after, p99, log_bytes = FLOOD_BOUNDS[kind]
+    assert figures['broker_alive'], log_tail
+    assert figures['rss_peak_mib'] < peak, figures
+    assert figures['rss_after_everyone_left_mib'] < after, figures
+    assert figures['rpc_during']['p99_ms'] < p99, figures
+    assert figures['rpc_after']['p99_ms'] < 50, figures
+    assert figures['log_bytes_per_10s'] < log_bytes, (figures, log_tail)
+    assert 'Traceback' not in log_tail, log_tail
 
 
 # --------------------------------------------------------------------------------------------------------------------
