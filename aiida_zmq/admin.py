@@ -228,7 +228,8 @@ def tasks_purge(broker: Broker, queue: str) -> dict:
 
 OPERATIONS: dict[str, Operation] = {
     'status': Operation(status, {}),
-    'peer-gone': Operation(peer_gone, {'pid': (_pid, None)}, frozenset({'pid'}), changes_store=True),
+    # peer-gone changes memory (the tasks go to others now); the store follows with the batch, even if it fails.
+    'peer-gone': Operation(peer_gone, {'pid': (_pid, None)}, frozenset({'pid'})),
     'dead-letters': Operation(dead_letters, {'queue': (_queue, None)}),
     'dead-letters-requeue': Operation(dead_letters_requeue, {'ids': (_ids, None)}, changes_store=True),
     'dead-letters-drop': Operation(dead_letters_drop, {'ids': (_ids, None)}, changes_store=True),

@@ -402,6 +402,14 @@ def _print_status(answer: dict[str, t.Any]) -> None:
     click.echo(f'  pid {answer["pid"]}, up {up}, epoch {answer["epoch"]}')
     click.echo(f'  endpoints  {", ".join(answer["endpoints"])}')
     click.echo(f'  data dir   {answer["data_dir"]} (store {_size(answer["store_bytes"])})')
+    fault = answer.get('store_fault')
+    if fault:  # the broker runs, but cannot write its store: it refuses new tasks and keeps what it holds
+        since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(fault['since']))
+        click.secho(f'  store      {fault["kind"].upper()} since {since}: {fault["error"]}', fg='red', bold=True)
+        click.echo(
+            f'             new tasks are refused, the others kept; it tries again in {fault["retry_in"]:g} s. '
+            f'Free space (df -h {answer["data_dir"]}): it goes on by itself'
+        )
     click.echo(f'  round trip {answer["round_trip_ms"]:.2f} ms')
     _print_circus(answer.get('circus'))
     settings = answer.get('settings')

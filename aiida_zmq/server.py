@@ -37,7 +37,7 @@ from .protocol import Command, ErrorCode
 from .queues import QueueState, TaskQueues
 from .ratelimit import RateLimitedLog
 from .security import ensure_private_dir, remove_stale_socket
-from .store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock
+from .store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock, describe_fault
 from .store_identity import StoreIdentity
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
@@ -80,6 +80,8 @@ class BrokerConfig:
     quick_release: float = 10.0  # a pushed task given back cleanly sooner than this after its delivery counts as one
     max_queues: int = 10_000  # queues in all (each costs memory whether or not it holds tasks)
     max_queues_per_client: int = 1_000  # queues one client consumes at once
+    store_retry: float = 0.5  # after the store failed (disk full), first wait before trying again; doubles
+    store_retry_max: float = 10.0
     queue_expiry: float = 60.0  # an empty queue nobody consumes is forgotten after this long (RabbitMQ's x-expires)
     # How long to wait for the data directory's lock. ``None``: up to 30 s for a holder that does not serve (a broker
     # starting or still closing, an offline submit), and a refusal at once, naming it, for a broker that serves.
@@ -236,6 +238,9 @@ class Broker:
         self._backlogged: dict[Client, None] = {}  # clients with messages waiting in their outbound queue
         self._overflowed: list[Client] = []  # clients past their outbound budget, dropped at the end of the batch
         self._memory_freed = False  # much memory was freed: give it back to the system at the next tick
+        self.store_fault: dict | None = None  # the store fails (disk full...): kind, error, since (see _store_failed)
+        self._store_retry_at = 0.0
+        self._store_backoff = 0.0
         self._last_trim = 0.0
         self.stats = collections.Counter[str]()
         # Every line a peer can make the broker repeat goes through this, keyed by (kind, peer): a flood of malformed
@@ -575,10 +580,18 @@ class Broker:
         self._release_delayed(time.monotonic())
         if self._overflowed:
             self._drop_overflowed()  # before the dispatch: their tasks go to the others in this batch
-        try:
-            self._dispatch()
-        except StoreError:
-            pass  # the store failed reading a queue's next page: the batch is lost, its commit below says so
+        writable = self._store_writable()
+        if not writable and not self._inserted:
+            # The store failed and its next try is not due: no deliveries (they need a commit), no commit; what the
+            # batch did waits in memory. Heartbeats and ADMIN are answered all the same.
+            self._answer_admin_replies_with_fault()
+            self._flush_outbound()
+            return
+        if writable:  # (a batch with new tasks tries the store early: the senders asked, and it may have room now)
+            try:
+                self._dispatch()
+            except StoreError:
+                pass  # the store failed reading a queue's next page: the batch is lost, its commit below says so
         if not self._commit():
             return
         # Confirms first: the senders wait for them (consumers, woken first, would take the CPU from them). A sender
@@ -599,18 +612,62 @@ class Broker:
 
     def _commit(self) -> bool:
         try:
-            self.store.commit()
+            written = self.store.commit()
         except StoreError as exception:
             self._batch_failed(exception)
             return False
         self._inserted.clear()
+        if self.store_fault is not None and (written or not self.store.staged):
+            LOGGER.warning(
+                'the task store writes again (%s since %s): tasks are accepted and delivered',
+                self.store_fault['kind'],
+                time.strftime('%H:%M:%S', time.localtime(self.store_fault['since'])),
+            )
+            self.store_fault = None
         return True
+
+    # The store failing (disk full, read-only, I/O errors): the broker refuses new tasks, keeps everything it holds in
+    # memory, answers heartbeats and ADMIN, and tries the store again after a backoff (store_retry, doubling to
+    # store_retry_max) instead of every turn (194 ERROR lines in 10 s, and no ADMIN answer, before).
+
+    def _store_writable(self) -> bool:
+        return self.store_fault is None or time.monotonic() >= self._store_retry_at
+
+    def _store_failed(self, exception: StoreError) -> None:
+        now = time.monotonic()
+        if self.store_fault is None:
+            self._store_backoff = self.config.store_retry
+            self.store_fault = {'error': str(exception), 'kind': describe_fault(exception), 'since': time.time()}
+        else:
+            self._store_backoff = min(2 * self._store_backoff, self.config.store_retry_max)
+            self.store_fault['error'] = str(exception)
+        self._store_retry_at = now + self._store_backoff
+        self.stats['store_failures'] += 1
+
+    def _fault_text(self) -> str:
+        assert self.store_fault is not None
+        retry = max(0.0, self._store_retry_at - time.monotonic())
+        return (
+            f'the broker cannot write its task store ({self.store_fault["kind"]}: {self.store_fault["error"]}); '
+            f'it tries again in {retry:.1f}s. Free space (df -h {self.data_dir}) or fix the file system'
+        )
+
+    def _answer_admin_replies_with_fault(self) -> None:
+        for client, correlation, _ in self._admin_replies:
+            self._admin_error(client, correlation, f'done in the broker, not stored yet: {self._fault_text()}')
+        self._admin_replies.clear()
 
     def _batch_failed(self, exception: StoreError) -> None:
         """Nothing of this batch is stored. Its new tasks are refused (loudly, never confirmed) and forgotten; its
         deliveries were not sent, so their tasks are back in their queues; everything else the batch changed (acks,
         requeues, dead letters) stays as the broker holds it in memory and is written with the next commit."""
-        self.limited_log.error('%s; refusing the tasks of this batch', exception, key=('store',))
+        self._store_failed(exception)
+        self.limited_log.error(
+            '%s; refusing the tasks of this batch, trying again in %.1fs',
+            exception,
+            self._store_backoff,
+            key=('store',),
+        )
         inserted = {task.id: task for task in self._inserted}
         self._inserted.clear()
         self.store.unstage(inserted)  # their ids are free again: the next insert may reuse them
@@ -635,14 +692,7 @@ class Broker:
         for queue in self.queues.values():  # a dispatch cut short by the failure left some unlooked at
             if queue.consumers and len(queue):
                 self.queues.wake(queue.name)
-        for client, correlation, _ in self._admin_replies:
-            self._admin_error(
-                client,
-                correlation,
-                f'done in the broker, but not stored yet: {exception}. It is written with the next commit that '
-                'succeeds; `aiida-zmq status` shows the store fault meanwhile',
-            )
-        self._admin_replies.clear()
+        self._answer_admin_replies_with_fault()
 
     def _flush_writes(self) -> None:
         """Commit what the batch staged (at close; the loop commits through :meth:`_commit`)."""
@@ -1387,6 +1437,9 @@ class Broker:
     def _on_task_get(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, queue_name = args
         name = bytes(queue_name).decode()
+        if not self._store_writable():  # handing out a task needs a commit
+            self._send(client, Command.ERROR, correlation, ErrorCode.STORE, self._fault_text().encode())
+            return
         queue = self.queues.get(name)
         task = self._deliverable(queue) if queue is not None else None
         if queue is not None:
@@ -1489,6 +1542,10 @@ class Broker:
             return
         try:
             response = operation.function(self, **arguments)
+        except StoreError as exception:  # it needed the store and the store failed: nothing was changed
+            self.limited_log.error('ADMIN %s: %s', op, exception, key=('store',))
+            self._admin_error(client, correlation, f'{op} needs the task store, which fails: {exception}')
+            return
         except Exception:
             # A bug, not bad input (the arguments were checked): the caller still gets an answer, not a timeout.
             self.limited_log.log(
@@ -1496,8 +1553,11 @@ class Broker:
             )
             self._admin_error(client, correlation, f'{op} failed inside the broker: see its log')
             return
-        # Operations that change the store answer after the batch's commit, like task confirms.
-        self._admin_replies.append((client, correlation, json.dumps(response).encode()))
+        if operation.changes_store:
+            # Answered after the batch's commit, like task confirms (or with the store's fault, if it fails).
+            self._admin_replies.append((client, correlation, json.dumps(response).encode()))
+        else:
+            self._send(client, Command.ADMIN_REPLY, correlation, b'ok', json.dumps(response).encode())
 
     def _admin_error(self, client: Client, correlation: bytes, text: str) -> None:
         self._send(client, Command.ADMIN_REPLY, correlation, b'error', json.dumps(text).encode())
@@ -1530,6 +1590,11 @@ class Broker:
 
     # Introspection ------------------------------------------------------------------------------------------------
 
+    def _store_fault_status(self) -> dict | None:
+        if self.store_fault is None:
+            return None
+        return {**self.store_fault, 'retry_in': round(max(0.0, self._store_retry_at - time.monotonic()), 1)}
+
     def snapshot(self) -> dict:
         """A JSON-able view of the broker's state (for status commands and tests)."""
         return {
@@ -1549,6 +1614,7 @@ class Broker:
                 for c in self.clients.values()
             ],
             'orphans': len(self.orphans),
+            'store_fault': self._store_fault_status(),
             'stats': {**self.stats, 'log_lines_suppressed': self.limited_log.suppressed_total},
             # What the operator chose (`serve` options, or the AiiDA profile's broker options through the watcher).
             'settings': {

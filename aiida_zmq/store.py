@@ -22,7 +22,17 @@ from pathlib import Path
 from .exceptions import BrokerRunning, StoreError
 from .security import ensure_private_dir  # here for the callers that import it from the store
 
-__all__ = ('DEAD', 'DELIVERED', 'READY', 'StoredTask', 'TaskStore', 'broker_lock', 'stopped_store', 'submit_offline')
+__all__ = (
+    'DEAD',
+    'DELIVERED',
+    'READY',
+    'StoredTask',
+    'TaskStore',
+    'broker_lock',
+    'describe_fault',
+    'stopped_store',
+    'submit_offline',
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -91,6 +101,18 @@ def _open_advice(path: Path, exception: sqlite3.DatabaseError) -> str:
         f'{path}* SOMEWHERE/`; tasks in it are not delivered until it is repaired, e.g. with sqlite3 .recover) and '
         'start again'
     )
+
+
+def describe_fault(exception: BaseException) -> str:
+    """What kind of fault a store error is, in the words an operator acts on."""
+    text = str(exception).lower()
+    if 'full' in text:
+        return 'disk full'
+    if 'readonly' in text or 'read-only' in text:
+        return 'read-only'
+    if 'disk i/o' in text:
+        return 'disk I/O error'
+    return 'store error'
 
 
 class TaskStore:
