@@ -649,6 +649,47 @@ def test_a_full_disk_with_a_consumer_that_has_room():
             broker.stop()
 
 
+@needs_mount
+def test_tasks_refused_on_a_full_disk_do_not_count_as_stored_at_the_next_start():
+    """A batch refused on a full disk is rolled back and its ids are given again: the store identity's high-water mark
+    (issue 14, item 10) must follow committed tasks only, or the next start refuses the store as one that lost tasks."""
+    with full_disk() as (base, data):
+        broker = BrokerProcess(data, '--heartbeat', '0.2', endpoint=f'ipc://{base}/b.sock').start()
+        try:
+            producer = aiida_zmq.connect(broker.endpoint, **FAST)
+            queue = producer.task_queue('work')
+            confirmed: list = []
+            for index in range(3):
+                queue.task_send({'i': index}, no_reply=True)
+                confirmed.append(index)
+            filler = fill(data)
+            with Raw(broker.endpoint, name='burst') as burst:
+                # The inserts succeed (in SQLite's cache), the commit fails: the batch is rolled back, its ids freed.
+                for index in range(3, 8):
+                    burst.send(Command.TASK_SEND, b'%d' % index, b'work', b'1', b'\x00J{"i": %d}' % index)
+                answers = [burst.expect(None, 10, b'%d' % index) for index in range(3, 8)]
+            assert all(answer.command is Command.ERROR and b'commit' in answer.args[2] for answer in answers), answers
+            filler.unlink()
+            queue.task_send({'i': 'after'}, no_reply=True)
+            confirmed.append('after')
+            producer.close()
+        finally:
+            broker.stop()
+        broker.start()  # refused before the fix: 'its last transactions are missing'
+        try:
+            got: list = []
+            done = threading.Event()
+            consumer = aiida_zmq.connect(broker.endpoint, **FAST)
+            consumer.task_queue('work', prefetch_count=20).add_task_subscriber(
+                lambda _comm, task: got.append(task['i']) or (len(got) == len(confirmed) and done.set())
+            )
+            assert done.wait(20), (got, confirmed)
+            assert sorted(map(str, got)) == sorted(map(str, confirmed))
+            consumer.close()
+        finally:
+            broker.stop()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # 12. ADMIN arguments are validated and always answered
 
