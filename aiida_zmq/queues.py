@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 from .store import StoredTask, TaskStore
 
 if TYPE_CHECKING:
-    from .server import BrokerConfig, Client
+    from .peers import Client
+    from .server import BrokerConfig
 
 __all__ = ('QueueState', 'TaskQueues')
 

@@ -3,8 +3,9 @@
 One thread runs one poll loop. Each turn of the loop is a batch: it reads what the sockets have (up to
 ``batch_size`` messages), handles them, commits the store once (group commit), then sends the confirms that waited
 for that commit and hands ready tasks to consumers with room for them. The broker never blocks on a peer: every send
-is non-blocking, what a peer cannot take yet waits in that peer's outbound queue, and a peer whose queue passes
-``outbound_limit`` is skipped for deliveries and, if it stays silent, declared dead by the heartbeat check.
+is non-blocking, what a peer cannot take yet waits in that peer's outbound queue (bounded in bytes and messages), a
+peer with messages waiting gets no deliveries, and one that cannot take what must reach it, or takes nothing for the
+peer timeout, loses its session and its tasks to the others (the slow-client rule, ``docs/protocol.md``, Limits).
 
 This module imports nothing from AiiDA: payloads are opaque bytes.
 """
@@ -26,13 +27,14 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
 from . import __version__, admin, protocol, security
 from .exceptions import BrokerRunning, StoreError
+from .peers import Client, Outbound, Sender
 from .protocol import Command, ErrorCode
 from .queues import QueueState, TaskQueues
 from .ratelimit import RateLimitedLog
@@ -136,50 +138,6 @@ _MALLOC_TRIM = _find_malloc_trim()
 # In-memory state
 
 
-@dataclass(frozen=True)
-class Sender:
-    """A socket that only submits tasks (TASK_SUBMIT) and has no session: answered directly, nothing kept about it."""
-
-    routing_id: bytes
-    socket: zmq.Socket
-
-
-@dataclass(eq=False)
-class Client:
-    """A connected client (one communicator), known from its HELLO until its BYE or its silence."""
-
-    routing_id: bytes
-    socket: zmq.Socket
-    name: str
-    last_seen: float
-    last_sent: float = 0.0
-    outbound: collections.deque[tuple[list[bytes], int, bool]] = field(default_factory=collections.deque)
-    outbound_bytes: int = 0  # of what waits in ``outbound`` (entries: frames, size, droppable)
-    outbound_progress: float = 0.0  # when ZeroMQ last took a message of ``outbound`` (or it began to fill)
-    overflowed: bool = False  # past its outbound budget: the session ends with this batch
-    held: dict[int, StoredTask] = field(default_factory=dict)
-    held_since: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed out (monotonic)
-    fetched: set[int] = field(default_factory=set)  # held tasks taken by TASK_GET (next_task), not pushed
-    prefetch: dict[str, int] = field(default_factory=dict)  # queue -> prefetch (0 = unlimited)
-    held_per_queue: collections.Counter = field(default_factory=collections.Counter)
-    pid: int = 0  # the client's process id, as it said in its HELLO (0 when unknown)
-    rpc_identifiers: set[str] = field(default_factory=set)
-    calls_in: set[int] = field(default_factory=set)  # RPC calls this client must answer
-    subscribed: bool = False
-
-    @property
-    def stalled(self) -> bool:
-        return len(self.outbound) > 0 or self.overflowed
-
-    def room(self, queue: str) -> int:
-        prefetch = self.prefetch.get(queue)
-        if prefetch is None:
-            return 0
-        if prefetch == 0:
-            return 1 << 30
-        return prefetch - self.held_per_queue[queue]
-
-
 @dataclass(slots=True)
 class RpcCall:
     caller: Client
@@ -235,8 +193,6 @@ class Broker:
         self._outgoing: list[tuple[Client, StoredTask, Command, bytes]] = []  # deliveries sent after the commit
         self._admin_replies: list[tuple[Client, bytes, bytes]] = []  # wait for the batch's commit
         self._unknown_warned: dict[bytes, float] = {}
-        self._backlogged: dict[Client, None] = {}  # clients with messages waiting in their outbound queue
-        self._overflowed: list[Client] = []  # clients past their outbound budget, dropped at the end of the batch
         self._memory_freed = False  # much memory was freed: give it back to the system at the next tick
         self.store_fault: dict | None = None  # the store fails (disk full...): kind, error, since (see _store_failed)
         self._store_retry_at = 0.0
@@ -246,6 +202,7 @@ class Broker:
         # Every line a peer can make the broker repeat goes through this, keyed by (kind, peer): a flood of malformed
         # messages writes a few lines and a count, not a line each (1.1 million lines, 154 MiB in 20 s, before).
         self.limited_log = RateLimitedLog(LOGGER, burst=5, interval=self.config.log_interval, max_keys=1000)
+        self.outbound = Outbound(self.config, self.stats, self.limited_log, self.queues.wake)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -554,7 +511,7 @@ class Broker:
             timeout = max(0.0, next_tick - now)
             if self._delayed:
                 timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
-            if self._backlogged:
+            if self.outbound.backlogged:
                 timeout = min(timeout, 0.01)
             # Wake at least every 100 ms so that a stop request is seen promptly.
             events = poller.poll(int(min(timeout, 0.1) * 1000))
@@ -578,14 +535,14 @@ class Broker:
         """Hand out ready tasks, commit the batch (stores and deliveries in one transaction), then confirm what it
         stored and send the deliveries: nothing leaves before the commit that records it."""
         self._release_delayed(time.monotonic())
-        if self._overflowed:
+        if self.outbound.overflowed:
             self._drop_overflowed()  # before the dispatch: their tasks go to the others in this batch
         writable = self._store_writable()
         if not writable and not self._inserted:
             # The store failed and its next try is not due: no deliveries (they need a commit), no commit; what the
             # batch did waits in memory. Heartbeats and ADMIN are answered all the same.
             self._answer_admin_replies_with_fault()
-            self._flush_outbound()
+            self.outbound.flush()
             return
         if writable:  # (a batch with new tasks tries the store early: the senders asked, and it may have room now)
             try:
@@ -608,7 +565,7 @@ class Broker:
         for client, task, command, first in self._outgoing:
             self._send_delivery(client, task, command, first)
         self._outgoing.clear()
-        self._flush_outbound()
+        self.outbound.flush()
 
     def _commit(self) -> bool:
         try:
@@ -717,6 +674,7 @@ class Broker:
                 self._send(client, Command.HEARTBEAT)
         if self.queues.expire(now) > 100:
             self._memory_freed = True
+        self._memory_freed |= self.outbound.take_memory_freed()
         if now - self._last_trim >= (1.0 if self._memory_freed else TRIM_INTERVAL):
             # After a flood the freed memory stays with the process unless it is handed back (1.2 GiB did).
             self._memory_freed = False
@@ -737,128 +695,14 @@ class Broker:
     def _send(self, client: Client, command: Command, *args: bytes) -> None:
         if client.overflowed:
             return  # its session ends with this batch (the slow-client rule): nothing more is kept for it
-        frames = [client.routing_id, *protocol.encode(command, *args)]
         client.last_sent = time.monotonic()
-        if client.outbound:
-            self._queue_outbound(client, frames, droppable=command is Command.BROADCAST)
-            return
-        try:
-            client.socket.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            self._queue_outbound(client, frames, droppable=command is Command.BROADCAST)
-        except zmq.ZMQError as exception:
-            if exception.errno == zmq.EHOSTUNREACH:
-                # The peer is gone (its pipe closed); the heartbeat check will clean up after it.
-                LOGGER.debug('client %s unreachable, %s dropped', client.name, command.name)
-            else:
-                raise
-
-    # What waits for a client that does not read. ZeroMQ's own queue to a peer holds ``socket_hwm`` messages; past
-    # it, messages wait in the client's outbound queue, within ``outbound_limit`` messages and ``outbound_bytes``
-    # bytes (one larger message may wait alone). Broadcasts may be dropped, oldest first, to keep within it, as
-    # RabbitMQ drops the head of a subscriber's full broadcast queue; anything else past it, or a client that takes
-    # nothing for ``peer_timeout`` while messages wait, is the slow-client rule: its session ends (:meth:`_overflow`).
-
-    def _queue_outbound(self, client: Client, frames: list[bytes], droppable: bool) -> None:
-        size = sum(len(frame) for frame in frames)
-        if client.outbound and (
-            len(client.outbound) >= self.config.outbound_limit
-            or client.outbound_bytes + size > self.config.outbound_bytes
-        ):
-            if droppable or not self._drop_broadcasts(client, size):
-                if droppable:
-                    self._dropped_broadcasts(client, 1)
-                else:
-                    self._overflow(client, size)
-                return
-        if not client.outbound:
-            client.outbound_progress = time.monotonic()
-        client.outbound.append((frames, size, droppable))
-        client.outbound_bytes += size
-        self._backlogged[client] = None
-        if client.outbound_bytes > self.stats['outbound_peak_bytes']:
-            self.stats['outbound_peak_bytes'] = client.outbound_bytes
-
-    def _drop_broadcasts(self, client: Client, size: int) -> bool:
-        """Make room for a message that must reach the client by dropping broadcasts waiting for it, oldest first;
-        returns whether that made enough room."""
-        excess_bytes = client.outbound_bytes + size - self.config.outbound_bytes
-        excess_count = len(client.outbound) + 1 - self.config.outbound_limit
-        kept: collections.deque[tuple[list[bytes], int, bool]] = collections.deque()
-        dropped = 0
-        for entry in client.outbound:
-            if entry[2] and (excess_bytes > 0 or excess_count > 0):
-                excess_bytes -= entry[1]
-                excess_count -= 1
-                client.outbound_bytes -= entry[1]
-                dropped += 1
-            else:
-                kept.append(entry)
-        client.outbound = kept
-        if dropped:
-            self._dropped_broadcasts(client, dropped)
-        return excess_bytes <= 0 and excess_count <= 0
-
-    def _dropped_broadcasts(self, client: Client, count: int) -> None:
-        self.stats['broadcasts_dropped_to_slow_clients'] += count
-        self.limited_log.warning(
-            'client %s (%s) is not reading its broadcasts: %d dropped (%d bytes waiting for it)',
-            client.name,
-            client.routing_id.decode(errors='replace'),
-            count,
-            client.outbound_bytes,
-            key=('broadcasts-dropped', client.routing_id),
-        )
-
-    def _overflow(self, client: Client, size: int) -> None:
-        """A client that does not read what it asked for: its session ends with this batch (its held tasks go to the
-        others, its RPC callers are told), and what waited for it is dropped now. A slow or stopped client loses its
-        tasks to others, not the broker its memory or its liveness (1.5 GiB for one deaf subscriber, before)."""
-        self.stats['slow_clients_dropped'] += 1
-        self.limited_log.warning(
-            'client %s (%s) is not reading: %d message(s), %d bytes waiting for it%s: its session ends, %d held '
-            'task(s) go to other consumers',
-            client.name,
-            client.routing_id.decode(errors='replace'),
-            len(client.outbound),
-            client.outbound_bytes,
-            f' (and {size} more)' if size else f', none taken for {self.config.peer_timeout:g}s',
-            len(client.held),
-            key=('overflow', client.routing_id),
-        )
-        client.overflowed = True
-        client.outbound.clear()
-        client.outbound_bytes = 0
-        self._backlogged.pop(client, None)
-        self._overflowed.append(client)
-        self._memory_freed = True
+        frames = [client.routing_id, *protocol.encode(command, *args)]
+        self.outbound.send(client, frames, droppable=command is Command.BROADCAST)
 
     def _drop_overflowed(self) -> None:
-        for client in self._overflowed:
+        for client in self.outbound.take_overflowed():
             if self.clients.get(client.routing_id) is client:
                 self._drop_client(client, released=False)
-        self._overflowed.clear()
-
-    def _flush_outbound(self) -> None:
-        now = time.monotonic()
-        for client in list(self._backlogged):
-            while client.outbound:
-                try:
-                    client.socket.send_multipart(client.outbound[0][0], zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:
-                    client.outbound.clear()
-                    client.outbound_bytes = 0
-                    break
-                client.outbound_bytes -= client.outbound.popleft()[1]
-                client.outbound_progress = now  # ZeroMQ's queue took one: the client reads
-            if not client.outbound:  # no longer stalled: its queues may hand it tasks again
-                del self._backlogged[client]
-                for name in client.prefetch:
-                    self.queues.wake(name)
-            elif now - client.outbound_progress > self.config.peer_timeout:
-                self._overflow(client, 0)  # alive (it heartbeats), but it has taken nothing for that long
 
     def _answer(self, peer: Client | Sender, command: Command, *args: bytes) -> None:
         """Answer a client through its session, a sender directly."""
@@ -1122,9 +966,7 @@ class Broker:
     def _drop_client(self, client: Client, *, released: bool) -> None:
         """Forget a client: its held tasks go back (at once), its RPC identifiers free up, its callers are told."""
         self.clients.pop(client.routing_id, None)
-        self._backlogged.pop(client, None)
-        if client.outbound_bytes > 1024 * 1024:
-            self._memory_freed = True
+        self.outbound.forget(client)
         for queue_name in client.prefetch:
             queue = self.queues.get(queue_name)
             if queue is not None and client in queue.consumers:

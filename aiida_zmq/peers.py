@@ -1,0 +1,223 @@
+"""The broker's peers: sessions (:class:`Client`), sockets without one (:class:`Sender`), and what waits for a client
+that does not read (:class:`Outbound`).
+
+ZeroMQ's own queue to a peer holds ``socket_hwm`` messages (it counts messages, not bytes); past it, messages wait in
+the client's outbound queue, within ``outbound_limit`` messages and ``outbound_bytes`` bytes (one larger message may
+wait alone). Broadcasts may be dropped, oldest first, to keep within it, as RabbitMQ drops the head of a subscriber's
+full broadcast queue; anything else past it, or a client that takes nothing for ``peer_timeout`` while messages wait,
+is the slow-client rule: its session ends with the batch (the broker drops the clients :meth:`Outbound.take_overflowed`
+returns), its tasks go to the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import zmq
+
+from .ratelimit import RateLimitedLog
+from .store import StoredTask
+
+if TYPE_CHECKING:
+    from .server import BrokerConfig
+
+__all__ = ('Client', 'Outbound', 'Sender')
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sender:
+    """A socket that only submits tasks (TASK_SUBMIT) and has no session: answered directly, nothing kept about it."""
+
+    routing_id: bytes
+    socket: zmq.Socket
+
+
+@dataclass(eq=False)
+class Client:
+    """A connected client (one communicator), known from its HELLO until its BYE or its silence."""
+
+    routing_id: bytes
+    socket: zmq.Socket
+    name: str
+    last_seen: float
+    last_sent: float = 0.0
+    outbound: collections.deque[tuple[list[bytes], int, bool]] = field(default_factory=collections.deque)
+    outbound_bytes: int = 0  # of what waits in ``outbound`` (entries: frames, size, droppable)
+    outbound_progress: float = 0.0  # when ZeroMQ last took a message of ``outbound`` (or it began to fill)
+    overflowed: bool = False  # past its outbound budget: the session ends with this batch
+    held: dict[int, StoredTask] = field(default_factory=dict)
+    held_since: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed out (monotonic)
+    fetched: set[int] = field(default_factory=set)  # held tasks taken by TASK_GET (next_task), not pushed
+    prefetch: dict[str, int] = field(default_factory=dict)  # queue -> prefetch (0 = unlimited)
+    held_per_queue: collections.Counter = field(default_factory=collections.Counter)
+    pid: int = 0  # the client's process id, as it said in its HELLO (0 when unknown)
+    rpc_identifiers: set[str] = field(default_factory=set)
+    calls_in: set[int] = field(default_factory=set)  # RPC calls this client must answer
+    subscribed: bool = False
+
+    @property
+    def stalled(self) -> bool:
+        return len(self.outbound) > 0 or self.overflowed
+
+    def room(self, queue: str) -> int:
+        prefetch = self.prefetch.get(queue)
+        if prefetch is None:
+            return 0
+        if prefetch == 0:
+            return 1 << 30
+        return prefetch - self.held_per_queue[queue]
+
+
+class Outbound:
+    """What the broker could not hand to ZeroMQ yet, per client, within its limits."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        stats: collections.Counter[str],
+        log: RateLimitedLog,
+        wake: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.stats = stats
+        self.limited_log = log
+        self._wake = wake  # a queue a client consumes may hand it tasks again
+        self.backlogged: dict[Client, None] = {}  # clients with messages waiting in their outbound queue
+        self.overflowed: list[Client] = []  # clients past their outbound budget, dropped at the end of the batch
+        self._memory_freed = False
+
+    def send(self, client: Client, frames: list[bytes], droppable: bool) -> None:
+        """Send at once if ZeroMQ takes it and nothing waits before it, else keep it (a broadcast is ``droppable``)."""
+        if client.outbound:
+            self._queue(client, frames, droppable)
+            return
+        try:
+            client.socket.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self._queue(client, frames, droppable)
+        except zmq.ZMQError as exception:
+            if exception.errno != zmq.EHOSTUNREACH:
+                raise
+            # The peer is gone (its pipe closed); the heartbeat check will clean up after it.
+            LOGGER.debug('client %s unreachable: a message to it dropped', client.name)
+
+    def take_overflowed(self) -> list[Client]:
+        overflowed, self.overflowed = self.overflowed, []
+        return overflowed
+
+    def take_memory_freed(self) -> bool:
+        """Whether much memory was freed since the last call (the broker hands it back to the system)."""
+        freed, self._memory_freed = self._memory_freed, False
+        return freed
+
+    def forget(self, client: Client) -> None:
+        """The client's session ended: nothing waits for it any more."""
+        self.backlogged.pop(client, None)
+        if client.outbound_bytes > 1024 * 1024:
+            self._memory_freed = True
+        client.outbound.clear()
+        client.outbound_bytes = 0
+
+    def _queue(self, client: Client, frames: list[bytes], droppable: bool) -> None:
+        size = sum(len(frame) for frame in frames)
+        if client.outbound and (
+            len(client.outbound) >= self.config.outbound_limit
+            or client.outbound_bytes + size > self.config.outbound_bytes
+        ):
+            if droppable or not self._drop_broadcasts(client, size):
+                if droppable:
+                    self._dropped_broadcasts(client, 1)
+                else:
+                    self._overflow(client, size)
+                return
+        if not client.outbound:
+            client.outbound_progress = time.monotonic()
+        client.outbound.append((frames, size, droppable))
+        client.outbound_bytes += size
+        self.backlogged[client] = None
+        if client.outbound_bytes > self.stats['outbound_peak_bytes']:
+            self.stats['outbound_peak_bytes'] = client.outbound_bytes
+
+    def _drop_broadcasts(self, client: Client, size: int) -> bool:
+        """Make room for a message that must reach the client by dropping broadcasts waiting for it, oldest first;
+        returns whether that made enough room."""
+        excess_bytes = client.outbound_bytes + size - self.config.outbound_bytes
+        excess_count = len(client.outbound) + 1 - self.config.outbound_limit
+        kept: collections.deque[tuple[list[bytes], int, bool]] = collections.deque()
+        dropped = 0
+        for entry in client.outbound:
+            if entry[2] and (excess_bytes > 0 or excess_count > 0):
+                excess_bytes -= entry[1]
+                excess_count -= 1
+                client.outbound_bytes -= entry[1]
+                dropped += 1
+            else:
+                kept.append(entry)
+        client.outbound = kept
+        if dropped:
+            self._dropped_broadcasts(client, dropped)
+        return excess_bytes <= 0 and excess_count <= 0
+
+    def _dropped_broadcasts(self, client: Client, count: int) -> None:
+        self.stats['broadcasts_dropped_to_slow_clients'] += count
+        self.limited_log.warning(
+            'client %s (%s) is not reading its broadcasts: %d dropped (%d bytes waiting for it)',
+            client.name,
+            client.routing_id.decode(errors='replace'),
+            count,
+            client.outbound_bytes,
+            key=('broadcasts-dropped', client.routing_id),
+        )
+
+    def _overflow(self, client: Client, size: int) -> None:
+        """A client that does not read what it asked for: its session ends with this batch (its held tasks go to the
+        others, its RPC callers are told), and what waited for it is dropped now. A slow or stopped client loses its
+        tasks to others, not the broker its memory or its liveness (1.5 GiB for one deaf subscriber, before)."""
+        self.stats['slow_clients_dropped'] += 1
+        self.limited_log.warning(
+            'client %s (%s) is not reading: %d message(s), %d bytes waiting for it%s: its session ends, %d held '
+            'task(s) go to other consumers',
+            client.name,
+            client.routing_id.decode(errors='replace'),
+            len(client.outbound),
+            client.outbound_bytes,
+            f' (and {size} more)' if size else f', none taken for {self.config.peer_timeout:g}s',
+            len(client.held),
+            key=('overflow', client.routing_id),
+        )
+        client.overflowed = True
+        client.outbound.clear()
+        client.outbound_bytes = 0
+        self.backlogged.pop(client, None)
+        self.overflowed.append(client)
+        self._memory_freed = True
+
+    def flush(self) -> None:
+        """Hand ZeroMQ what waits, in order, as far as it takes it; a client it takes nothing from for the peer
+        timeout is not reading."""
+        now = time.monotonic()
+        for client in list(self.backlogged):
+            while client.outbound:
+                try:
+                    client.socket.send_multipart(client.outbound[0][0], zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    client.outbound.clear()
+                    client.outbound_bytes = 0
+                    break
+                client.outbound_bytes -= client.outbound.popleft()[1]
+                client.outbound_progress = now  # ZeroMQ's queue took one: the client reads
+            if not client.outbound:  # no longer stalled: its queues may hand it tasks again
+                del self.backlogged[client]
+                for name in client.prefetch:
+                    self._wake(name)
+            elif now - client.outbound_progress > self.config.peer_timeout:
+                self._overflow(client, 0)  # alive (it heartbeats), but it has taken nothing for that long
