@@ -53,6 +53,20 @@ def main() -> None:
     help='Largest message a client may send, in bytes (all its frames together); larger ones are refused.',
 )
 @click.option(
+    '--max-queues',
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help='Queues the broker holds at once; an empty queue nobody consumes gives its place to a new one.',
+)
+@click.option(
+    '--outbound-bytes',
+    type=click.IntRange(min=1),
+    default=32 * 1024 * 1024,
+    show_default=True,
+    help='Bytes waiting for a client that does not read before its broadcasts are dropped, then its session ends.',
+)
+@click.option(
     '--lock-timeout',
     type=float,
     default=None,
@@ -86,6 +100,8 @@ def serve(
     log_time: bool = True,
     curve: bool = False,
     insecure_tcp: bool = False,
+    max_queues: int = 10_000,
+    outbound_bytes: int = 32 * 1024 * 1024,
 ) -> None:
     """Run the broker in the foreground until SIGTERM or SIGINT."""
     from .exceptions import StoreError
@@ -97,6 +113,8 @@ def serve(
         peer_timeout=peer_timeout,
         max_deliveries=max_deliveries,
         max_message_bytes=max_message_bytes,
+        max_queues=max_queues,
+        outbound_bytes=outbound_bytes,
         fsync=fsync,
         lock_timeout=lock_timeout,
         curve=curve,

@@ -1464,6 +1464,8 @@ class Broker:
                 'peer_timeout': self.config.peer_timeout,
                 'max_deliveries': self.config.max_deliveries,
                 'max_message_bytes': self.config.max_message_bytes,
+                'max_queues': self.config.max_queues,
+                'outbound_bytes': self.config.outbound_bytes,
                 'fsync': self.config.fsync,
             },
         }

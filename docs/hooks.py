@@ -86,13 +86,12 @@ def _connect() -> str:
 
 
 def _admin() -> str:
-    from aiida_zmq.server import Broker
+    from aiida_zmq.admin import OPERATIONS
 
     rows = ['| op | arguments | what it does |', '|---|---|---|']
-    for op, function in sorted(Broker._admin_operations.items()):
-        parameters = [name for name in inspect.signature(function).parameters if name != 'self']
-        doc = (inspect.getdoc(function) or '').split('\n')[0]
-        rows.append(f'| `{op}` | {", ".join(f"`{name}`" for name in parameters) or "-"} | {doc} |')
+    for op, operation in sorted(OPERATIONS.items()):
+        doc = (inspect.getdoc(operation.function) or '').split('\n')[0]
+        rows.append(f'| `{op}` | {", ".join(f"`{name}`" for name in operation.arguments) or "-"} | {doc} |')
     return '\n'.join(rows) + '\n'
 
 
