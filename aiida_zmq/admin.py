@@ -9,7 +9,6 @@ nested brackets included.
 
 from __future__ import annotations
 
-import heapq
 import json
 import logging
 import math
@@ -211,14 +210,12 @@ def tasks(broker: Broker, queue: str | None = None, limit: int = 100) -> dict:
 def tasks_purge(broker: Broker, queue: str) -> dict:
     """Drop the waiting tasks of a queue, those backing off included (held ones stay with their consumers)."""
     waiting = broker.store.ready_ids(queue)
-    backing_off = [task.id for _, _, task in broker._delayed if task.queue == queue]
+    backing_off = [task.id for task in broker.queues.drop_delayed(queue)]
     broker.store.delete(waiting + backing_off)
     state = broker.queues.get(queue)
     if state is not None:
         state.clear()
         broker.queues.wake(queue)  # to forget it, if nobody consumes it
-    broker._delayed = [entry for entry in broker._delayed if entry[2].queue != queue]
-    heapq.heapify(broker._delayed)
     purged = len(waiting) + len(backing_off)
     broker.limited_log.warning(
         '%d waiting task(s) of queue %s purged by request', purged, queue, key=('admin', 'purge', queue)

@@ -17,7 +17,8 @@ what it costs with one.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+import heapq
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .store import StoredTask, TaskStore
@@ -105,6 +106,7 @@ class TaskQueues:
         self._by_name: dict[str, QueueState] = {}
         self._woken: dict[str, None] = {}  # an ordered set: queues to look at in the next dispatch
         self._idle: dict[str, float] = {}  # idle queues, oldest first, with the time they became idle
+        self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): tasks backing off
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -186,3 +188,60 @@ class TaskQueues:
                 del self._by_name[name]
                 forgotten += 1
         return forgotten
+
+    # Dispatch -----------------------------------------------------------------------------------------------------
+
+    def dispatch(
+        self,
+        now: float,
+        deliverable: Callable[[QueueState], StoredTask | None],
+        deliver: Callable[[Client, StoredTask, QueueState], None],
+    ) -> None:
+        """Hand out tasks in the queues woken since the last turn (a task came, a consumer came or got room): the
+        others have nothing to hand out, however many there are. ``deliverable`` takes a queue's next task that may be
+        delivered, ``deliver`` hands it to a consumer."""
+        for queue in self.take_woken(now):
+            consumers = queue.consumers
+            if not consumers or not len(queue):
+                continue
+            count = len(consumers)
+            idle = 0
+            # Round robin over consumers with room, one task each per pass, so that work spreads evenly. The turn
+            # passes on only once a consumer got a task: tasks sent one at a time (AiiDA's submit) alternate between
+            # consumers instead of all going to the first one.
+            while idle < count:
+                consumer = consumers[queue.next_consumer % count]
+                if consumer.stalled or consumer.room(queue.name) <= 0:
+                    queue.next_consumer += 1
+                    idle += 1
+                    continue
+                task = deliverable(queue)
+                if task is None:
+                    break  # nothing deliverable here now; other queues may still have work
+                queue.next_consumer += 1
+                idle = 0
+                deliver(consumer, task, queue)
+
+    # Tasks backing off --------------------------------------------------------------------------------------------
+
+    def delay(self, task: StoredTask, until: float) -> None:
+        """Keep ``task`` out of its queue until ``until`` (monotonic seconds)."""
+        heapq.heappush(self._delayed, (until, task.id, task))
+
+    def next_due(self) -> float | None:
+        return self._delayed[0][0] if self._delayed else None
+
+    def due(self, now: float) -> list[StoredTask]:
+        """The tasks whose backoff has passed, taken out of the waiting set."""
+        tasks = []
+        while self._delayed and self._delayed[0][0] <= now:
+            tasks.append(heapq.heappop(self._delayed)[2])
+        return tasks
+
+    def drop_delayed(self, name: str) -> list[StoredTask]:
+        """Take out the tasks of queue ``name`` that back off (a purge); returns them."""
+        dropped = [task for _, _, task in self._delayed if task.queue == name]
+        if dropped:
+            self._delayed = [entry for entry in self._delayed if entry[2].queue != name]
+            heapq.heapify(self._delayed)
+        return dropped

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import heapq
 import itertools
 import json
 import logging
@@ -186,7 +185,6 @@ class Broker:
         self._call_ids = itertools.count(1)
         self.orphans: dict[int, StoredTask] = {}  # tasks delivered before a restart, waiting for their holder
         self._orphan_deadline = 0.0
-        self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): rejected tasks backing off
         # (peer, correlation, task id, sender's session): confirms wait for the batch's commit
         self._confirms: list[tuple[Client | Sender, bytes, int, bytes | None]] = []
         self._inserted: list[StoredTask] = []  # the new tasks of the batch (refused if its commit fails)
@@ -509,8 +507,9 @@ class Broker:
         while not self._stop_requested.is_set():
             now = time.monotonic()
             timeout = max(0.0, next_tick - now)
-            if self._delayed:
-                timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
+            due = self.queues.next_due()
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - now))
             if self.outbound.backlogged:
                 timeout = min(timeout, 0.01)
             # Wake at least every 100 ms so that a stop request is seen promptly.
@@ -1199,11 +1198,10 @@ class Broker:
         """Back to its queue after a backoff that doubles per delivery. Meanwhile its row stays delivered, so that
         after a crash it is an orphan (requeued after the reclaim grace) rather than ready twice."""
         delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
-        heapq.heappush(self._delayed, (time.monotonic() + delay, task.id, task))
+        self.queues.delay(task, time.monotonic() + delay)
 
     def _release_delayed(self, now: float) -> None:
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, task = heapq.heappop(self._delayed)
+        for task in self.queues.due(now):
             self._requeue(task)
 
     def _deliverable(self, queue: QueueState) -> StoredTask | None:
@@ -1230,29 +1228,11 @@ class Broker:
         self.stats['dead_lettered'] += 1
 
     def _dispatch(self) -> None:
-        """Hand out tasks in the queues where something changed since the last turn (a task came, a consumer came
-        or got room): the others have nothing to hand out, however many there are."""
-        for queue in self.queues.take_woken(time.monotonic()):
-            consumers = queue.consumers
-            if not consumers or not len(queue):
-                continue
-            count = len(consumers)
-            idle = 0
-            # Round robin over consumers with room, one task each per pass, so that work spreads evenly. The turn
-            # passes on only once a consumer got a task: tasks sent one at a time (AiiDA's submit) alternate between
-            # consumers instead of all going to the first one.
-            while idle < count:
-                consumer = consumers[queue.next_consumer % count]
-                if consumer.stalled or consumer.room(queue.name) <= 0:
-                    queue.next_consumer += 1
-                    idle += 1
-                    continue
-                task = self._deliverable(queue)
-                if task is None:
-                    break  # nothing deliverable here now; other queues may still have work
-                queue.next_consumer += 1
-                idle = 0
-                self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode())
+        self.queues.dispatch(
+            time.monotonic(),
+            self._deliverable,
+            lambda consumer, task, queue: self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode()),
+        )
 
     def _deliver(self, client: Client, task: StoredTask, command: Command, first: bytes) -> None:
         """Hand ``task`` to ``client``; the message goes out after the batch's commit (see :meth:`_end_of_batch`)."""
