@@ -144,10 +144,15 @@ class TaskQueues:
         return queue
 
     def _evict_idle(self) -> bool:
-        """Forget the queue idle the longest; returns whether there was one."""
+        """Forget the queue idle the longest (or one that turned idle in this turn); returns whether there was one."""
         while self._idle:
             name = next(iter(self._idle))
             del self._idle[name]
+            queue = self._by_name.get(name)
+            if queue is not None and queue.idle:
+                del self._by_name[name]
+                return True
+        for name in self._woken:
             queue = self._by_name.get(name)
             if queue is not None and queue.idle:
                 del self._by_name[name]
