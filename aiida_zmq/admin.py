@@ -184,10 +184,9 @@ def dead_letters(broker: Broker, queue: str | None = None) -> dict:
 
 def dead_letters_requeue(broker: Broker, ids: list[int] | None = None) -> dict:
     """Put dead-lettered tasks (all when `ids` is null) back in their queues with a fresh delivery count."""
-    revived = broker.store.dead_ids(ids)
+    revived = broker.store.revive_dead(ids)
     for task in broker.store.load_tasks(revived):
-        task.attempts, task.state = 0, READY
-        broker.store.stage(task.id, READY, 0)
+        task.attempts, task.state = 0, READY  # as revive_dead staged it
         broker._queue(task.queue).put_back(task)
         broker.queues.wake(task.queue)
     broker.limited_log.info('%d dead-lettered task(s) requeued by request', len(revived), key=('admin', 'requeue'))
@@ -196,10 +195,9 @@ def dead_letters_requeue(broker: Broker, ids: list[int] | None = None) -> dict:
 
 def dead_letters_drop(broker: Broker, ids: list[int] | None = None) -> dict:
     """Delete dead-lettered tasks (all when `ids` is null)."""
-    dropped = broker.store.dead_ids(ids)
-    broker.store.delete(dropped)
-    broker.limited_log.info('%d dead-lettered task(s) dropped by request', len(dropped), key=('admin', 'drop'))
-    return {'dropped': len(dropped)}
+    dropped = broker.store.drop_dead(ids)
+    broker.limited_log.info('%d dead-lettered task(s) dropped by request', dropped, key=('admin', 'drop'))
+    return {'dropped': dropped}
 
 
 def tasks(broker: Broker, queue: str | None = None, limit: int = 100) -> dict:
@@ -209,14 +207,14 @@ def tasks(broker: Broker, queue: str | None = None, limit: int = 100) -> dict:
 
 def tasks_purge(broker: Broker, queue: str) -> dict:
     """Drop the waiting tasks of a queue, those backing off included (held ones stay with their consumers)."""
-    waiting = broker.store.ready_ids(queue)
+    waiting = broker.store.purge_ready(queue)
     backing_off = [task.id for task in broker.queues.drop_delayed(queue)]
-    broker.store.delete(waiting + backing_off)
+    broker.store.delete(backing_off)
     state = broker.queues.get(queue)
     if state is not None:
         state.clear()
         broker.queues.wake(queue)  # to forget it, if nobody consumes it
-    purged = len(waiting) + len(backing_off)
+    purged = waiting + len(backing_off)
     broker.limited_log.warning(
         '%d waiting task(s) of queue %s purged by request', purged, queue, key=('admin', 'purge', queue)
     )

@@ -186,7 +186,7 @@ def _dead_letter_rows(store: TaskStore, queue: str | None) -> list[dict[str, t.A
     return [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in store.dead_letters(queue)]
 
 
-# What the ADMIN operations of the broker (``server.Broker._admin_*``) answer, done on the store of a stopped broker:
+# What the ADMIN operations of the broker (``admin.OPERATIONS``) answer, done on the store of a stopped broker:
 # the same answers, so that the commands print the same either way. Nothing is held by anyone while no broker runs.
 _STORE_OPERATIONS: dict[str, t.Callable[..., dict[str, t.Any]]] = {
     'tasks': lambda store, queue=None, limit=100: {'tasks': store.list_tasks(queue, int(limit))},

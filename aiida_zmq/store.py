@@ -43,6 +43,7 @@ DEAD = 2
 STORE_FILENAME = 'tasks.sqlite3'
 LOCK_FILENAME = 'broker.lock'
 SCHEMA_VERSION = 1
+MAX_ID = 2**63 - 1  # SQLite's largest integer
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -313,13 +314,36 @@ class TaskStore:
         return [
             task_id
             for task_id in sorted(set(task_ids))
-            if self._db.execute(f'SELECT 1 FROM tasks WHERE id=? AND state={DEAD}', (task_id,)).fetchone()
+            if 0 < task_id <= MAX_ID  # no task has another id (and SQLite takes no larger integer)
+            and self._db.execute(f'SELECT 1 FROM tasks WHERE id=? AND state={DEAD}', (task_id,)).fetchone()
         ]
 
     def ready_ids(self, queue: str) -> list[int]:
         """The waiting (ready) tasks of a queue, as the batch left them so far."""
         self._flush()
         return [row[0] for row in self._db.execute(f'SELECT id FROM tasks WHERE queue=? AND state={READY}', (queue,))]
+
+    # Operator actions (ADMIN, on a running broker's store or a stopped one's): staged, written with the commit ------
+
+    def purge_ready(self, queue: str) -> int:
+        """Delete the waiting (ready) tasks of a queue; tasks held by consumers stay. Returns how many."""
+        ids = self.ready_ids(queue)
+        self.delete(ids)
+        return len(ids)
+
+    def revive_dead(self, task_ids: Iterable[int] | None = None) -> list[int]:
+        """Put dead-lettered tasks back as ready with a fresh delivery count (all when ``task_ids`` is None); returns
+        the ids revived (a running broker puts them in its queues)."""
+        ids = self.dead_ids(task_ids)
+        for task_id in ids:
+            self.stage(task_id, READY, 0)
+        return ids
+
+    def drop_dead(self, task_ids: Iterable[int] | None = None) -> int:
+        """Delete dead-lettered tasks (all when ``task_ids`` is None); returns how many."""
+        ids = self.dead_ids(task_ids)
+        self.delete(ids)
+        return len(ids)
 
     def load_tasks(self, task_ids: Iterable[int]) -> list[StoredTask]:
         """The tasks with these ids, oldest first."""
@@ -338,6 +362,7 @@ class TaskStore:
             sql += ' WHERE queue=?'
             params = (queue,)
         names = {READY: 'ready', DELIVERED: 'delivered', DEAD: 'dead'}
+        limit = max(-1, min(limit, MAX_ID))  # -1: no limit; SQLite takes no larger integer
         rows = self._db.execute(sql + ' ORDER BY id LIMIT ?', (*params, limit)).fetchall()
         return [
             {'id': i, 'queue': q, 'state': names.get(s, str(s)), 'attempts': a, 'bytes': n, 'created': c}
