@@ -234,8 +234,15 @@ class TaskStore:
             self._failure = None
 
     def rollback(self) -> None:
-        """Give up the open batch: its inserts are gone, its staged writes stay staged."""
-        self._roll_back()
+        """Give up the open batch, all of it: its inserts and its staged writes (an interrupted migration must not
+        have half a batch committed by a later commit or by :meth:`close`). A batch that failed by itself keeps its
+        staged writes for the next commit instead (see :meth:`commit`)."""
+        with contextlib.suppress(sqlite3.Error):
+            if self._db.in_transaction:
+                self._db.execute('ROLLBACK')
+        self._staged = {}
+        self._pending = {}
+        self._batch_high_water = self.high_water
         self._failure = None
 
     def close(self) -> None:
