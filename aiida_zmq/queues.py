@@ -201,31 +201,43 @@ class TaskQueues:
         now: float,
         deliverable: Callable[[QueueState], StoredTask | None],
         deliver: Callable[[Client, StoredTask, QueueState], None],
-    ) -> None:
+        may_take: Callable[[Client], bool],
+    ) -> bool:
         """Hand out tasks in the queues woken since the last turn (a task came, a consumer came or got room): the
         others have nothing to hand out, however many there are. ``deliverable`` takes a queue's next task that may be
-        delivered, ``deliver`` hands it to a consumer."""
+        delivered, ``deliver`` hands it to a consumer, ``may_take`` says whether a consumer may get one more in this
+        turn (a burst per turn, so that a consumer without a prefetch limit is not handed its whole backlog at once).
+        Returns whether a queue still has work for a consumer that had its burst: the next turn should come at once.
+        """
+        more = False
         for queue in self.take_woken(now):
             consumers = queue.consumers
             if not consumers or not len(queue):
                 continue
             count = len(consumers)
             idle = 0
+            capped = False
             # Round robin over consumers with room, one task each per pass, so that work spreads evenly. The turn
             # passes on only once a consumer got a task: tasks sent one at a time (AiiDA's submit) alternate between
             # consumers instead of all going to the first one.
             while idle < count:
                 consumer = consumers[queue.next_consumer % count]
-                if consumer.stalled or consumer.room(queue.name) <= 0:
+                if consumer.stalled or consumer.room(queue.name) <= 0 or not may_take(consumer):
+                    capped = capped or not (consumer.stalled or consumer.room(queue.name) <= 0)
                     queue.next_consumer += 1
                     idle += 1
                     continue
                 task = deliverable(queue)
                 if task is None:
+                    capped = False
                     break  # nothing deliverable here now; other queues may still have work
                 queue.next_consumer += 1
                 idle = 0
                 deliver(consumer, task, queue)
+            if capped and len(queue):
+                self.wake(queue.name)
+                more = True
+        return more
 
     # Tasks backing off --------------------------------------------------------------------------------------------
 

@@ -72,7 +72,11 @@ class BrokerConfig:
     batch_size: int = 2000  # messages read per turn of the loop before the batch is committed
     outbound_limit: int = 50_000  # messages waiting for one client before it counts as not reading (its session ends)
     outbound_bytes: int = 32 * 1024 * 1024  # bytes waiting for one client before the same (one larger message may)
-    socket_hwm: int = 1000  # messages ZeroMQ itself queues per peer, each way (ZMQ_SNDHWM, ZMQ_RCVHWM)
+    # Messages ZeroMQ itself queues to (ZMQ_SNDHWM) and from (ZMQ_RCVHWM) one peer. It counts messages, not bytes: a
+    # peer that does not read can hold send_hwm of the largest messages there. Shorter bounds that, but each turn then
+    # moves fewer messages to a busy reader (100: an RPC behind a broadcast flood waited 3.6 s instead of 17 ms).
+    send_hwm: int = 1000
+    receive_hwm: int = 1000
     window: int = 2000  # ready tasks per queue kept in memory; the rest stay on disk
     window_bytes: int = 32 * 1024 * 1024
     reclaim_grace: float | None = None  # after a restart, how long holders may reclaim tasks (default: peer_timeout)
@@ -192,6 +196,7 @@ class Broker:
         self._admin_replies: list[tuple[Client, bytes, bytes]] = []  # wait for the batch's commit
         self._unknown_warned: dict[bytes, float] = {}
         self._memory_freed = False  # much memory was freed: give it back to the system at the next tick
+        self._dispatch_more = False  # the last dispatch left work for a consumer that had its burst
         self.store_fault: dict | None = None  # the store fails (disk full...): kind, error, since (see _store_failed)
         self._store_retry_at = 0.0
         self._store_backoff = 0.0
@@ -332,8 +337,8 @@ class Broker:
             socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
             # ZeroMQ counts its queues in messages; bytes are bounded by the broker's own outbound queue
             # (outbound_bytes) and the message size: a short queue here keeps what waits for a peer within that.
-            socket.setsockopt(zmq.SNDHWM, self.config.socket_hwm)
-            socket.setsockopt(zmq.RCVHWM, self.config.socket_hwm)
+            socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+            socket.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
             socket.setsockopt(zmq.LINGER, 1000)
             # A safety net under the per-message check: ZeroMQ drops a peer that sends a frame larger than this.
             socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
@@ -510,6 +515,8 @@ class Broker:
             due = self.queues.next_due()
             if due is not None:
                 timeout = min(timeout, max(0.0, due - now))
+            if self._dispatch_more:
+                timeout = 0.0  # a consumer had its burst and there is more for it: the next turn at once
             if self.outbound.backlogged:
                 timeout = min(timeout, 0.01)
             # Wake at least every 100 ms so that a stop request is seen promptly.
@@ -537,6 +544,7 @@ class Broker:
         if self.outbound.overflowed:
             self._drop_overflowed()  # before the dispatch: their tasks go to the others in this batch
         writable = self._store_writable()
+        self._dispatch_more = False
         if not writable and not self._inserted:
             # The store failed and its next try is not due: no deliveries (they need a commit), no commit; what the
             # batch did waits in memory. Heartbeats and ADMIN are answered all the same.
@@ -1228,11 +1236,23 @@ class Broker:
         self.stats['dead_lettered'] += 1
 
     def _dispatch(self) -> None:
-        self.queues.dispatch(
-            time.monotonic(),
-            self._deliverable,
-            lambda consumer, task, queue: self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode()),
-        )
+        """Hand out tasks: at most ``send_hwm`` deliveries and half the outbound byte budget per consumer per turn,
+        which ZeroMQ's queue to a consumer that reads takes at once (a burst of a whole backlog, for a consumer
+        without prefetch limit, would sit in its outbound queue and end its session by its size alone)."""
+        handed: dict[Client, list[int]] = {}
+        byte_burst = max(1, self.config.outbound_bytes // 2)
+
+        def may_take(consumer: Client) -> bool:
+            count, size = handed.get(consumer, (0, 0))
+            return count < self.config.send_hwm and size < byte_burst
+
+        def deliver(consumer: Client, task: StoredTask, queue: QueueState) -> None:
+            totals = handed.setdefault(consumer, [0, 0])
+            totals[0] += 1
+            totals[1] += len(task.payload)
+            self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode())
+
+        self._dispatch_more = self.queues.dispatch(time.monotonic(), self._deliverable, deliver, may_take)
 
     def _deliver(self, client: Client, task: StoredTask, command: Command, first: bytes) -> None:
         """Hand ``task`` to ``client``; the message goes out after the batch's commit (see :meth:`_end_of_batch`)."""
