@@ -1,12 +1,15 @@
 """The broker's peers: sessions (:class:`Client`), sockets without one (:class:`Sender`), and what waits for a client
 that does not read (:class:`Outbound`).
 
-ZeroMQ's own queue to a peer holds ``socket_hwm`` messages (it counts messages, not bytes); past it, messages wait in
-the client's outbound queue, within ``outbound_limit`` messages and ``outbound_bytes`` bytes (one larger message may
-wait alone). Broadcasts may be dropped, oldest first, to keep within it, as RabbitMQ drops the head of a subscriber's
-full broadcast queue; anything else past it, or a client that takes nothing for ``peer_timeout`` while messages wait,
-is the slow-client rule: its session ends with the batch (the broker drops the clients :meth:`Outbound.take_overflowed`
-returns), its tasks go to the others.
+ZeroMQ's own queue to a peer holds ``send_hwm`` messages (it counts messages, not bytes); past it, messages wait in
+two lanes per client, as RabbitMQ keeps a communicator's broadcasts in a queue of their own: what must arrive
+(deliveries, RPC requests and results, confirms, ``DONE``) goes first, within ``outbound_limit`` messages and
+``outbound_bytes`` bytes (one larger message may wait alone); broadcasts fill what ZeroMQ takes after that, within the
+same limits, and past them the oldest broadcasts are dropped (as RabbitMQ drops the head of a full queue). A message
+that must arrive and does not fit, or a client that takes nothing for ``peer_timeout`` while messages wait, is the
+slow-client rule: its session ends with the batch (the broker drops the clients :meth:`Outbound.take_overflowed`
+returns), its tasks go to the others. Waiting broadcasts do not hold back a client's deliveries, only waiting
+messages of the first lane do (:attr:`Client.stalled`).
 """
 
 from __future__ import annotations
@@ -48,9 +51,12 @@ class Client:
     name: str
     last_seen: float
     last_sent: float = 0.0
-    outbound: collections.deque[tuple[list[bytes], int, bool]] = field(default_factory=collections.deque)
-    outbound_bytes: int = 0  # of what waits in ``outbound`` (entries: frames, size, droppable)
-    outbound_progress: float = 0.0  # when ZeroMQ last took a message of ``outbound`` (or it began to fill)
+    # What waits for ZeroMQ to take it: messages that must arrive, then broadcasts (entries: frames, size).
+    outbound: collections.deque[tuple[list[bytes], int]] = field(default_factory=collections.deque)
+    outbound_bytes: int = 0
+    broadcasts: collections.deque[tuple[list[bytes], int]] = field(default_factory=collections.deque)
+    broadcast_bytes: int = 0
+    outbound_progress: float = 0.0  # when ZeroMQ last took a waiting message (or the first began to wait)
     overflowed: bool = False  # past its outbound budget: the session ends with this batch
     held: dict[int, StoredTask] = field(default_factory=dict)
     held_since: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed out (monotonic)
@@ -94,19 +100,26 @@ class Outbound:
         self._memory_freed = False
 
     def send(self, client: Client, frames: list[bytes], droppable: bool) -> None:
-        """Send at once if ZeroMQ takes it and nothing waits before it, else keep it (a broadcast is ``droppable``)."""
-        if client.outbound:
-            self._queue(client, frames, droppable)
-            return
+        """Send at once if ZeroMQ takes it and nothing waits before it in its lane, else keep it (a broadcast is
+        ``droppable``). A message that must arrive goes ahead of waiting broadcasts."""
+        if droppable:
+            if client.outbound or client.broadcasts or not self._try(client, frames):
+                self._wait_broadcast(client, frames)
+        elif client.outbound or not self._try(client, frames):
+            self._wait(client, frames)
+
+    def _try(self, client: Client, frames: list[bytes]) -> bool:
+        """Hand ZeroMQ the message; whether it took it (a peer gone counts as taken: nobody will read it)."""
         try:
             client.socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
-            self._queue(client, frames, droppable)
+            return False
         except zmq.ZMQError as exception:
             if exception.errno != zmq.EHOSTUNREACH:
                 raise
             # The peer is gone (its pipe closed); the heartbeat check will clean up after it.
             LOGGER.debug('client %s unreachable: a message to it dropped', client.name)
+        return True
 
     def take_overflowed(self) -> list[Client]:
         overflowed, self.overflowed = self.overflowed, []
@@ -120,59 +133,59 @@ class Outbound:
     def forget(self, client: Client) -> None:
         """The client's session ended: nothing waits for it any more."""
         self.backlogged.pop(client, None)
-        if client.outbound_bytes > 1024 * 1024:
+        if client.outbound_bytes + client.broadcast_bytes > 1024 * 1024:
             self._memory_freed = True
-        client.outbound.clear()
-        client.outbound_bytes = 0
+        self._clear(client)
 
-    def _queue(self, client: Client, frames: list[bytes], droppable: bool) -> None:
+    @staticmethod
+    def _clear(client: Client) -> None:
+        client.outbound.clear()
+        client.broadcasts.clear()
+        client.outbound_bytes = client.broadcast_bytes = 0
+
+    def _began_waiting(self, client: Client) -> None:
+        if client not in self.backlogged:
+            client.outbound_progress = time.monotonic()
+            self.backlogged[client] = None
+        waiting = client.outbound_bytes + client.broadcast_bytes
+        if waiting > self.stats['outbound_peak_bytes']:
+            self.stats['outbound_peak_bytes'] = waiting
+
+    def _wait(self, client: Client, frames: list[bytes]) -> None:
         size = sum(len(frame) for frame in frames)
         if client.outbound and (
             len(client.outbound) >= self.config.outbound_limit
             or client.outbound_bytes + size > self.config.outbound_bytes
         ):
-            if droppable or not self._drop_broadcasts(client, size):
-                if droppable:
-                    self._dropped_broadcasts(client, 1)
-                else:
-                    self._overflow(client, size)
-                return
-        if not client.outbound:
-            client.outbound_progress = time.monotonic()
-        client.outbound.append((frames, size, droppable))
+            self._overflow(client, size)
+            return
+        client.outbound.append((frames, size))
         client.outbound_bytes += size
-        self.backlogged[client] = None
-        if client.outbound_bytes > self.stats['outbound_peak_bytes']:
-            self.stats['outbound_peak_bytes'] = client.outbound_bytes
+        self._began_waiting(client)
 
-    def _drop_broadcasts(self, client: Client, size: int) -> bool:
-        """Make room for a message that must reach the client by dropping broadcasts waiting for it, oldest first;
-        returns whether that made enough room."""
-        excess_bytes = client.outbound_bytes + size - self.config.outbound_bytes
-        excess_count = len(client.outbound) + 1 - self.config.outbound_limit
-        kept: collections.deque[tuple[list[bytes], int, bool]] = collections.deque()
+    def _wait_broadcast(self, client: Client, frames: list[bytes]) -> None:
+        size = sum(len(frame) for frame in frames)
         dropped = 0
-        for entry in client.outbound:
-            if entry[2] and (excess_bytes > 0 or excess_count > 0):
-                excess_bytes -= entry[1]
-                excess_count -= 1
-                client.outbound_bytes -= entry[1]
-                dropped += 1
-            else:
-                kept.append(entry)
-        client.outbound = kept
+        while client.broadcasts and (
+            len(client.broadcasts) >= self.config.outbound_limit
+            or client.broadcast_bytes + size > self.config.outbound_bytes
+        ):
+            client.broadcast_bytes -= client.broadcasts.popleft()[1]  # the oldest goes, as RabbitMQ's drop-head
+            dropped += 1
+        client.broadcasts.append((frames, size))
+        client.broadcast_bytes += size
         if dropped:
             self._dropped_broadcasts(client, dropped)
-        return excess_bytes <= 0 and excess_count <= 0
+        self._began_waiting(client)
 
     def _dropped_broadcasts(self, client: Client, count: int) -> None:
         self.stats['broadcasts_dropped_to_slow_clients'] += count
         self.limited_log.warning(
-            'client %s (%s) is not reading its broadcasts: %d dropped (%d bytes waiting for it)',
+            'client %s (%s) is not reading its broadcasts: %d dropped (%d bytes of broadcasts waiting for it)',
             client.name,
             client.routing_id.decode(errors='replace'),
             count,
-            client.outbound_bytes,
+            client.broadcast_bytes,
             key=('broadcasts-dropped', client.routing_id),
         )
 
@@ -186,38 +199,40 @@ class Outbound:
             'task(s) go to other consumers',
             client.name,
             client.routing_id.decode(errors='replace'),
-            len(client.outbound),
-            client.outbound_bytes,
+            len(client.outbound) + len(client.broadcasts),
+            client.outbound_bytes + client.broadcast_bytes,
             f' (and {size} more)' if size else f', none taken for {self.config.peer_timeout:g}s',
             len(client.held),
             key=('overflow', client.routing_id),
         )
         client.overflowed = True
-        client.outbound.clear()
-        client.outbound_bytes = 0
+        self._clear(client)
         self.backlogged.pop(client, None)
         self.overflowed.append(client)
         self._memory_freed = True
 
     def flush(self) -> None:
-        """Hand ZeroMQ what waits, in order, as far as it takes it; a client it takes nothing from for the peer
-        timeout is not reading."""
+        """Hand ZeroMQ what waits, in order, as far as it takes it, the first lane first; a client it takes nothing
+        from for the peer timeout is not reading."""
         now = time.monotonic()
         for client in list(self.backlogged):
-            while client.outbound:
-                try:
-                    client.socket.send_multipart(client.outbound[0][0], zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:
-                    client.outbound.clear()
-                    client.outbound_bytes = 0
-                    break
-                client.outbound_bytes -= client.outbound.popleft()[1]
-                client.outbound_progress = now  # ZeroMQ's queue took one: the client reads
-            if not client.outbound:  # no longer stalled: its queues may hand it tasks again
-                del self.backlogged[client]
+            stalled = bool(client.outbound)
+            for lane in (client.outbound, client.broadcasts):
+                while lane:
+                    if not self._try(client, lane[0][0]):
+                        break
+                    size = lane.popleft()[1]
+                    if lane is client.outbound:
+                        client.outbound_bytes -= size
+                    else:
+                        client.broadcast_bytes -= size
+                    client.outbound_progress = now  # ZeroMQ's queue took one: the client reads
+                if lane:
+                    break  # ZeroMQ takes no more now
+            if stalled and not client.outbound:  # no longer stalled: its queues may hand it tasks again
                 for name in client.prefetch:
                     self._wake(name)
+            if not client.outbound and not client.broadcasts:
+                del self.backlogged[client]
             elif now - client.outbound_progress > self.config.peer_timeout:
                 self._overflow(client, 0)  # alive (it heartbeats), but it has taken nothing for that long
