@@ -79,7 +79,7 @@ while True:
 """,
     'broadcaster': """
 socket = session('broadcaster')
-payload = b'\\x00J"' + b'b' * 4090 + b'"'
+payload = b'\\x00J"' + b'b' * (int(sys.argv[2]) - 4) + b'"'
 sent = 0
 while True:
     for _ in range(1000):
@@ -177,16 +177,22 @@ def _summary(latencies: list[float]) -> dict:
     }
 
 
-def _flooder(kind: str, endpoint: str, env: dict) -> subprocess.Popen:
+def _flooder(kind: str, endpoint: str, env: dict, *args: str) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, '-c', PRELUDE + FLOODERS[kind], endpoint], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, '-c', PRELUDE + FLOODERS[kind], endpoint, *args], stdout=subprocess.PIPE, text=True, env=env
     )
     assert process.stdout is not None
     process.stdout.readline()  # connected (and for the flooders, the first batch is out)
     return process
 
 
-def run_flood(kind: str, seconds: float = 10.0, source: str | None = None, broker_args: tuple[str, ...] = ()) -> dict:
+def run_flood(
+    kind: str,
+    seconds: float = 10.0,
+    source: str | None = None,
+    broker_args: tuple[str, ...] = (),
+    broadcast_bytes: int = 4096,
+) -> dict:
     """Run one flood and return its figures (see the module docstring)."""
     base = Path(tempfile.mkdtemp(prefix='azfl-'))
     data = base / 'data'
@@ -227,7 +233,7 @@ def run_flood(kind: str, seconds: float = 10.0, source: str | None = None, broke
             flooders.append(_flooder(listener, endpoint, env))
             if kind == 'broadcast-sigstop':
                 os.kill(flooders[-1].pid, signal.SIGSTOP)
-            flooders.append(_flooder('broadcaster', endpoint, env))
+            flooders.append(_flooder('broadcaster', endpoint, env, str(broadcast_bytes)))
         else:
             flooders.append(_flooder(kind, endpoint, env))
         log_start = log_path.stat().st_size
@@ -287,10 +293,11 @@ def main() -> None:
     parser.add_argument('kinds', nargs='+', choices=KINDS)
     parser.add_argument('--seconds', type=float, default=10.0)
     parser.add_argument('--source', help='run the broker from this checkout (PYTHONPATH) instead of this one')
+    parser.add_argument('--broadcast-bytes', type=int, default=4096, help='size of the broadcasts (default 4 KB)')
     parser.add_argument('--no-log-tail', action='store_true')
     options = parser.parse_args()
     for kind in options.kinds:
-        result = run_flood(kind, options.seconds, options.source)
+        result = run_flood(kind, options.seconds, options.source, broadcast_bytes=options.broadcast_bytes)
         if options.no_log_tail:
             result.pop('log_tail')
         print(json.dumps(result, indent=1), flush=True)
