@@ -416,7 +416,7 @@ class ZmqCommunicator(kiwipy.Communicator):
                 raise ValueError(f"Broadcast subscriber '{identifier}' unknown") from None
 
     def broadcast_send(self, body: Any, sender: Any = None, subject: Any = None, correlation_id: Any = None) -> bool:
-        """Send a broadcast; returns ``True`` once the broker sent it to every subscriber.
+        """Send a broadcast; returns ``True`` once the broker has it (it sends it to every subscriber in the same turn).
 
         ``False`` when the broker did not answer within ``broker_timeout`` (it is down or restarting; the broadcast
         goes out when it is back), as ``RmqThreadCommunicator`` answers ``False`` for a publish RabbitMQ did not ack.
