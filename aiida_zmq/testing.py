@@ -37,7 +37,7 @@ import pytest
 from . import pytest_aiida_broker
 from .discovery import read_broker_info
 
-__all__ = ('ArbiterProcess', 'BrokerProcess', 'wait_until')
+__all__ = ('ArbiterProcess', 'BrokerProcess', 'forget_stored_tasks', 'wait_until')
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = '') -> Any:
@@ -475,6 +475,17 @@ def profile_on_zmq(aiida_profile_factory: Any, aiida_config: Any, **options: Any
         options['broker_backend'] = ENTRY_POINT_NAME
         options['broker_config'] = ZmqBroker.get_default_config()
     with aiida_profile_factory(aiida_config, **options) as profile:
+        reset_storage = profile.reset_storage
+
+        def reset_storage_and_its_tasks() -> None:
+            # aiida-core's reset_storage stops the daemon (the broker with it) and empties the storage; the tasks in
+            # the broker's store then name processes that are gone, and pks start again: a worker of a later test
+            # would continue whatever new process got a stale task's pk (aiida-core's own suite leaves such tasks:
+            # its `verdi process repair` tests revive made-up pks into the queue). A fresh storage, a fresh queue.
+            reset_storage()
+            forget_stored_tasks(profile)
+
+        profile.reset_storage = reset_storage_and_its_tasks
         try:
             yield profile
         finally:
@@ -484,6 +495,36 @@ def profile_on_zmq(aiida_profile_factory: Any, aiida_config: Any, **options: Any
 
                 message = f'processes of the daemon of {profile.name} outlived `verdi daemon stop`: killed {killed}'
                 warnings.warn(message, stacklevel=2)
+
+
+def forget_stored_tasks(profile: Any) -> int:
+    """Delete every task in the store of a profile whose broker is not running; return how many there were.
+
+    With a broker running (it outlived its daemon), its launch queue's waiting tasks are purged through it instead.
+    """
+    from . import store
+    from .aiida.broker import broker_data_dir, launch_queue_name
+    from .exceptions import BrokerRunning
+
+    data_dir = broker_data_dir(profile)
+    try:
+        with store.stopped_store(data_dir) as task_store:
+            if task_store is None:
+                return 0
+            ids = [task.id for task in task_store.load_delivered()]
+            for queue in task_store.ready_counts():
+                ids.extend(task_store.ready_ids(queue))
+            ids.extend(task_store.dead_ids())
+            task_store.delete(ids)
+            return len(ids)
+    except BrokerRunning:
+        import aiida_zmq
+
+        communicator = aiida_zmq.connect(data_dir=data_dir)
+        try:
+            return int(communicator.admin('tasks-purge', queue=launch_queue_name(profile))['purged'])
+        finally:
+            communicator.close()
 
 
 @pytest.fixture(scope='session')
