@@ -103,7 +103,7 @@ def test_a_session_profile_not_made_by_the_factory_fails_with_what_to_do(tmp_pat
     assert result.stdout.count('has the broker None, not zmq') >= 2, result.stdout[-4000:]
 
 
-STALE_TASK_TESTS = '''
+STALE_TASK_TESTS = """
 from aiida.engine.processes.control import get_process_tasks
 from aiida.manage import get_manager
 
@@ -117,7 +117,7 @@ def test_leave_a_task_behind(aiida_profile):
 def test_a_clean_profile_has_a_clean_queue(aiida_profile_clean):
     # The storage was reset: pks start again, and a task naming pk 12345 would meet another process.
     assert get_process_tasks(get_manager().get_broker()) == []
-'''
+"""
 
 
 def test_a_storage_reset_takes_the_tasks_of_the_old_storage_with_it(tmp_path: Path) -> None:
