@@ -27,7 +27,8 @@ echo '== docs'
 .venv/bin/mkdocs build --strict --quiet
 echo '== pytest'
 set +e
-.venv/bin/python -m pytest -ra -q -p no:cacheprovider "$@"
+# Two workers, a test file each (the suite mostly waits on real daemons; a module's AiiDA profile stays in one worker).
+.venv/bin/python -m pytest -ra -q -p no:cacheprovider -n 2 --dist loadfile "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
