@@ -559,13 +559,20 @@ class Broker:
         if not self._commit():
             return
         # Confirms first: the senders wait for them (consumers, woken first, would take the CPU from them). A sender
-        # whose task went to its own session in this batch learns it from the confirm (``held_here``: the task is
-        # held already, its delivery goes out below) and waits for its subscriber, the order RabbitMQ gives.
-        for peer, correlation, task_id, session in self._confirms:
-            holder = self.clients.get(session) if session is not None else None
-            held_here = holder is not None and task_id in holder.held
-            self._answer(peer, Command.TASK_CONFIRM, correlation, protocol.number(task_id), protocol.flag(held_here))
-        self._confirms.clear()
+        # whose task this batch delivers to its own session (to a subscriber, not to a TASK_GET) learns it from the
+        # confirm (``held_here``; the delivery goes out below) and waits for its subscriber, the order RabbitMQ gives.
+        if self._confirms:
+            delivered = {
+                (client.routing_id, task.id)
+                for client, task, command, _ in self._outgoing
+                if command is Command.TASK_DELIVER
+            }
+            for peer, correlation, task_id, session in self._confirms:
+                held_here = (session, task_id) in delivered
+                self._answer(
+                    peer, Command.TASK_CONFIRM, correlation, protocol.number(task_id), protocol.flag(held_here)
+                )
+            self._confirms.clear()
         for client, correlation, response in self._admin_replies:
             self._send(client, Command.ADMIN_REPLY, correlation, b'ok', response)
         self._admin_replies.clear()
