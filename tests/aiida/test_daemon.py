@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing as t
 from pathlib import Path
 
 import psutil
@@ -286,12 +287,14 @@ def test_worker_killed_mid_run(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Pat
     wait_until(lambda: len(profile.worker_pids()) == 2, timeout=30, what='circus to replace the worker')
 
 
-def test_session_submits_after_daemon_stop(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Path) -> None:
-    """A session connected while the daemon ran goes on submitting after ``verdi daemon stop``, without waiting."""
-    profile = aiida_zmq_profile
+def _session_across_a_daemon_stop(
+    profile: AiidaZmqProfile, tmp_path: Path, *command: str, meanwhile: t.Callable[[], t.Any] = lambda: None
+) -> tuple[str, dict]:
+    """Run a :mod:`zmq_test_driver` session that connects while the daemon runs and goes on once told to, after
+    ``verdi daemon stop`` and ``meanwhile``; return how it described its communicator when ready, and its answer."""
     ready, go = tmp_path / 'ready', tmp_path / 'go'
     session = subprocess.Popen(
-        [sys.executable, str(DRIVER), profile.name, 'session', str(ready), str(go), '3'],
+        [sys.executable, str(DRIVER), profile.name, *command, str(ready), str(go)],
         env=profile.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -299,16 +302,24 @@ def test_session_submits_after_daemon_stop(aiida_zmq_profile: AiidaZmqProfile, t
     )
     try:
         wait_until(ready.exists, timeout=60, interval=0.1, what='the session to connect')
-        assert 'ProfileCommunicator' in ready.read_text() and 'online' in ready.read_text()
+        described = ready.read_text()
         profile.daemon_stop()
+        meanwhile()
         go.touch()
-        out, err = session.communicate(timeout=60)
+        out, err = session.communicate(timeout=90)
     finally:
         if session.poll() is None:
             session.kill()
             session.communicate()
     assert session.returncode == 0, err
-    answer = json.loads(out.splitlines()[-1])
+    return described, json.loads(out.splitlines()[-1])
+
+
+def test_session_submits_after_daemon_stop(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Path) -> None:
+    """A session connected while the daemon ran goes on submitting after ``verdi daemon stop``, without waiting."""
+    profile = aiida_zmq_profile
+    described, answer = _session_across_a_daemon_stop(profile, tmp_path, 'session', '3')
+    assert 'ProfileCommunicator' in described and 'online' in described, described
     # Without the fallback each submit waited a minute for the dead broker to confirm the process's RPC subscription.
     assert answer['submit_s'] < 10, answer
 
@@ -323,29 +334,16 @@ def test_repair_in_a_session_after_the_daemon_stopped(aiida_zmq_profile: AiidaZm
     terminated process is acknowledged there, and a zombie is revived into the store, to run once the daemon starts."""
     profile = aiida_zmq_profile
     (finished,) = profile.driver('submit', 'add', '1', '--wait', '60')['pks']
-    ready, go = tmp_path / 'ready', tmp_path / 'go'
-    session = subprocess.Popen(
-        [sys.executable, str(DRIVER), profile.name, 'repair-session', str(ready), str(go)],
-        env=profile.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until(ready.exists, timeout=60, interval=0.1, what='the session to connect')
-        assert 'online' in ready.read_text(), ready.read_text()
-        profile.daemon_stop()
+    made: dict[str, int] = {}
+
+    def make_things_to_fix() -> None:
         profile.driver('send-continue', str(finished))  # a task for a terminated process
-        (pending,) = profile.driver('submit', 'add', '1')['pks']  # an active process with its task
-        zombie = profile.driver('make-zombie')['pk']  # an active process without one
-        go.touch()
-        out, err = session.communicate(timeout=90)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.communicate()
-    assert session.returncode == 0, err
-    answer = json.loads(out.splitlines()[-1])
+        (made['pending'],) = profile.driver('submit', 'add', '1')['pks']  # an active process with its task
+        made['zombie'] = profile.driver('make-zombie')['pk']  # an active process without one
+
+    described, answer = _session_across_a_daemon_stop(profile, tmp_path, 'repair-session', meanwhile=make_things_to_fix)
+    assert 'online' in described, described
+    pending, zombie = made['pending'], made['zombie']
     assert 'offline' in answer['communicator'], answer
     assert sorted(answer['tasks']) == sorted([finished, pending]), answer
     assert answer['acknowledged'] == [finished] and answer['revived'] == [zombie], answer

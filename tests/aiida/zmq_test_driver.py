@@ -189,20 +189,25 @@ def cmd_send_continue(args: argparse.Namespace) -> dict[str, t.Any]:
     return {'sent': args.pk}
 
 
+def _ready_then_wait_to_go(args: argparse.Namespace, communicator: t.Any) -> None:
+    """Say how the communicator is (its repr, in the ready file), then wait for the test's go file (bounded)."""
+    from pathlib import Path
+
+    Path(args.ready_file).write_text(repr(communicator))
+    deadline = time.monotonic() + 120
+    while not Path(args.go_file).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # another process's file: no event to wait on
+
+
 def cmd_repair_session(args: argparse.Namespace) -> dict[str, t.Any]:
     """An interpreter that connected while the daemon ran, repairing after the daemon stopped, as ``verdi process
     repair`` does (same calls): tasks of terminated processes acknowledged, zombies revived."""
-    from pathlib import Path
-
     from aiida.engine.processes.control import get_active_processes, get_process_tasks, iterate_process_tasks
     from aiida.manage import get_manager
 
     manager = get_manager()
     communicator = manager.get_communicator()
-    Path(args.ready_file).write_text(repr(communicator))
-    deadline = time.monotonic() + 120
-    while not Path(args.go_file).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _ready_then_wait_to_go(args, communicator)
     started = time.monotonic()
     broker = manager.get_broker()
     active = list(get_active_processes(project='id'))
@@ -231,7 +236,6 @@ def cmd_repair_session(args: argparse.Namespace) -> dict[str, t.Any]:
 
 def cmd_session(args: argparse.Namespace) -> dict[str, t.Any]:
     """A long-lived session (a notebook): connect while the daemon runs, then submit when told (after a stop)."""
-    from pathlib import Path
 
     from aiida import orm
     from aiida.engine import submit
@@ -240,10 +244,7 @@ def cmd_session(args: argparse.Namespace) -> dict[str, t.Any]:
     from aiida_zmq.aiida.demo_workflows import AddWorkChain
 
     communicator = get_manager().get_communicator()
-    Path(args.ready_file).write_text(repr(communicator))
-    deadline = time.monotonic() + 120
-    while not Path(args.go_file).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _ready_then_wait_to_go(args, communicator)
     started = time.monotonic()
     pks = [submit(AddWorkChain, x=orm.Int(index), y=orm.Int(1)).pk for index in range(args.count)]
     return {'communicator': repr(communicator), 'pks': pks, 'submit_s': time.monotonic() - started}
@@ -291,9 +292,9 @@ def main() -> int:
     repair.add_argument('go_file')
     repair.set_defaults(function=cmd_repair_session)
     session = commands.add_parser('session')
+    session.add_argument('count', type=int)
     session.add_argument('ready_file')
     session.add_argument('go_file')
-    session.add_argument('count', type=int)
     session.set_defaults(function=cmd_session)
     args = parser.parse_args()
 

@@ -7,6 +7,14 @@ from aiida.engine import ToContext, WorkChain
 from aiida.plugins import CalculationFactory
 
 
+def _submit_add_job(workchain: WorkChain):
+    """Submit a ``core.arithmetic.add`` job of the work chain's ``code``, ``x`` and ``y`` (a held code: it waits)."""
+    calculation = CalculationFactory('core.arithmetic.add')
+    options = {'resources': {'num_machines': 1}}
+    inputs = {'code': workchain.inputs.code, 'x': workchain.inputs.x, 'y': workchain.inputs.y}
+    return workchain.submit(calculation, **inputs, metadata={'options': options})
+
+
 class JobParentWorkChain(WorkChain):
     """Submits a ``core.arithmetic.add`` job and waits for it: a work chain that waits, for pause and play."""
 
@@ -20,10 +28,7 @@ class JobParentWorkChain(WorkChain):
         spec.outline(cls.submit_job, cls.collect)
 
     def submit_job(self):
-        calculation = CalculationFactory('core.arithmetic.add')
-        options = {'resources': {'num_machines': 1}}
-        inputs = {'code': self.inputs.code, 'x': self.inputs.x, 'y': self.inputs.y, 'metadata': {'options': options}}
-        return ToContext(job=self.submit(calculation, **inputs))
+        return ToContext(job=_submit_add_job(self))
 
     def collect(self) -> None:
         self.out('sum', self.ctx.job.outputs.sum)
@@ -52,10 +57,7 @@ class TwoChildrenWorkChain(WorkChain):
         return ToContext(quick=self.submit(AddWorkChain, x=self.inputs.x, y=self.inputs.y))
 
     def submit_job(self):
-        calculation = CalculationFactory('core.arithmetic.add')
-        options = {'resources': {'num_machines': 1}}
-        inputs = {'code': self.inputs.code, 'x': self.inputs.x, 'y': self.inputs.y, 'metadata': {'options': options}}
-        return ToContext(job=self.submit(calculation, **inputs))
+        return ToContext(job=_submit_add_job(self))
 
     def collect(self) -> None:
         self.out('sum', self.ctx.job.outputs.sum)
