@@ -13,45 +13,37 @@ This module imports nothing from AiiDA: payloads are opaque bytes.
 from __future__ import annotations
 
 import collections
-import contextlib
 import ctypes
-import itertools
 import json
 import logging
 import math
 import os
 import secrets
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 
-from . import __version__, admin, protocol, security
-from .exceptions import BrokerRunning, StoreError
+from . import admin, protocol
+from .datadir import DataDirectory, default_endpoint
+from .exceptions import StoreError
 from .peers import Client, Outbound, Sender
 from .protocol import Command, ErrorCode
 from .queues import QueueState, TaskQueues
 from .ratelimit import RateLimitedLog
-from .security import ensure_private_dir, remove_stale_socket
-from .store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore, broker_lock, describe_fault
+from .rpc_routes import RpcRoutes
+from .security import ensure_private_dir
+from .store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore
+from .store_fault import StoreFault
 from .store_identity import StoreIdentity
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
 
 LOGGER = logging.getLogger(__name__)
-LIMITED = RateLimitedLog(LOGGER)
 
-INFO_FILENAME = 'broker.json'
-SOCKET_FILENAME = 'broker.sock'
-# Unix socket paths are limited to 107 bytes on Linux (103 on macOS); stay below both.
-MAX_IPC_PATH = 100
-# How long a new broker waits, by default, for a lock whose holder does not serve (starting, closing, offline submit).
-LOCK_WAIT_NOT_SERVING = 30.0
 # The broker gives free heap memory back to the system this often (and a second after a large release).
 TRIM_INTERVAL = 5.0
 # How a delivery ended without an answer (see Broker._give_back).
@@ -100,23 +92,6 @@ class BrokerConfig:
         return self.peer_timeout if self.reclaim_grace is None else self.reclaim_grace
 
 
-def default_endpoint(data_dir: str | os.PathLike[str]) -> str:
-    """The ipc endpoint a broker binds by default for ``data_dir``, shortened when the path is too long.
-
-    The short form lives in this user's private socket directory (:func:`aiida_zmq.discovery.short_socket_dir`),
-    named by a digest of the long path so that two data directories never share a socket.
-    """
-    path = Path(data_dir).absolute() / SOCKET_FILENAME
-    if len(str(path)) <= MAX_IPC_PATH:
-        return f'ipc://{path}'
-    import hashlib
-
-    from .discovery import short_socket_dir
-
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
-    return f'ipc://{short_socket_dir()}/{digest}.sock'
-
-
 def trim_heap() -> None:
     """Hand the heap's free pages back to the system. glibc keeps freed memory for reuse, so a broker that buffered
     a flood for a client that did not read stayed at 1.2-1.5 GiB after every client left; ``malloc_trim(0)`` returns
@@ -138,17 +113,6 @@ _MALLOC_TRIM = _find_malloc_trim()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# In-memory state
-
-
-@dataclass(slots=True)
-class RpcCall:
-    caller: Client
-    correlation: bytes
-    owner: Client
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The broker
 
 
@@ -167,26 +131,21 @@ class Broker:
         self.endpoints = list(binds) or [default_endpoint(self.data_dir)]
         self.epoch = secrets.token_hex(8)
         self.started = time.time()
-        # With CURVE, a second I/O thread for the CURVE sockets' handshakes (see security.CurveServer).
-        self._context = zmq.Context(io_threads=security.CurveServer.IO_THREADS if self.config.curve else 1)
-        self._curve: security.CurveServer | None = None
-        self._sockets: list[zmq.Socket] = []
-        # ipc endpoint -> (socket, (st_dev, st_ino) of the file its bind made): what close() may unlink, and how a
-        # socket file deleted or replaced under the running broker is noticed.
-        self._ipc_files: dict[str, tuple[zmq.Socket, tuple[int, int]]] = {}
-        self._info_stat: tuple[int, int] | None = None  # broker.json as this broker wrote it
+        # Every line a peer can make the broker repeat goes through this, keyed by (kind, peer): a flood of malformed
+        # messages writes a few lines and a count, not a line each (1.1 million lines, 154 MiB in 20 s, before).
+        self.limited_log = RateLimitedLog(LOGGER, burst=5, interval=self.config.log_interval, max_keys=1000)
+        self.directory = DataDirectory(
+            self.data_dir, self.endpoints, self.config, epoch=self.epoch, started=self.started, log=self.limited_log
+        )
         self._store: TaskStore | None = None
         self._identity: StoreIdentity | None = None
-        self._lock_context: object | None = None
         self._stop_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
 
         self.clients: dict[bytes, Client] = {}
         self.queues = TaskQueues(self.config)
-        self.rpc_owners: dict[str, Client] = {}
-        self.calls: dict[int, RpcCall] = {}
-        self._call_ids = itertools.count(1)
+        self.rpc = RpcRoutes()
         self.orphans: dict[int, StoredTask] = {}  # tasks delivered before a restart, waiting for their holder
         self._orphan_deadline = 0.0
         # (peer, correlation, task id, sender's session): confirms wait for the batch's commit
@@ -197,14 +156,9 @@ class Broker:
         self._unknown_warned: dict[bytes, float] = {}
         self._memory_freed = False  # much memory was freed: give it back to the system at the next tick
         self._dispatch_more = False  # the last dispatch left work for a consumer that had its burst
-        self.store_fault: dict | None = None  # the store fails (disk full...): kind, error, since (see _store_failed)
-        self._store_retry_at = 0.0
-        self._store_backoff = 0.0
+        self.store_fault = StoreFault(self.config.store_retry, self.config.store_retry_max)
         self._last_trim = 0.0
         self.stats = collections.Counter[str]()
-        # Every line a peer can make the broker repeat goes through this, keyed by (kind, peer): a flood of malformed
-        # messages writes a few lines and a count, not a line each (1.1 million lines, 154 MiB in 20 s, before).
-        self.limited_log = RateLimitedLog(LOGGER, burst=5, interval=self.config.log_interval, max_keys=1000)
         self.outbound = Outbound(self.config, self.stats, self.limited_log, self.queues.wake)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
@@ -217,9 +171,8 @@ class Broker:
     def open(self) -> None:
         """Take the data directory's lock, load the store and bind the sockets."""
         try:
-            self._lock_context = self._take_lock()
-            for endpoint in self.endpoints:
-                self._check_bind(endpoint)  # before the store is touched: a bad --bind changes nothing
+            self.directory.take_lock()
+            self.directory.check_binds()  # before the store is touched: a bad --bind changes nothing
             store_path = self.data_dir / STORE_FILENAME
             # Refuse a store that is not the one the broker left (truncated, its -wal lost, another file).
             self._identity = StoreIdentity(self.data_dir)
@@ -233,9 +186,8 @@ class Broker:
             for task in self.store.load_delivered():
                 self.orphans[task.id] = task
             self._orphan_deadline = time.monotonic() + self.config.grace
-            for endpoint in self.endpoints:
-                self._bind(endpoint)
-            self._write_info()
+            self.directory.bind()
+            self.directory.write_info()
         except BaseException:
             self.close()
             raise
@@ -250,196 +202,13 @@ class Broker:
             os.getpid(),
         )
 
-    def _take_lock(self) -> object:
-        """Hold the data directory's lock, or refuse with the holder's pid.
-
-        A broker that serves the directory (its ``broker.json`` is live) is refused at once unless
-        ``config.lock_timeout`` asks to wait for it; any other holder (a broker starting or closing, an offline
-        submit) is waited for, up to ``lock_timeout`` or 30 s.
-        """
-        from .discovery import lock_holder, read_live_broker_info
-
-        timeout = self.config.lock_timeout
-        deadline = time.monotonic() + (LOCK_WAIT_NOT_SERVING if timeout is None else timeout)
-        waiting_logged = False
-        while True:
-            lock = broker_lock(self.data_dir, blocking=False)
-            try:
-                lock.__enter__()
-                return lock
-            except BrokerRunning:
-                pass
-            info = read_live_broker_info(self.data_dir)
-            serving = info is not None and info.get('pid') != os.getpid()
-            if (serving and timeout is None) or time.monotonic() >= deadline:
-                raise StoreError(self._lock_refusal(info if serving else None, lock_holder(self.data_dir)))
-            if not waiting_logged:
-                waiting_logged = True
-                holder = lock_holder(self.data_dir)
-                LOGGER.info(
-                    'waiting for the lock of %s, held by %s',
-                    self.data_dir,
-                    f'pid {holder}' if holder else 'another process',
-                )
-            time.sleep(0.05)
-
-    def _lock_refusal(self, info: dict | None, holder: int | None) -> str:
-        wait = 'or give --lock-timeout SECONDS to wait for it to exit'
-        if info is not None:
-            since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.get('started', 0)))
-            return (
-                f'a broker already serves {self.data_dir} (pid {info["pid"]}, since {since}, on '
-                f'{", ".join(map(str, info["endpoints"]))}): one broker per data directory. Stop it first (`kill '
-                f'{info["pid"]}`; for an AiiDA profile, `verdi daemon stop`), {wait}'
-            )
-        who = f'pid {holder}' if holder else 'another process'
-        waited = LOCK_WAIT_NOT_SERVING if self.config.lock_timeout is None else self.config.lock_timeout
-        return (
-            f'{self.data_dir / "broker.lock"} is held by {who} for more than {waited:.0f}s: is another broker running '
-            f'on the same data directory? Stop it first (one broker per data directory), {wait}'
-        )
-
-    def _check_bind(self, endpoint: str) -> Path | None:
-        """Refuse an endpoint that would let others in or replace what is not ours; return an ipc socket's path.
-
-        A stale socket of ours (left by a broker that was killed) is removed; anything else at the path is refused.
-        """
-        path: Path | None = None
-        if endpoint.startswith('tcp://'):
-            security.check_tcp_bind(endpoint, curve=self.config.curve, insecure_tcp=self.config.insecure_tcp)
-        elif endpoint.startswith('ipc://'):
-            name = endpoint[len('ipc://') :]
-            if name.startswith('@'):
-                raise ValueError(
-                    f'refusing to bind {endpoint}: an abstract socket has no file permissions, any local user could '
-                    'connect. Use ipc:///PATH in a private directory (the default is DATA_DIR/broker.sock)'
-                )
-            path = Path(name)
-            if len(str(path)) > MAX_IPC_PATH:
-                raise ValueError(f'ipc path {path} is longer than {MAX_IPC_PATH} bytes: choose a shorter --bind')
-            ensure_private_dir(path.parent)  # only the user may reach the socket
-            remove_stale_socket(path)  # a socket left by a broker that died; anything else there is refused
-        else:
-            raise ValueError(f'unsupported endpoint {endpoint!r}: use ipc://PATH or tcp://127.0.0.1:PORT')
-        return path
-
-    def _bind(self, endpoint: str) -> None:
-        path = self._check_bind(endpoint)
-        socket = self._context.socket(zmq.ROUTER)
-        try:
-            if endpoint.startswith('tcp://') and self.config.curve:
-                if self._curve is None:
-                    self._curve = security.CurveServer(self._context, self.data_dir)
-                self._curve.apply(socket)  # before bind: only authorized client keys get through the handshake
-            elif self.config.curve:
-                socket.setsockopt(zmq.AFFINITY, security.CurveServer.PLAIN_AFFINITY)  # off the CURVE I/O thread
-            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
-            socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
-            # ZeroMQ counts its queues in messages; bytes are bounded by the broker's own outbound queue
-            # (outbound_bytes) and the message size: a short queue here keeps what waits for a peer within that.
-            socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)
-            socket.setsockopt(zmq.RCVHWM, self.config.receive_hwm)
-            socket.setsockopt(zmq.LINGER, 1000)
-            # A safety net under the per-message check: ZeroMQ drops a peer that sends a frame larger than this.
-            socket.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes + 4096)
-            try:
-                socket.bind(endpoint)
-            except zmq.ZMQError as exception:
-                raise OSError(f'cannot bind {endpoint}: {exception}') from exception
-            if path is not None:
-                self._own_ipc_file(endpoint, socket, path)
-        except BaseException:
-            socket.close(0)  # a socket left open would make close() wait for ever in context.term()
-            raise
-        self._sockets.append(socket)
-
-    def _own_ipc_file(self, endpoint: str, socket: zmq.Socket, path: Path) -> None:
-        """Make the socket file just bound 0600 and remember it as ours (close() unlinks only that very file)."""
-        os.chmod(path, 0o600)
-        info = os.lstat(path)
-        self._ipc_files[endpoint] = (socket, (info.st_dev, info.st_ino))
-
-    def _check_endpoints(self) -> None:
-        """Bind again an ipc socket file deleted under the running broker, rewrite a deleted ``broker.json``.
-
-        Clients find the broker by these two files; without them a running broker looks gone (``status`` says "not
-        running", clients wait in vain). Called once per heartbeat: two ``lstat`` calls per endpoint.
-        """
-        for endpoint, (socket, identity) in list(self._ipc_files.items()):
-            path = Path(endpoint[len('ipc://') :])
-            try:
-                info = os.lstat(path)
-            except FileNotFoundError:
-                info = None
-            except OSError as exception:
-                LIMITED.warning('cannot check the socket %s: %s', path, exception, key=('socket-check', endpoint))
-                continue
-            if info is not None and (info.st_dev, info.st_ino) == identity:
-                continue
-            if info is not None:
-                LIMITED.error(
-                    'the socket file %s was replaced by something else: clients cannot reach this broker there. '
-                    'Remove what is at that path (the broker binds it again), or restart the broker',
-                    path,
-                    key=('socket-replaced', endpoint),
-                )
-                continue
-            try:
-                with contextlib.suppress(zmq.ZMQError):
-                    socket.unbind(endpoint)
-                socket.bind(endpoint)
-                self._own_ipc_file(endpoint, socket, path)
-            except (zmq.ZMQError, OSError) as exception:
-                LIMITED.error(
-                    'the socket file %s was deleted; binding it again failed: %s',
-                    path,
-                    exception,
-                    key=('socket-rebind', endpoint),
-                )
-                continue
-            LOGGER.warning('the socket file %s was deleted while the broker ran: bound it again', path)
-        info_path = self.data_dir / INFO_FILENAME
-        try:
-            info = os.stat(info_path)
-            current: tuple[int, int] | None = (info.st_ino, info.st_mtime_ns)
-        except OSError:
-            current = None
-        if current != self._info_stat:
-            try:
-                self._write_info()
-            except OSError as exception:
-                LIMITED.error('cannot write %s: %s', info_path, exception, key=('broker-info', str(info_path)))
-                return
-            LOGGER.warning('%s was deleted or changed while the broker ran: written again', info_path)
-
-    def _write_info(self) -> None:
-        info = {
-            'pid': os.getpid(),
-            'endpoints': self.endpoints,
-            'epoch': self.epoch,
-            'started': self.started,
-            'version': __version__,
-        }
-        path = self.data_dir / INFO_FILENAME
-        tmp = path.with_suffix('.tmp')
-        tmp.write_text(json.dumps(info))
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
-        written = os.stat(path)
-        self._info_stat = (written.st_ino, written.st_mtime_ns)
-
     def close(self) -> None:
-        """Remove ``broker.json``, commit, close sockets and store, release the lock.
+        """Remove ``broker.json``, commit, close store and sockets, release the lock.
 
         ``broker.json`` goes first: from then on this broker no longer serves, and a broker starting meanwhile waits
-        for the lock instead of being refused as a second broker.
+        for the lock instead of being refused as a second broker. The lock goes last, after the store is closed.
         """
-        info = self.data_dir / INFO_FILENAME
-        try:
-            if json.loads(info.read_text()).get('epoch') == self.epoch:
-                info.unlink()
-        except (OSError, ValueError):
-            pass
+        self.directory.withdraw_info()
         if self._store is not None:
             try:
                 self._flush_writes()
@@ -450,24 +219,7 @@ class Broker:
         if self._identity is not None:
             self._identity.close()
             self._identity = None
-        for socket in self._sockets:
-            socket.close(linger=500)
-        self._sockets.clear()
-        for endpoint, (_, identity) in self._ipc_files.items():
-            # Only the very file this broker's bind made: never what another process put at that path since.
-            path = Path(endpoint[len('ipc://') :])
-            with contextlib.suppress(OSError):
-                found = os.lstat(path)
-                if stat.S_ISSOCK(found.st_mode) and (found.st_dev, found.st_ino) == identity:
-                    path.unlink()
-        self._ipc_files.clear()
-        if self._lock_context is not None:
-            self._lock_context.__exit__(None, None, None)  # type: ignore[attr-defined]
-            self._lock_context = None
-        if self._curve is not None:
-            self._curve.stop()
-            self._curve = None
-        self._context.term()
+        self.directory.release()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the loop to finish its batch and stop; waits for a loop running in a thread."""
@@ -504,7 +256,7 @@ class Broker:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        for socket in self._sockets:
+        for socket in self.directory.sockets:
             poller.register(socket, zmq.POLLIN)
         heartbeat = self.config.heartbeat
         next_tick = time.monotonic() + heartbeat
@@ -543,7 +295,7 @@ class Broker:
         self._release_delayed(time.monotonic())
         if self.outbound.overflowed:
             self._drop_overflowed()  # before the dispatch: their tasks go to the others in this batch
-        writable = self._store_writable()
+        writable = self.store_fault.writable()
         self._dispatch_more = False
         if not writable and not self._inserted:
             # The store failed and its next try is not due: no deliveries (they need a commit), no commit; what the
@@ -588,55 +340,34 @@ class Broker:
             self._batch_failed(exception)
             return False
         self._inserted.clear()
-        if self.store_fault is not None and (written or not self.store.staged):
+        if self.store_fault.current is not None and (written or not self.store.staged):
+            fault = self.store_fault.recovered()
+            assert fault is not None
             LOGGER.warning(
                 'the task store writes again (%s since %s): tasks are accepted and delivered',
-                self.store_fault['kind'],
-                time.strftime('%H:%M:%S', time.localtime(self.store_fault['since'])),
+                fault['kind'],
+                time.strftime('%H:%M:%S', time.localtime(fault['since'])),
             )
-            self.store_fault = None
         return True
 
-    # The store failing (disk full, read-only, I/O errors): the broker refuses new tasks, keeps everything it holds in
-    # memory, answers heartbeats and ADMIN, and tries the store again after a backoff (store_retry, doubling to
-    # store_retry_max) instead of every turn (194 ERROR lines in 10 s, and no ADMIN answer, before).
-
-    def _store_writable(self) -> bool:
-        return self.store_fault is None or time.monotonic() >= self._store_retry_at
-
-    def _store_failed(self, exception: StoreError) -> None:
-        now = time.monotonic()
-        if self.store_fault is None:
-            self._store_backoff = self.config.store_retry
-            self.store_fault = {'error': str(exception), 'kind': describe_fault(exception), 'since': time.time()}
-        else:
-            self._store_backoff = min(2 * self._store_backoff, self.config.store_retry_max)
-            self.store_fault['error'] = str(exception)
-        self._store_retry_at = now + self._store_backoff
-        self.stats['store_failures'] += 1
-
-    def _fault_text(self) -> str:
-        assert self.store_fault is not None
-        retry = max(0.0, self._store_retry_at - time.monotonic())
-        return (
-            f'the broker cannot write its task store ({self.store_fault["kind"]}: {self.store_fault["error"]}); '
-            f'it tries again in {retry:.1f}s. Free space (df -h {self.data_dir}) or fix the file system'
-        )
+    # The store failing (see store_fault.py): new tasks are refused, the rest waits in memory for the next try.
 
     def _answer_admin_replies_with_fault(self) -> None:
+        text = self.store_fault.text(self.data_dir)
         for client, correlation, _ in self._admin_replies:
-            self._admin_error(client, correlation, f'done in the broker, not stored yet: {self._fault_text()}')
+            self._admin_error(client, correlation, f'done in the broker, not stored yet: {text}')
         self._admin_replies.clear()
 
     def _batch_failed(self, exception: StoreError) -> None:
         """Nothing of this batch is stored. Its new tasks are refused (loudly, never confirmed) and forgotten; its
         deliveries were not sent, so their tasks are back in their queues; everything else the batch changed (acks,
         requeues, dead letters) stays as the broker holds it in memory and is written with the next commit."""
-        self._store_failed(exception)
+        self.store_fault.failed(exception)
+        self.stats['store_failures'] += 1
         self.limited_log.error(
             '%s; refusing the tasks of this batch, trying again in %.1fs',
             exception,
-            self._store_backoff,
+            self.store_fault.backoff,
             key=('store',),
         )
         inserted = {task.id: task for task in self._inserted}
@@ -671,7 +402,7 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         """Heartbeats out, silent clients declared dead, orphans past their grace requeued."""
-        self._check_endpoints()
+        self.directory.check_endpoints()
         deadline = now - self.config.peer_timeout
         for client in list(self.clients.values()):
             if client.last_seen < deadline:
@@ -988,20 +719,14 @@ class Broker:
                 self.queues.wake(queue_name)  # to forget it, if nothing else holds it
         for task in sorted(client.held.values(), key=lambda t: -t.id):  # newest first: each goes to the front
             self._give_back(client, task, RELEASED if released else LOST)
-        for identifier in client.rpc_identifiers:
-            if self.rpc_owners.get(identifier) is client:
-                del self.rpc_owners[identifier]
-        for call_id in client.calls_in:
-            call = self.calls.pop(call_id, None)
-            if call is not None and call.caller.routing_id in self.clients:
+        for call in self.rpc.forget(client):
+            if call.caller.routing_id in self.clients:
                 self._send(
                     call.caller,
                     Command.RPC_UNROUTABLE,
                     call.correlation,
                     b'the recipient disconnected before it answered',
                 )
-        for call_id in [call_id for call_id, call in self.calls.items() if call.caller is client]:
-            del self.calls[call_id]
 
     # Tasks --------------------------------------------------------------------------------------------------------
 
@@ -1286,8 +1011,9 @@ class Broker:
     def _on_task_get(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, queue_name = args
         name = bytes(queue_name).decode()
-        if not self._store_writable():  # handing out a task needs a commit
-            self._send(client, Command.ERROR, correlation, ErrorCode.STORE, self._fault_text().encode())
+        if not self.store_fault.writable():  # handing out a task needs a commit
+            text = self.store_fault.text(self.data_dir)
+            self._send(client, Command.ERROR, correlation, ErrorCode.STORE, text.encode())
             return
         queue = self.queues.get(name)
         task = self._deliverable(queue) if queue is not None else None
@@ -1301,22 +1027,13 @@ class Broker:
     # RPC ----------------------------------------------------------------------------------------------------------
 
     def _on_rpc_register(self, client: Client, args: Sequence[bytes]) -> None:
-        correlation, identifier_bytes = args
-        identifier = bytes(identifier_bytes).decode()
-        owner = self.rpc_owners.get(identifier)
-        if owner is not None and owner is not client:
-            self._send(client, Command.RPC_REGISTERED, correlation, b'duplicate')
-            return
-        self.rpc_owners[identifier] = client
-        client.rpc_identifiers.add(identifier)
-        self._send(client, Command.RPC_REGISTERED, correlation, b'ok')
+        correlation, identifier = args
+        registered = self.rpc.register(client, bytes(identifier).decode())
+        self._send(client, Command.RPC_REGISTERED, correlation, b'ok' if registered else b'duplicate')
 
     def _on_rpc_unregister(self, client: Client, args: Sequence[bytes]) -> None:
-        correlation, identifier_bytes = args
-        identifier = bytes(identifier_bytes).decode()
-        if self.rpc_owners.get(identifier) is client:
-            del self.rpc_owners[identifier]
-        client.rpc_identifiers.discard(identifier)
+        correlation, identifier = args
+        self.rpc.unregister(client, bytes(identifier).decode())
         self._send(client, Command.DONE, correlation)
 
     def _on_rpc_call(self, client: Client, args: Sequence[bytes]) -> None:
@@ -1337,28 +1054,22 @@ class Broker:
         self, caller: Client, peer: Client | Sender, correlation: bytes, identifier: bytes, payload: bytes
     ) -> None:
         """Hand a call to its recipient, then tell ``peer`` (``DONE``), or tell it at once that nobody holds it."""
-        owner = self.rpc_owners.get(bytes(identifier).decode())
-        if owner is None:
+        routed = self.rpc.open_call(caller, correlation, bytes(identifier).decode())
+        if routed is None:
             reason = b"no subscriber with identifier '" + bytes(identifier) + b"'"
             self._answer(peer, Command.RPC_UNROUTABLE, correlation, reason)
             return
-        call_id = next(self._call_ids)
-        self.calls[call_id] = RpcCall(caller, correlation, owner)
-        owner.calls_in.add(call_id)
+        call_id, owner = routed
         self._send(owner, Command.RPC_REQUEST, protocol.number(call_id), identifier, payload)
         # After the request: a client calling its own subscriber has it handled when its rpc_send returns.
         self._answer(peer, Command.DONE, correlation)
 
     def _on_rpc_reply(self, client: Client, args: Sequence[bytes]) -> None:
         call_id = protocol.to_int(args[0])
-        final = args[1] == protocol.FLAG_TRUE
-        call = self.calls.get(call_id)
-        if call is None or call.owner is not client:
+        call = self.rpc.answer(client, call_id, final=args[1] == protocol.FLAG_TRUE)
+        if call is None:
             LOGGER.debug('reply from %s for unknown call %d dropped', client.name, call_id)
             return
-        if final:
-            del self.calls[call_id]
-            client.calls_in.discard(call_id)
         if call.caller.routing_id in self.clients:
             self._send(call.caller, Command.RPC_RESULT, call.correlation, args[1], args[2])
 
@@ -1443,11 +1154,6 @@ class Broker:
 
     # Introspection ------------------------------------------------------------------------------------------------
 
-    def _store_fault_status(self) -> dict | None:
-        if self.store_fault is None:
-            return None
-        return {**self.store_fault, 'retry_in': round(max(0.0, self._store_retry_at - time.monotonic()), 1)}
-
     def snapshot(self) -> dict:
         """A JSON-able view of the broker's state (for status commands and tests)."""
         return {
@@ -1467,7 +1173,7 @@ class Broker:
                 for c in self.clients.values()
             ],
             'orphans': len(self.orphans),
-            'store_fault': self._store_fault_status(),
+            'store_fault': self.store_fault.status(),
             'stats': {**self.stats, 'log_lines_suppressed': self.limited_log.suppressed_total},
             # What the operator chose (`serve` options, or the AiiDA profile's broker options through the watcher).
             'settings': {

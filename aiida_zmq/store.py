@@ -29,7 +29,6 @@ __all__ = (
     'StoredTask',
     'TaskStore',
     'broker_lock',
-    'describe_fault',
     'stopped_store',
     'submit_offline',
 )
@@ -102,18 +101,6 @@ def _open_advice(path: Path, exception: sqlite3.DatabaseError) -> str:
         f'{path}* SOMEWHERE/`; tasks in it are not delivered until it is repaired, e.g. with sqlite3 .recover) and '
         'start again'
     )
-
-
-def describe_fault(exception: BaseException) -> str:
-    """What kind of fault a store error is, in the words an operator acts on."""
-    text = str(exception).lower()
-    if 'full' in text:
-        return 'disk full'
-    if 'readonly' in text or 'read-only' in text:
-        return 'read-only'
-    if 'disk i/o' in text:
-        return 'disk I/O error'
-    return 'store error'
 
 
 class TaskStore:
