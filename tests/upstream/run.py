@@ -25,6 +25,10 @@ when the requirements change. How each suite is put on aiida-zmq:
   ``aiida-zmq serve`` for the session and makes kiwipy's ``RmqThreadCommunicator.connect`` return
   ``aiida_zmq.connect`` to it.
 
+One upstream race is worked around, on both brokers: ``plugins/daemon_stop_when_busy.py`` sends aiida-core's
+``quit`` again when circus refuses it because it is still starting the daemon's watchers (aiida-core then deletes the
+daemon's socket directory and leaves an arbiter nobody can reach; 3 of 14 runs of ``test_daemon.py`` on RabbitMQ).
+
 Expected failures are in ``expected_failures.yaml``, each with its reason (RabbitMQ-only API, test copy newer than the
 installed wheel); no broker bug is on it. Any other failure, and any pass of an expected failure, fails the run. The
 end of the output has the per-suite counts; every test's outcome is in ``build/upstream/<broker>/<suite>.jsonl``.
@@ -249,6 +253,7 @@ def run_session(
         plugins += list(suite.plugins)
         args += list(suite.zmq_args)
     if suite.name == 'aiida-core':
+        plugins.append('daemon_stop_when_busy')  # an upstream race, on both brokers (see the plugin)
         selection.update(AIIDA_CORE_SELECTION)
         if not tests:
             args += aiida_core_candidates(tree)
