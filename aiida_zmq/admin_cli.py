@@ -292,7 +292,14 @@ def _circus_info(target: Target, broker_pid: int | None) -> dict[str, t.Any] | N
     Asked first: the arbiter whose endpoint is in the broker process's environment (the watcher sets it, daemon and
     ``circus-config`` alike); then, for a profile, its daemon's arbiter (also when the broker is not running).
     """
-    from .circus import CircusCallError, CircusController, arbiter_endpoint_of, watcher_name, watcher_of_pid
+    from .circus import (
+        CircusCallError,
+        CircusController,
+        arbiter_endpoint_of,
+        missing_control_socket,
+        watcher_name,
+        watcher_of_pid,
+    )
 
     candidates = []
     if broker_pid:
@@ -300,6 +307,22 @@ def _circus_info(target: Target, broker_pid: int | None) -> dict[str, t.Any] | N
     if target.profile is not None:
         candidates.append(_daemon_controller(target.profile))
     for endpoint in dict.fromkeys(endpoint for endpoint in candidates if endpoint):
+        missing = missing_control_socket(endpoint)
+        if missing is not None:
+            if target.profile is not None:
+                from aiida.engine.daemon.client import DaemonClient
+
+                from .aiida.broker import unreachable_daemon_message
+
+                pid = DaemonClient(target.profile).get_daemon_pid()
+                return {
+                    'endpoint': endpoint,
+                    'watcher': None,
+                    'status': None,
+                    'circusctl': None,
+                    'unreachable': unreachable_daemon_message(target.profile.name, pid, missing),
+                }
+            continue
         try:
             with CircusController(endpoint, timeout=2.0) as controller:
                 watcher = watcher_of_pid(controller, broker_pid) if broker_pid else None
@@ -321,6 +344,9 @@ def _circus_info(target: Target, broker_pid: int | None) -> dict[str, t.Any] | N
 
 def _print_circus(circus: dict[str, t.Any] | None) -> None:
     if circus is None:
+        return
+    if circus.get('unreachable'):
+        click.echo(f'  circus     {circus["unreachable"]}')
         return
     state = circus['status'] or 'not in this arbiter (it is added when a daemon worker starts)'
     click.echo(f'  circus     watcher {circus["watcher"]}: {state}; arbiter {circus["endpoint"]}')

@@ -37,6 +37,7 @@ __all__ = (
     'is_busy',
     'legacy_watcher_name',
     'log_file_name',
+    'missing_control_socket',
     'parse_watcher_name',
     'plugin_watcher_spec',
     'render_ini',
@@ -473,6 +474,19 @@ def watcher_of_pid(controller: CircusController, pid: int) -> str | None:
 def is_busy(exception: CircusCallError) -> bool:
     """Whether circus refused a command only because another exclusive command runs: worth retrying."""
     return any(marker in str(exception) for marker in _BUSY_MARKERS)
+
+
+def missing_control_socket(endpoint: str) -> str | None:
+    """The socket file of an ``ipc://`` controller endpoint when it does not exist, else ``None``.
+
+    Nothing can answer there, and ZeroMQ would wait for the file instead of failing: a caller that knows this says
+    so at once instead of after its timeout. aiida-core removes a daemon's socket directory when circus refuses its
+    ``quit`` (circus still starts its watchers), and the arbiter then runs on where nobody can reach it.
+    """
+    if not endpoint.startswith('ipc://'):
+        return None
+    path = endpoint[len('ipc://') :]
+    return None if os.path.exists(path) else path
 
 
 def attach_watcher(endpoint: str, spec: WatcherSpec, *, timeout: float = 30.0, call_timeout: float = 5.0) -> str:

@@ -112,6 +112,17 @@ def _pubsub_endpoint(controller_endpoint: str, deadline: float) -> str:
         delay = min(delay * 2, 1.0)
 
 
+def unreachable_daemon_message(profile_name: str, pid: int | None, socket: str) -> str:
+    """What to say, and do, about a daemon that runs but whose control socket is gone."""
+    who = f'pid {pid}' if pid else 'its pid file says so'
+    return (
+        f'the daemon of `{profile_name}` runs ({who}) but its control socket {socket} is gone, so nothing can reach '
+        f'it (aiida-core removes the socket directory when circus refuses a `verdi daemon stop` that comes while the '
+        f'daemon is still starting). Stop it by its pid (`kill {pid or "PID"}`), then `verdi -p {profile_name} daemon '
+        'start`'
+    )
+
+
 class _BrokerResources:
     """What a :class:`ZmqBroker` owns; kept apart so a finalizer can release it without a reference to the broker."""
 
@@ -323,13 +334,16 @@ class ZmqBroker(Broker):
 
         :raises ConnectionError: when the daemon is not running or its arbiter refuses.
         """
-        from aiida_zmq.circus import CircusCallError, attach_watcher
+        from aiida_zmq.circus import CircusCallError, attach_watcher, missing_control_socket
 
         client = client or self._running_daemon_client()
         if client is None:
             raise ConnectionError(f'the daemon of profile `{self._profile.name}` is not running')
         self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         endpoint = client.get_controller_endpoint()
+        missing = missing_control_socket(endpoint)
+        if missing is not None:
+            raise ConnectionError(unreachable_daemon_message(self._profile.name, client.get_daemon_pid(), missing))
         timeout = float(self._option('start_timeout'))
         deadline = time.monotonic() + timeout
         try:

@@ -84,6 +84,41 @@ def test_repair_on_a_profile_whose_daemon_never_ran(aiida_zmq_profile_factory) -
     assert 'No inconsistencies' in again.stdout, again.stdout + again.stderr
 
 
+_ATTACH = """
+import sys
+from aiida import load_profile
+from aiida.manage import get_manager
+load_profile(sys.argv[1])
+try:
+    get_manager().get_broker().ensure_broker()
+except ConnectionError as exception:
+    print('refused:', exception)
+"""
+
+
+def test_a_daemon_nobody_can_reach_is_named_at_once(aiida_zmq_profile_factory) -> None:
+    """aiida-core removes a daemon's socket directory when circus refuses its ``quit`` (circus still starts its
+    watchers), and the arbiter runs on where nobody can reach it. Attaching the broker then says so, with the pid to
+    stop, instead of "Timed out" after ``start_timeout`` (30 s) for each worker circus starts; ``status`` says so."""
+    profile = aiida_zmq_profile_factory(workers=1)
+    pid = profile.daemon_pid()
+    sockets = Path(profile.circus_endpoint()[len('ipc://') :]).parent
+    hidden = sockets.with_name(sockets.name + '-hidden')
+    sockets.rename(hidden)  # what aiida-core's stop_daemon does after a refused quit
+    try:
+        started = time.monotonic()
+        attach = profile.run(sys.executable, '-c', _ATTACH, profile.name)
+        elapsed = time.monotonic() - started
+        assert f'control socket {sockets}/circus.c.sock is gone' in attach.stdout, attach.stdout + attach.stderr
+        assert f'`kill {pid}`' in attach.stdout and f'verdi -p {profile.name} daemon start' in attach.stdout
+        assert elapsed < 20, f'the answer took {elapsed:.1f}s'  # the timeout it no longer waits for is 30 s
+        status = profile.aiida_zmq('status', '--profile', profile.name, check=False)
+        assert f'`kill {pid}`' in status.stdout, status.stdout + status.stderr
+    finally:
+        hidden.rename(sockets)
+        assert not profile.teardown(), 'processes were left running after `verdi daemon stop`'
+
+
 def test_verdi_status_green(aiida_zmq_profile: AiidaZmqProfile) -> None:
     status = aiida_zmq_profile.verdi('status')
     broker_line = next(line for line in status.stdout.splitlines() if 'broker:' in line)
