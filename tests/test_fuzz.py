@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 
 import aiida_zmq
 from aiida_zmq import protocol
-from aiida_zmq.exceptions import BrokerRestarted
 from aiida_zmq.protocol import ARGUMENTS, Command
 from aiida_zmq.testing import BrokerProcess, wait_until
 
@@ -470,13 +469,15 @@ def test_communicator_survives_garbage_from_its_broker(fake_broker, messages):
         fake.inject(frames)
     # The answer to this call travels behind the garbage on the same connection: once it is here, all was handled.
     # A garbage WELCOME with another epoch looks like a broker restart, which fails calls in flight by design; a
-    # garbage RPC_RESULT may carry the correlation this call gets (they are sequential) and answer it first.
-    for attempt in range(3):
+    # garbage RPC_RESULT, RPC_UNROUTABLE or ERROR may carry the correlation this call gets (they are sequential) and
+    # answer it first, when the I/O thread reaches the garbage after the call was made (under load; the likely cause
+    # of one failure on two busy cores, whose output was not kept). Each message of garbage spoils one call at most.
+    for attempt in range(len(messages) + 1):
         try:
             assert communicator.rpc_send('echo', 'alive').result(timeout=10) == 'alive'
             break
-        except (BrokerRestarted, kiwipy.RemoteException):
-            assert attempt < 2
+        except (kiwipy.DeliveryFailed, kiwipy.UnroutableError, kiwipy.RemoteException):  # BrokerRestarted included
+            assert attempt < len(messages)
     for future in pending:
         with contextlib.suppress(Exception):
             future.result(timeout=10)  # resolved by the echo or failed by garbage: either way, not hung
