@@ -70,6 +70,15 @@ class BrokerEventsPlugin(CircusPlugin):
         LOGGER.info(
             'listening to %s for reaped processes (broker watcher %s)', self.pubsub_endpoint, self.broker_watcher
         )
+        # Connect now, not at the first reap: that one should cost a round trip, not the import of the communicator
+        # and a handshake (seconds on a busy machine, against the peer timeout's 10 s).
+        self._executor.submit(self._warm_up)
+
+    def _warm_up(self) -> None:
+        try:
+            self.link.admin('status')
+        except BrokerUnreachable as exception:  # the broker starts with its plugins: the first reap connects then
+            LOGGER.debug('not connected to the broker yet: %s', exception)
 
     def concerns(self, watcher: str) -> bool:
         """Whether a reap in ``watcher`` may concern the broker's clients."""
