@@ -477,16 +477,17 @@ def is_busy(exception: CircusCallError) -> bool:
 
 
 def missing_control_socket(endpoint: str) -> str | None:
-    """The socket file of an ``ipc://`` controller endpoint when it does not exist, else ``None``.
+    """The socket file of an ``ipc://`` controller endpoint when its directory is gone, else ``None``.
 
     Nothing can answer there, and ZeroMQ would wait for the file instead of failing: a caller that knows this says
     so at once instead of after its timeout. aiida-core removes a daemon's socket directory when circus refuses its
-    ``quit`` (circus still starts its watchers), and the arbiter then runs on where nobody can reach it.
+    ``quit`` (circus still starts its watchers), and the arbiter then runs on where nobody can reach it. The file
+    alone missing proves nothing: an arbiter that is starting writes its pid file before it binds its socket.
     """
     if not endpoint.startswith('ipc://'):
         return None
     path = endpoint[len('ipc://') :]
-    return None if os.path.exists(path) else path
+    return None if os.path.isdir(os.path.dirname(path) or '.') else path
 
 
 def attach_watcher(endpoint: str, spec: WatcherSpec, *, timeout: float = 30.0, call_timeout: float = 5.0) -> str:

@@ -19,7 +19,7 @@ import pytest
 from circusd_helpers import CIRCUSD, stop_circusd, wait_until_up
 
 from aiida_zmq import connect
-from aiida_zmq.circus import CircusController, watcher_name
+from aiida_zmq.circus import CircusController, missing_control_socket, watcher_name
 from aiida_zmq.discovery import (
     BrokerNotFound,
     broker_info_alive,
@@ -47,6 +47,17 @@ def first_rpc_seconds(find_endpoint: Callable[[], str], rounds: int = 15) -> flo
         finally:
             communicator.close()
     return statistics.median(samples)
+
+
+def test_a_control_socket_is_gone_only_with_its_directory(tmp_path: Path) -> None:
+    """An arbiter that starts writes its pid file before it binds: its socket file missing is no verdict. aiida-core
+    removes the whole socket directory after a refused stop: that one is."""
+    starting = tmp_path / 'starting'
+    starting.mkdir()
+    assert missing_control_socket(f'ipc://{starting}/circus.c.sock') is None
+    gone = tmp_path / 'gone' / 'circus.c.sock'
+    assert missing_control_socket(f'ipc://{gone}') == str(gone)
+    assert missing_control_socket('tcp://127.0.0.1:5555') is None
 
 
 def test_discovery_through_arbiter(zmq_arbiter_factory) -> None:
