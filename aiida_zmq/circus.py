@@ -471,9 +471,12 @@ def watcher_of_pid(controller: CircusController, pid: int) -> str | None:
     return None
 
 
-def is_busy(exception: CircusCallError) -> bool:
-    """Whether circus refused a command only because another exclusive command runs: worth retrying."""
-    return any(marker in str(exception) for marker in _BUSY_MARKERS)
+def is_busy(refusal: BaseException | str) -> bool:
+    """Whether circus refused a command only because another exclusive command runs: worth retrying.
+
+    ``refusal`` is the :class:`CircusCallError` raised, or the ``reason`` of an error answer taken as it is.
+    """
+    return any(marker in str(refusal) for marker in _BUSY_MARKERS)
 
 
 def missing_control_socket(endpoint: str) -> str | None:

@@ -24,7 +24,14 @@ from pathlib import Path
 import zmq
 
 from . import __version__, security
-from .discovery import BROKER_INFO_FILENAME, BROKER_SOCKET_FILENAME, MAX_IPC_PATH, lock_holder, short_socket_dir
+from .discovery import (
+    BROKER_INFO_FILENAME,
+    BROKER_SOCKET_FILENAME,
+    MAX_IPC_PATH,
+    lock_holder,
+    read_live_broker_info,
+    short_socket_dir,
+)
 from .exceptions import BrokerRunning, StoreError
 from .ratelimit import RateLimitedLog
 from .security import ensure_private_dir, remove_stale_socket
@@ -90,8 +97,6 @@ class DataDirectory:
         ``config.lock_timeout`` asks to wait for it; any other holder (a broker starting or closing, an offline
         submit) is waited for, up to ``lock_timeout`` or 30 s.
         """
-        from .discovery import read_live_broker_info
-
         timeout = self.config.lock_timeout
         deadline = time.monotonic() + (LOCK_WAIT_NOT_SERVING if timeout is None else timeout)
         waiting_logged = False

@@ -341,7 +341,7 @@ def stop_arbiter(process: subprocess.Popen[bytes], controller: str, timeout: flo
     """
     import psutil
 
-    from .circus import CircusCallError, CircusController
+    from .circus import CircusCallError, CircusController, is_busy
 
     children = []
     with contextlib.suppress(psutil.NoSuchProcess):
@@ -357,7 +357,7 @@ def stop_arbiter(process: subprocess.Popen[bytes], controller: str, timeout: flo
                 client.call('quit', waiting=True)
             break
         except CircusCallError as exception:
-            if 'already running' not in str(exception):
+            if not is_busy(exception):
                 break
             time.sleep(0.1)
     try:

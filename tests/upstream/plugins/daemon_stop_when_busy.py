@@ -27,11 +27,9 @@ BUSY_RETRY_EVERY = 0.05
 
 
 def _refused_as_busy(response: Any) -> bool:
-    return (
-        isinstance(response, dict)
-        and response.get('status') == 'error'
-        and 'already running' in str(response.get('reason', ''))
-    )
+    from aiida_zmq.circus import is_busy
+
+    return isinstance(response, dict) and response.get('status') == 'error' and is_busy(str(response.get('reason')))
 
 
 def pytest_configure(config: Any) -> None:
