@@ -104,8 +104,8 @@ def serve(
     outbound_bytes: int = 32 * 1024 * 1024,
 ) -> None:
     """Run the broker in the foreground until SIGTERM or SIGINT."""
+    from .broker.server import Broker, BrokerConfig
     from .exceptions import StoreError
-    from .server import Broker, BrokerConfig
 
     logging.basicConfig(level=log_level, format=LOG_FORMAT if log_time else LOG_FORMAT_NO_TIME, stream=sys.stderr)
     config = BrokerConfig(

@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 
 import aiida_zmq
 from aiida_zmq import protocol
+from aiida_zmq.broker.server import Broker, BrokerConfig
 from aiida_zmq.exceptions import AdminError
 from aiida_zmq.protocol import ARGUMENTS, Command, ErrorCode
-from aiida_zmq.server import Broker, BrokerConfig
 from aiida_zmq.store import STORE_FILENAME
 from aiida_zmq.testing import BrokerProcess, wait_until
 

@@ -232,13 +232,15 @@ def test_no_pickle_anywhere():
                 if name.split('.')[0] in FORBIDDEN_MODULES
             ]
     assert not offences, offences
-    # The broker never decodes payloads: it imports no codec at all.
-    server = ast.parse((ROOT / 'aiida_zmq' / 'server.py').read_text())
-    imported = {alias.name for node in ast.walk(server) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {
-        f'{node.module or ""}.{alias.name}' for node in ast.walk(server) if isinstance(node, ast.ImportFrom)
-        for alias in node.names
-    }  # fmt: skip
+    # The broker never decodes payloads: no module of the broker package imports a codec at all.
+    imported = set()
+    for path in sorted((ROOT / 'aiida_zmq' / 'broker').glob('*.py')):
+        tree = ast.parse(path.read_text())
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {
+            f'{node.module or ""}.{alias.name}' for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            for alias in node.names
+        }  # fmt: skip
     assert not {name for name in imported if 'codec' in name or 'yaml' in name}, imported
 
 

@@ -389,7 +389,7 @@ def test_a_real_broker_is_live_until_killed(zmq_broker: BrokerProcess, unrelated
 
 def test_a_broker_in_a_thread_of_an_older_process_is_live(short_dir: Path) -> None:
     """Its process (this one) was created long before the broker wrote ``started``: that is no reason to doubt it."""
-    from aiida_zmq.server import Broker
+    from aiida_zmq.broker.server import Broker
 
     broker = Broker(short_dir / 'b', [f'ipc://{short_dir}/b.sock']).start_in_thread()
     try:

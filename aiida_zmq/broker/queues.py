@@ -21,7 +21,7 @@ import heapq
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from .store import StoredTask, TaskStore
+from ..store import StoredTask, TaskStore
 
 if TYPE_CHECKING:
     from .peers import Client

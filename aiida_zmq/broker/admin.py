@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .store import READY
+from .. import __version__
+from ..store import READY
 
 if TYPE_CHECKING:
     from .server import Broker

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from .ratelimit import RateLimitedLog
-from .store import StoredTask
+from ..ratelimit import RateLimitedLog
+from ..store import StoredTask
 
 if TYPE_CHECKING:
     from .server import BrokerConfig

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import zmq
 
-from . import __version__, security
-from .discovery import (
+from .. import __version__, security
+from ..discovery import (
     BROKER_INFO_FILENAME,
     BROKER_SOCKET_FILENAME,
     MAX_IPC_PATH,
@@ -32,10 +32,10 @@ from .discovery import (
     read_live_broker_info,
     short_socket_dir,
 )
-from .exceptions import BrokerRunning, StoreError
-from .ratelimit import RateLimitedLog
-from .security import ensure_private_dir, remove_stale_socket
-from .store import broker_lock
+from ..exceptions import BrokerRunning, StoreError
+from ..ratelimit import RateLimitedLog
+from ..security import ensure_private_dir, remove_stale_socket
+from ..store import broker_lock
 
 if t.TYPE_CHECKING:
     from .server import BrokerConfig

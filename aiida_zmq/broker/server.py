@@ -27,18 +27,19 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import admin, protocol
+from .. import protocol
+from ..exceptions import StoreError
+from ..protocol import Command, ErrorCode
+from ..ratelimit import RateLimitedLog
+from ..security import ensure_private_dir
+from ..store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore
+from ..store_identity import StoreIdentity
+from . import admin
 from .datadir import DataDirectory, default_endpoint
-from .exceptions import StoreError
 from .peers import Client, Outbound, Sender
-from .protocol import Command, ErrorCode
 from .queues import QueueState, TaskQueues
-from .ratelimit import RateLimitedLog
 from .rpc_routes import RpcRoutes
-from .security import ensure_private_dir
-from .store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore
 from .store_fault import StoreFault
-from .store_identity import StoreIdentity
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
 
