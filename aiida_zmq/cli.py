@@ -8,6 +8,7 @@ import sys
 import click
 
 from . import __version__
+from .broker.config import DEFAULTS
 
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
 # Under circus the watcher's FileStream stamps every line already (``aiida_zmq.circus``): one time stamp is enough.
@@ -36,40 +37,48 @@ def main() -> None:
 )
 @click.option('--curve', is_flag=True, help='CURVE-encrypt and authenticate tcp:// endpoints (keys in DATA_DIR/curve).')
 @click.option('--insecure-tcp', is_flag=True, help='Allow plain tcp:// on 127.0.0.1 without CURVE (tests only).')
-@click.option('--heartbeat', type=float, default=1.0, show_default=True, help='Heartbeat interval in seconds.')
+@click.option(
+    '--heartbeat', type=float, default=DEFAULTS.heartbeat, show_default=True, help='Heartbeat interval in seconds.'
+)
 @click.option(
     '--peer-timeout',
     type=float,
-    default=10.0,
+    default=DEFAULTS.peer_timeout,
     show_default=True,
     help='Seconds of silence after which a client is dead and its tasks go to others.',
 )
-@click.option('--max-deliveries', type=int, default=20, show_default=True, help='Deliveries before dead-lettering.')
+@click.option(
+    '--max-deliveries',
+    type=int,
+    default=DEFAULTS.max_deliveries,
+    show_default=True,
+    help='Deliveries before dead-lettering.',
+)
 @click.option(
     '--max-message-bytes',
     type=click.IntRange(min=1),
-    default=64 * 1024 * 1024,
+    default=DEFAULTS.max_message_bytes,
     show_default=True,
     help='Largest message a client may send, in bytes (all its frames together); larger ones are refused.',
 )
 @click.option(
     '--max-queues',
     type=click.IntRange(min=1),
-    default=10_000,
+    default=DEFAULTS.max_queues,
     show_default=True,
     help='Queues the broker holds at once; an empty queue nobody consumes gives its place to a new one.',
 )
 @click.option(
     '--outbound-bytes',
     type=click.IntRange(min=1),
-    default=32 * 1024 * 1024,
+    default=DEFAULTS.outbound_bytes,
     show_default=True,
     help='Bytes waiting for a client that does not read before its broadcasts are dropped, then its session ends.',
 )
 @click.option(
     '--lock-timeout',
     type=float,
-    default=None,
+    default=DEFAULTS.lock_timeout,
     help='Seconds to wait for the data directory lock, even for a broker that serves it. Default: refuse at once, '
     'naming its pid, when a broker serves the directory; wait up to 30 s for one that is starting or shutting down.',
 )
@@ -100,8 +109,8 @@ def serve(
     log_time: bool = True,
     curve: bool = False,
     insecure_tcp: bool = False,
-    max_queues: int = 10_000,
-    outbound_bytes: int = 32 * 1024 * 1024,
+    max_queues: int = DEFAULTS.max_queues,
+    outbound_bytes: int = DEFAULTS.outbound_bytes,
 ) -> None:
     """Run the broker in the foreground until SIGTERM or SIGINT."""
     from .broker.server import Broker, BrokerConfig

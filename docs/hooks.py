@@ -3,7 +3,7 @@
 A page that contains ``<!-- generated: NAME -->`` gets that marker replaced by the generated text. Names:
 
 - ``cli``: every ``aiida-zmq`` command with its usage, help and options (from the click group);
-- ``broker-config``: the broker's tunables (:class:`aiida_zmq.broker.server.BrokerConfig`, comments from its source);
+- ``broker-config``: the broker's tunables (:class:`aiida_zmq.broker.config.BrokerConfig`, comments from its source);
 - ``profile-config``: the AiiDA profile options of the ``zmq`` broker (``ZmqBroker._config_fields``);
 - ``connect``: the options of :func:`aiida_zmq.connect` (the communicator's constructor);
 - ``admin``: the ADMIN operations the broker answers.
@@ -55,7 +55,7 @@ def _field_comments(cls: type) -> dict[str, str]:
 
 
 def _broker_config() -> str:
-    from aiida_zmq.broker.server import BrokerConfig
+    from aiida_zmq.broker.config import BrokerConfig
 
     comments = _field_comments(BrokerConfig)
     rows = ['| field | default | meaning |', '|---|---|---|']

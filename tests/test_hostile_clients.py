@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 import aiida_zmq
 from aiida_zmq import protocol
-from aiida_zmq.broker.server import Broker, BrokerConfig
+from aiida_zmq.broker.config import BrokerConfig
+from aiida_zmq.broker.server import Broker
 from aiida_zmq.exceptions import AdminError
 from aiida_zmq.protocol import ARGUMENTS, Command, ErrorCode
 from aiida_zmq.store import STORE_FILENAME

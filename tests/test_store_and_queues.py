@@ -15,7 +15,8 @@ import kiwipy
 import pytest
 
 import aiida_zmq
-from aiida_zmq.broker.server import Broker, BrokerConfig
+from aiida_zmq.broker.config import BrokerConfig
+from aiida_zmq.broker.server import Broker
 from aiida_zmq.exceptions import BrokerRunning, StoreError
 from aiida_zmq.store import STORE_FILENAME, TaskStore, submit_offline
 from aiida_zmq.testing import BrokerProcess, wait_until

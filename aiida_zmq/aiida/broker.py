@@ -24,6 +24,7 @@ from pathlib import Path
 from aiida.brokers.broker import Broker, BrokerConfigField, BrokerServiceStatus
 
 from aiida_zmq import discovery
+from aiida_zmq.broker.config import DEFAULTS as BROKER_DEFAULTS
 
 if t.TYPE_CHECKING:
     from collections.abc import Iterator
@@ -40,10 +41,7 @@ __all__ = ('ZmqBroker', 'aiida_codec', 'broker_data_dir', 'launch_queue_name')
 LOGGER = logging.getLogger(__name__)
 
 ENTRY_POINT_NAME = 'zmq'
-DEFAULT_HEARTBEAT = 1.0
-DEFAULT_START_TIMEOUT = 30
-DEFAULT_PEER_TIMEOUT = 10.0
-DEFAULT_MAX_DELIVERIES = 20
+DEFAULT_START_TIMEOUT = 30  # a client setting: the broker's own defaults are BROKER_DEFAULTS
 
 
 def launch_queue_name(profile: Profile) -> str:
@@ -171,7 +169,7 @@ class ZmqBroker(Broker):
             name='heartbeat',
             prompt='Heartbeat interval',
             help='Seconds between heartbeats of the client and the broker.',
-            default=DEFAULT_HEARTBEAT,
+            default=BROKER_DEFAULTS.heartbeat,
             param_type='string',
             expose_cli=False,
         ),
@@ -194,7 +192,7 @@ class ZmqBroker(Broker):
             name='peer_timeout',
             prompt='Peer timeout',
             help='Seconds of silence after which the broker declares a client dead and gives its tasks to others.',
-            default=DEFAULT_PEER_TIMEOUT,
+            default=BROKER_DEFAULTS.peer_timeout,
             param_type='string',
             expose_cli=False,
         ),
@@ -202,7 +200,7 @@ class ZmqBroker(Broker):
             name='max_deliveries',
             prompt='Deliveries before dead-lettering',
             help='A task delivered this many times without an answer goes to the dead-letter queue.',
-            default=DEFAULT_MAX_DELIVERIES,
+            default=BROKER_DEFAULTS.max_deliveries,
             param_type='int',
             expose_cli=False,
         ),
@@ -210,7 +208,7 @@ class ZmqBroker(Broker):
             name='fsync',
             prompt='fsync every batch',
             help='Survive power loss, not only crashes, at the cost of slower confirms.',
-            default=False,
+            default=BROKER_DEFAULTS.fsync,
             param_type='bool',
             expose_cli=False,
         ),

@@ -36,9 +36,7 @@ from ..exceptions import BrokerRunning, StoreError
 from ..ratelimit import RateLimitedLog
 from ..security import ensure_private_dir, remove_stale_socket
 from ..store import broker_lock
-
-if t.TYPE_CHECKING:
-    from .server import BrokerConfig
+from .config import BrokerConfig
 
 __all__ = ('DataDirectory', 'default_endpoint')
 

@@ -19,15 +19,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import zmq
 
 from ..ratelimit import RateLimitedLog
 from ..store import StoredTask
-
-if TYPE_CHECKING:
-    from .server import BrokerConfig
+from .config import BrokerConfig
 
 __all__ = ('Client', 'Outbound', 'Sender')
 

@@ -19,13 +19,10 @@ from __future__ import annotations
 import collections
 import heapq
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from ..store import StoredTask, TaskStore
-
-if TYPE_CHECKING:
-    from .peers import Client
-    from .server import BrokerConfig
+from .config import BrokerConfig
+from .peers import Client
 
 __all__ = ('QueueState', 'TaskQueues')
 
