@@ -479,21 +479,50 @@ def tasks() -> None:
 @click.option('--limit', type=click.IntRange(min=0), default=100, show_default=True, help='Show at most this many.')
 @click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def tasks_list(target: Target, queue: str | None, limit: int, as_json: bool) -> None:
-    """List stored tasks, oldest first (id, queue, state, deliveries, size; never the payload)."""
+    """List stored tasks, oldest first (id, queue, state, deliveries, size, the process each is for and, for a
+    profile, that process's state in AiiDA; never the payload)."""
     rows = _run(target, 'tasks', queue=queue, limit=limit)['tasks']
+    states = _process_states(target, [row['process'] for row in rows if row.get('process') is not None])
+    if states is not None:
+        for row in rows:
+            row['process_state'] = states.get(row.get('process'))  # None: no such process in the profile
     if as_json:
         _emit_json(rows)
         return
     if not rows:
         click.echo('No stored tasks.' if queue is None else f'No stored tasks in queue {queue}.')
         return
-    click.echo(f'{"id":>8}  {"state":<9} {"deliveries":>10} {"bytes":>8}  {"age":>8}  queue')
+    click.echo(
+        f'{"id":>8}  {"state":<9} {"deliveries":>10} {"bytes":>8}  {"age":>8}  {"process":>8}  '
+        + ('process state'.ljust(20) + '  ' if states is not None else '')
+        + 'queue'
+    )
     now = time.time()
     for row in rows:
         age = f'{now - row["created"]:.0f}s'
+        pk = '-' if row.get('process') is None else str(row['process'])
+        state = ''
+        if states is not None:
+            state = (row['process_state'] or ('not in profile' if row.get('process') else '-')).ljust(20) + '  '
         click.echo(
-            f'{row["id"]:>8}  {row["state"]:<9} {row["attempts"]:>10} {row["bytes"]:>8}  {age:>8}  {row["queue"]}'
+            f'{row["id"]:>8}  {row["state"]:<9} {row["attempts"]:>10} {row["bytes"]:>8}  {age:>8}  {pk:>8}  '
+            f'{state}{row["queue"]}'
         )
+
+
+def _process_states(target: Target, pks: list[int]) -> dict[int, str] | None:
+    """The AiiDA state of each process (as `verdi process list` shows it) when the target is a profile whose storage
+    can be read; ``None`` otherwise (said on stderr when the storage could not be read)."""
+    if target.profile is None or not pks:
+        return None if target.profile is None else {}
+    try:
+        from .aiida.processes import load_storage, process_states
+
+        load_storage(target.profile)
+        return process_states(pks)
+    except Exception as exception:  # any storage failure (migration needed, database down): the broker's view only
+        click.echo(f'aiida-zmq: cannot read the storage of {target.label}, no process states: {exception}', err=True)
+        return None
 
 
 @tasks.command('purge')

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .exceptions import BrokerRunning, StoreError
 from .security import ensure_private_dir  # here for the callers that import it from the store
+from .task_payload import process_pk
 
 __all__ = (
     'DEAD',
@@ -350,7 +351,7 @@ class TaskStore:
 
     def list_tasks(self, queue: str | None, limit: int) -> list[dict]:
         """A JSON-able listing (no payloads) of stored tasks, oldest first."""
-        sql = 'SELECT id, queue, state, attempts, length(payload), created FROM tasks'
+        sql = 'SELECT id, queue, state, attempts, length(payload), created, payload FROM tasks'
         params: tuple = ()
         if queue is not None:
             sql += ' WHERE queue=?'
@@ -359,8 +360,16 @@ class TaskStore:
         limit = max(-1, min(limit, MAX_ID))  # -1: no limit; SQLite takes no larger integer
         rows = self._db.execute(sql + ' ORDER BY id LIMIT ?', (*params, limit)).fetchall()
         return [
-            {'id': i, 'queue': q, 'state': names.get(s, str(s)), 'attempts': a, 'bytes': n, 'created': c}
-            for i, q, s, a, n, c in rows
+            {
+                'id': i,
+                'queue': q,
+                'state': names.get(s, str(s)),
+                'attempts': a,
+                'bytes': n,
+                'created': c,
+                'process': process_pk(p),  # the process a task is for (AiiDA's `continue` tasks), else None
+            }
+            for i, q, s, a, n, c, p in rows
         ]
 
     # Identity (see aiida_zmq.store_identity) -------------------------------------------------------------------
