@@ -4,7 +4,7 @@ Every message is a ZeroMQ multipart message. Seen from a client's DEALER socket 
 
     frame 0   signature  b'AZMQ/2'  (protocol name and version)
     frame 1   command    one byte (see :class:`Command`)
-    frame 2.. arguments  a fixed number per command (see :data:`ARGUMENTS`)
+    frame 2.. arguments  a fixed number per command (see :data:`SPECS`)
 
 The broker's ROUTER socket sees one more frame in front: the client's routing id. Numbers travel as ASCII
 decimals, names as UTF-8, payloads as opaque bytes the broker never decodes. ``docs/protocol.md`` is the
@@ -18,12 +18,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = (
+    'ANSWERS',
     'ARGUMENTS',
+    'FROM_CLIENT',
+    'REQUESTS',
+    'SESSIONLESS',
     'SIGNATURE',
+    'SPECS',
     'Command',
+    'Direction',
     'ErrorCode',
     'Message',
     'ProtocolError',
+    'Spec',
     'VersionMismatch',
     'decode',
     'encode',
@@ -39,7 +46,8 @@ FLAG_FALSE = b'0'
 
 
 class Command(enum.IntEnum):
-    """Message kinds. Direction: C = client to broker, B = broker to client."""
+    """Message kinds. In the comments, C = client to broker, B = broker to client (:data:`SPECS` says it for the
+    code)."""
 
     # Session
     HELLO = 0x01  # C: name, heartbeat_ms, reclaim ("id:attempt,id:attempt" still being processed), pid
@@ -100,42 +108,91 @@ class Command(enum.IntEnum):
     ERROR = 0x7F  # B: correlation ('' when not tied to a request), code, text
 
 
-#: Argument names per command; their count is checked on every decoded message.
-ARGUMENTS: dict[Command, tuple[str, ...]] = {
-    Command.HELLO: ('name', 'heartbeat_ms', 'reclaim', 'pid'),
-    Command.WELCOME: ('epoch', 'heartbeat_ms', 'max_message_bytes'),
-    Command.HEARTBEAT: (),
-    Command.BYE: (),
-    Command.DONE: ('correlation',),
-    Command.TASK_SEND: ('correlation', 'queue', 'no_reply', 'payload'),
-    Command.TASK_CONFIRM: ('correlation', 'task_id', 'held_here'),
-    Command.CONSUME: ('correlation', 'queue', 'prefetch'),
-    Command.CANCEL: ('correlation', 'queue'),
-    Command.TASK_DELIVER: ('queue', 'task_id', 'attempt', 'no_reply', 'payload'),
-    Command.TASK_REPLY: ('task_id', 'attempt', 'final', 'payload'),
-    Command.TASK_ACK: ('task_id', 'attempt'),
-    Command.TASK_NACK: ('task_id', 'attempt', 'rejected'),
-    Command.TASK_RESULT: ('correlation', 'final', 'payload'),
-    Command.TASK_GET: ('correlation', 'queue'),
-    Command.TASK_GOT: ('correlation', 'task_id', 'attempt', 'no_reply', 'payload'),
-    Command.TASK_SUBMIT: ('correlation', 'session', 'queue', 'no_reply', 'payload'),
-    Command.RPC_REGISTER: ('correlation', 'identifier'),
-    Command.RPC_REGISTERED: ('correlation', 'status'),
-    Command.RPC_UNREGISTER: ('correlation', 'identifier'),
-    Command.RPC_CALL: ('correlation', 'identifier', 'payload'),
-    Command.RPC_REQUEST: ('call_id', 'identifier', 'payload'),
-    Command.RPC_REPLY: ('call_id', 'final', 'payload'),
-    Command.RPC_RESULT: ('correlation', 'final', 'payload'),
-    Command.RPC_UNROUTABLE: ('correlation', 'reason'),
-    Command.RPC_SUBMIT: ('correlation', 'session', 'identifier', 'payload'),
-    Command.SUBSCRIBE: ('correlation',),
-    Command.UNSUBSCRIBE: (),
-    Command.BROADCAST: ('payload',),
-    Command.PUBLISH: ('correlation', 'payload'),
-    Command.ADMIN: ('correlation', 'request'),
-    Command.ADMIN_REPLY: ('correlation', 'status', 'response'),
-    Command.ERROR: ('correlation', 'code', 'text'),
+class Direction(enum.Enum):
+    """Who sends a command."""
+
+    TO_BROKER = 'client to broker'
+    TO_CLIENT = 'broker to client'
+    BOTH = 'both ways'
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything the protocol says about one command; the tables of the broker and of the client's session are
+    derived from :data:`SPECS` (a new command is one entry here, its handler in the broker, and its client code)."""
+
+    direction: Direction
+    arguments: tuple[str, ...]  # argument frames, in order; their count is checked on every decoded message
+    #: A request: its first argument is a correlation, and the broker answers it with one of these (or with ERROR,
+    #: which any request may get), echoing that correlation.
+    answers: tuple[Command, ...] = ()
+    #: It may come from a socket without a session (a caller thread's direct socket); answered on that socket.
+    sessionless: bool = False
+
+    @property
+    def correlated(self) -> bool:
+        """Whether it is a request answered by its correlation."""
+        return bool(self.answers)
+
+
+_C, _B, _CB = Direction.TO_BROKER, Direction.TO_CLIENT, Direction.BOTH
+
+SPECS: dict[Command, Spec] = {
+    Command.HELLO: Spec(_C, ('name', 'heartbeat_ms', 'reclaim', 'pid')),
+    Command.WELCOME: Spec(_B, ('epoch', 'heartbeat_ms', 'max_message_bytes')),
+    Command.HEARTBEAT: Spec(_CB, ()),
+    Command.BYE: Spec(_C, ()),
+    Command.DONE: Spec(_B, ('correlation',)),
+    Command.TASK_SEND: Spec(_C, ('correlation', 'queue', 'no_reply', 'payload'), (Command.TASK_CONFIRM,)),
+    Command.TASK_CONFIRM: Spec(_B, ('correlation', 'task_id', 'held_here')),
+    Command.CONSUME: Spec(_C, ('correlation', 'queue', 'prefetch'), (Command.DONE,)),
+    Command.CANCEL: Spec(_C, ('correlation', 'queue'), (Command.DONE,)),
+    Command.TASK_DELIVER: Spec(_B, ('queue', 'task_id', 'attempt', 'no_reply', 'payload')),
+    Command.TASK_REPLY: Spec(_C, ('task_id', 'attempt', 'final', 'payload')),
+    Command.TASK_ACK: Spec(_C, ('task_id', 'attempt')),
+    Command.TASK_NACK: Spec(_C, ('task_id', 'attempt', 'rejected')),
+    Command.TASK_RESULT: Spec(_B, ('correlation', 'final', 'payload')),
+    Command.TASK_GET: Spec(_C, ('correlation', 'queue'), (Command.TASK_GOT,)),
+    Command.TASK_GOT: Spec(_B, ('correlation', 'task_id', 'attempt', 'no_reply', 'payload')),
+    Command.TASK_SUBMIT: Spec(
+        _C, ('correlation', 'session', 'queue', 'no_reply', 'payload'), (Command.TASK_CONFIRM,), sessionless=True
+    ),
+    Command.RPC_REGISTER: Spec(_C, ('correlation', 'identifier'), (Command.RPC_REGISTERED,)),
+    Command.RPC_REGISTERED: Spec(_B, ('correlation', 'status')),
+    Command.RPC_UNREGISTER: Spec(_C, ('correlation', 'identifier'), (Command.DONE,)),
+    Command.RPC_CALL: Spec(_C, ('correlation', 'identifier', 'payload'), (Command.DONE, Command.RPC_UNROUTABLE)),
+    Command.RPC_REQUEST: Spec(_B, ('call_id', 'identifier', 'payload')),
+    Command.RPC_REPLY: Spec(_C, ('call_id', 'final', 'payload')),
+    Command.RPC_RESULT: Spec(_B, ('correlation', 'final', 'payload')),
+    Command.RPC_UNROUTABLE: Spec(_B, ('correlation', 'reason')),
+    Command.RPC_SUBMIT: Spec(
+        _C,
+        ('correlation', 'session', 'identifier', 'payload'),
+        (Command.DONE, Command.RPC_UNROUTABLE),
+        sessionless=True,
+    ),
+    Command.SUBSCRIBE: Spec(_C, ('correlation',), (Command.DONE,)),
+    Command.UNSUBSCRIBE: Spec(_C, ()),
+    Command.BROADCAST: Spec(_B, ('payload',)),
+    Command.PUBLISH: Spec(_C, ('correlation', 'payload'), (Command.DONE,), sessionless=True),
+    Command.ADMIN: Spec(_C, ('correlation', 'request'), (Command.ADMIN_REPLY,)),
+    Command.ADMIN_REPLY: Spec(_B, ('correlation', 'status', 'response')),
+    Command.ERROR: Spec(_B, ('correlation', 'code', 'text')),
 }
+
+# Derived from SPECS, never written by hand:
+#: Argument names per command.
+ARGUMENTS: dict[Command, tuple[str, ...]] = {command: spec.arguments for command, spec in SPECS.items()}
+#: Requests: their first argument is a correlation, echoed by their answer.
+REQUESTS: frozenset[Command] = frozenset(command for command, spec in SPECS.items() if spec.correlated)
+#: Commands a socket without a session may send.
+SESSIONLESS: frozenset[Command] = frozenset(command for command, spec in SPECS.items() if spec.sessionless)
+#: Commands a client may send (the broker handles each; it drops any other from a client).
+FROM_CLIENT: frozenset[Command] = frozenset(c for c, spec in SPECS.items() if spec.direction is not Direction.TO_CLIENT)
+#: Answers to requests (their first argument is the request's correlation): ERROR and what SPECS name.
+ANSWERS: frozenset[Command] = frozenset(
+    {Command.ERROR, *(answer for spec in SPECS.values() for answer in spec.answers)}
+)
 
 _COMMAND_BYTES: dict[int, bytes] = {command: bytes((command,)) for command in Command}
 _ARITY: dict[int, int] = {command: len(names) for command, names in ARGUMENTS.items()}

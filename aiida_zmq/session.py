@@ -38,17 +38,7 @@ LOGGER = logging.getLogger(__name__)
 LIMITED = RateLimitedLog(LOGGER)
 
 #: Answers that close a request kept for resending: their first frame is the request's correlation.
-ANSWERS = frozenset(
-    {
-        Command.DONE,
-        Command.RPC_RESULT,
-        Command.RPC_UNROUTABLE,
-        Command.RPC_REGISTERED,
-        Command.TASK_GOT,
-        Command.ADMIN_REPLY,
-        Command.ERROR,
-    }
-)
+ANSWERS = protocol.ANSWERS  # what answers a request (derived from protocol.SPECS)
 
 _CONNECT_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED

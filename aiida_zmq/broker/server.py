@@ -514,14 +514,15 @@ class Broker:
         if message.command is Command.HELLO:
             self._on_hello(socket, routing_id, message.args)
             return
-        sessionless = self._sessionless.get(message.command)
-        if sessionless is not None:
+        if message.command in protocol.SESSIONLESS:
             # Needs no session: a caller thread's direct socket (see the communicator) never says HELLO.
             if client is not None:
                 client.last_seen = time.monotonic()
             try:
                 # From a session (the I/O thread's PUBLISH), answered through it, in order with the rest.
-                sessionless(self, client if client is not None else Sender(routing_id, socket), message.args)
+                self._handlers[message.command](
+                    self, client if client is not None else Sender(routing_id, socket), message.args
+                )
             except (protocol.ProtocolError, UnicodeDecodeError) as exception:
                 self.stats['malformed'] += 1
                 self.limited_log.warning(
@@ -1087,7 +1088,12 @@ class Broker:
     def _admin_error(self, client: Client, correlation: bytes, text: str) -> None:
         self._send(client, Command.ADMIN_REPLY, correlation, b'error', json.dumps(text).encode())
 
-    _handlers = {
+    #: One handler per command a client sends (HELLO aside); those of protocol.SESSIONLESS also come from a socket
+    #: without a session (the communicator's direct sockets) and are answered on that socket.
+    _handlers: dict[Command, Callable] = {
+        Command.TASK_SUBMIT: _on_task_submit,
+        Command.RPC_SUBMIT: _on_rpc_submit,
+        Command.PUBLISH: _on_publish,
         Command.HEARTBEAT: _on_heartbeat,
         Command.BYE: _on_bye,
         Command.TASK_SEND: _on_task_send,
@@ -1104,13 +1110,6 @@ class Broker:
         Command.SUBSCRIBE: _on_subscribe,
         Command.UNSUBSCRIBE: _on_unsubscribe,
         Command.ADMIN: _on_admin,
-    }
-
-    #: Commands a socket without a session may send (the communicator's direct sockets); answered on that socket.
-    _sessionless = {
-        Command.TASK_SUBMIT: _on_task_submit,
-        Command.RPC_SUBMIT: _on_rpc_submit,
-        Command.PUBLISH: _on_publish,
     }
 
     # Introspection ------------------------------------------------------------------------------------------------
@@ -1149,20 +1148,5 @@ class Broker:
         }
 
 
-_CORRELATED = frozenset(
-    {
-        Command.TASK_SEND,
-        Command.TASK_SUBMIT,
-        Command.TASK_GET,
-        Command.RPC_REGISTER,
-        Command.RPC_CALL,
-        Command.RPC_SUBMIT,
-        Command.RPC_UNREGISTER,
-        Command.CONSUME,
-        Command.CANCEL,
-        Command.SUBSCRIBE,
-        Command.PUBLISH,
-        Command.ADMIN,
-    },
-)
+_CORRELATED = protocol.REQUESTS
 _COMMANDS = frozenset(Command)
