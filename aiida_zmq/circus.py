@@ -132,7 +132,7 @@ def broker_command(python: str | None = None) -> list[str]:
     found = shutil.which('aiida-zmq')
     if found:
         return [found]
-    return [python, '-c', 'import sys; from aiida_zmq.cli import main; sys.exit(main())']
+    return [python, '-c', 'import sys; from aiida_zmq.cli.main import main; sys.exit(main())']
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ on disk, core.zeromq's files (:mod:`aiida_zmq.core_zeromq`) and this broker's st
 durable steps with a journal (:class:`MoveJournal`) in the store's database, committed with the tasks themselves. See
 :func:`import_from_core_zeromq` and :func:`export_to_core_zeromq`.
 
-No AiiDA import here: the CLI (:mod:`aiida_zmq.admin_cli`, :mod:`aiida_zmq.aiida_cli`) maps a profile to queue and
+No AiiDA import here: the CLI (:mod:`aiida_zmq.cli.admin`, :mod:`aiida_zmq.cli.aiida`) maps a profile to queue and
 exchange names, to its RabbitMQ URL, to core.zeromq's directory and to AiiDA's codec, and passes them in.
 """
 

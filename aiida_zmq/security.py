@@ -34,7 +34,6 @@ import socket as stdlib_socket
 import stat
 import threading
 import time
-import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +42,6 @@ import zmq.auth
 import zmq.utils.z85
 
 from .exceptions import UnsafePath
-
-if t.TYPE_CHECKING:
-    import click
 
 __all__ = (
     'CurveKeys',
@@ -582,25 +578,3 @@ def check_tcp_bind(endpoint: str, *, curve: bool, insecure_tcp: bool) -> None:
         'Add --curve (clients need a key: `aiida-zmq curve-client NAME`), use an ipc:// endpoint, or, on 127.0.0.1 '
         'for tests only, add --insecure-tcp'
     )
-
-
-def register(group: click.Group) -> None:
-    """Add ``aiida-zmq curve-client`` to the command group."""
-    import click
-
-    @group.command('curve-client')
-    @click.option('--data-dir', required=True, type=click.Path(file_okay=False), help="The broker's data directory.")
-    @click.argument('name')
-    def curve_client(data_dir: str, name: str) -> None:
-        """Create and authorize a CURVE key pair for client NAME; prints the files the client needs."""
-        try:
-            secret_file = create_client_keys(data_dir, name)
-        except (ValueError, OSError) as exception:
-            raise click.ClickException(str(exception)) from exception
-        server_public = curve_dir(data_dir) / f'{SERVER_NAME}.key'
-        click.echo(f'client secret key: {secret_file}\nbroker public key: {server_public}')
-        click.echo(
-            'Give both files to the client (keep the secret one private) and connect with '
-            "aiida_zmq.connect('tcp://HOST:PORT', curve=aiida_zmq.security.client_keys(SECRET, PUBLIC)). "
-            f'Revoke it by deleting {curve_dir(data_dir) / "authorized" / (name + ".key")}.'
-        )

@@ -32,10 +32,7 @@ from .exceptions import StoreError, StoreReplaced
 from .ratelimit import RateLimitedLog
 from .store import STORE_FILENAME, TaskStore
 
-if t.TYPE_CHECKING:
-    import click
-
-__all__ = ('IDENTITY_FILENAME', 'StoreIdentity', 'accept_store', 'register')
+__all__ = ('IDENTITY_FILENAME', 'StoreIdentity', 'accept_store')
 
 LOGGER = logging.getLogger(__name__)
 LIMITED = RateLimitedLog(LOGGER)
@@ -188,33 +185,3 @@ def accept_store(data_dir: str | os.PathLike[str]) -> dict[str, t.Any]:
     os.chmod(directory / STORE_FILENAME, 0o600)
     LOGGER.info('store %s accepted as it is: %d task(s), ids up to %d', directory, count, identity.high_water)
     return {'tasks': count, 'high_water': identity.high_water, 'recorded_before': expected}
-
-
-def register(group: click.Group) -> None:
-    """Add ``aiida-zmq accept-store`` to the command group."""
-    import click
-
-    @group.command('accept-store')
-    @click.option('--data-dir', required=True, type=click.Path(file_okay=False), help="The broker's data directory.")
-    def accept_store_command(data_dir: str) -> None:
-        """Accept the task store in DATA_DIR as it is, after the broker refused it as not the one it left.
-
-        The broker refuses to start on a store that was truncated, replaced, or lost its last transactions (its -wal
-        file), rather than serve what is left as if nothing had happened. Restore the file if you can; otherwise
-        this makes the store as it is now the accepted one (what was lost stays lost) and the broker starts on it.
-        """
-        from .exceptions import BrokerRunning
-
-        try:
-            result = accept_store(data_dir)
-        except BrokerRunning as exception:
-            raise click.ClickException(f'{exception}; stop the broker first') from exception
-        except (StoreError, OSError) as exception:
-            raise click.ClickException(str(exception)) from exception
-        lost = max(0, result['recorded_before'] - result['high_water'])
-        before = f' (the broker had recorded ids up to {result["recorded_before"]})' if lost else ''
-        click.echo(
-            f'accepted {Path(data_dir) / STORE_FILENAME} as it is: {result["tasks"]} stored task(s), ids up to '
-            f'{result["high_water"]}{before}'
-        )
-        click.echo('Start the broker again (`verdi daemon start`, or `aiida-zmq serve --data-dir ...`).')

@@ -26,7 +26,7 @@ def on_page_markdown(markdown: str, **_kwargs: t.Any) -> str:
 
 
 def _cli() -> str:
-    from aiida_zmq.cli import main
+    from aiida_zmq.cli.main import main
 
     lines: list[str] = []
 

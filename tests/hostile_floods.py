@@ -122,9 +122,9 @@ SOURCE_LAUNCHER = """
 import sys
 sys.meta_path[:] = [finder for finder in sys.meta_path if 'editable' not in repr(finder).lower()]
 sys.path.insert(0, sys.argv[1])
-import aiida_zmq.cli
-assert aiida_zmq.cli.__file__.startswith(sys.argv[1]), aiida_zmq.cli.__file__
-aiida_zmq.cli.main(sys.argv[2:], prog_name='aiida-zmq')
+import aiida_zmq.cli.main
+assert aiida_zmq.cli.main.__file__.startswith(sys.argv[1]), aiida_zmq.cli.main.__file__
+aiida_zmq.cli.main.main(sys.argv[2:], prog_name='aiida-zmq')
 """
 
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import aiida_zmq
-from aiida_zmq.cli import main
+from aiida_zmq.cli.main import main
 from aiida_zmq.testing import wait_until
 
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import aiida_zmq
-from aiida_zmq.cli import main
+from aiida_zmq.cli.main import main
 from aiida_zmq.migrate import rabbitmq_communicator
 
 RABBITMQ = ('127.0.0.1', 5672)

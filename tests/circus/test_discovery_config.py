@@ -273,7 +273,7 @@ def test_wheel_ships_templates_and_plugins(short_dir: Path) -> None:
         assert f'aiida_zmq/circus_plugins/{name}.py' in names
     code = (
         'import aiida_zmq, sys; from circus.util import resolve_name; '
-        'from aiida_zmq.circus_cli import render_config; from pathlib import Path; '
+        'from aiida_zmq.cli.circus import render_config; from pathlib import Path; '
         f'assert aiida_zmq.__file__.startswith({str(site)!r}), aiida_zmq.__file__; '
         "resolve_name('aiida_zmq.circus_plugins.events.BrokerEventsPlugin'); "
         "resolve_name('aiida_zmq.circus_plugins.health.BrokerHealthPlugin'); "

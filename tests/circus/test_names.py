@@ -141,7 +141,7 @@ def test_a_name_says_its_role_and_profile(profile: str) -> None:
 
 def test_the_presto_profile_name_does_not_read_like_a_watcher_name() -> None:
     """AiiDA's workers of the profile `aiida-zmq presto` creates are `aiida-<name>`: not `aiida-zmq-...` (issue 15)."""
-    from aiida_zmq.aiida_cli import PRESTO_PREFIX
+    from aiida_zmq.cli.aiida import PRESTO_PREFIX
 
     for name in (PRESTO_PREFIX, f'{PRESTO_PREFIX}-1'):
         assert not f'aiida-{name}'.startswith('aiida-zmq')

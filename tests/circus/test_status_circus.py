@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from click.testing import CliRunner
 
-from aiida_zmq.cli import main
+from aiida_zmq.cli.main import main
 
 
 def status(*args: str) -> str:

@@ -28,22 +28,15 @@ from pathlib import Path
 import click
 
 if t.TYPE_CHECKING:
-    from .store import TaskStore
+    from ..store import TaskStore
 
-__all__ = ('register',)
+__all__ = ('dead_letter', 'migrate', 'status', 'tasks')
 
 EXIT_REFUSED = 1
 EXIT_NOT_RUNNING = 3
 # The name of this command's own session: left out of the client list it shows.
 CLIENT_NAME = 'aiida-zmq-cli'
 JSON_HELP = 'Print the answer as JSON (the same fields as the ADMIN answer, docs/protocol.md).'
-
-
-def register(group: click.Group) -> None:
-    group.add_command(status)
-    group.add_command(tasks)
-    group.add_command(dead_letter)
-    group.add_command(migrate)
 
 
 class Target(t.NamedTuple):
@@ -106,7 +99,7 @@ def _profile_target(profile_name: str | None) -> Target:
             f'profile `{profile.name}` uses the broker `{profile.process_control_backend}`, not aiida-zmq: '
             f'switch it with `aiida-zmq configure {profile.name}`.'
         )
-    from .aiida.broker import broker_data_dir
+    from ..aiida.broker import broker_data_dir
 
     return Target(
         None,
@@ -164,11 +157,11 @@ def _admin(target: Target, op: str, **arguments: t.Any) -> dict[str, t.Any]:
 def _stopped_store(target: Target, *, quiet: bool = False) -> Iterator[TaskStore | None]:
     """The store of the target's broker when that broker is not running (under its lock), ``None`` when there is no
     store yet; raises :class:`~aiida_zmq.exceptions.BrokerRunning` when a broker holds it (then ask the broker)."""
-    from .exceptions import StoreError
-    from .store import stopped_store
+    from ..exceptions import StoreError
+    from ..store import stopped_store
 
     if target.data_dir is None:  # only an endpoint: no store to work on, so ask the broker
-        from .exceptions import BrokerRunning
+        from ..exceptions import BrokerRunning
 
         raise BrokerRunning(f'{target.label} is an endpoint')
     try:
@@ -210,7 +203,7 @@ def _run(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) ->
     The store comes first because only its lock says for sure that no broker runs; holding it, no broker can start
     and change the store behind this command's back.
     """
-    from .exceptions import BrokerRunning
+    from ..exceptions import BrokerRunning
 
     try:
         with _stopped_store(target, quiet=quiet) as store:
@@ -238,8 +231,8 @@ def _tasks(count: int, what: str = 'task') -> str:
 
 def _stored_depths(target: Target) -> tuple[dict[str, int] | None, str | None]:
     """(tasks waiting in the store of a stopped broker by queue, why they could not be read), read under its lock."""
-    from .exceptions import BrokerRunning, StoreError
-    from .store import stopped_store
+    from ..exceptions import BrokerRunning, StoreError
+    from ..store import stopped_store
 
     if target.data_dir is None:
         return None, None
@@ -292,7 +285,7 @@ def _circus_info(target: Target, broker_pid: int | None) -> dict[str, t.Any] | N
     Asked first: the arbiter whose endpoint is in the broker process's environment (the watcher sets it, daemon and
     ``circus-config`` alike); then, for a profile, its daemon's arbiter (also when the broker is not running).
     """
-    from .circus import (
+    from ..circus import (
         CircusCallError,
         CircusController,
         arbiter_endpoint_of,
@@ -312,7 +305,7 @@ def _circus_info(target: Target, broker_pid: int | None) -> dict[str, t.Any] | N
             if target.profile is not None:
                 from aiida.engine.daemon.client import DaemonClient
 
-                from .aiida.broker import unreachable_daemon_message
+                from ..aiida.broker import unreachable_daemon_message
 
                 pid = DaemonClient(target.profile).get_daemon_pid()
                 return {
@@ -402,7 +395,7 @@ def status(target: Target, as_json: bool) -> None:
 
 def _exit_if_silent(target: Target, as_json: bool) -> None:
     """A broker that runs but did not answer is not "not running": say which process, in what state (exit 1)."""
-    from .discovery import silent_broker
+    from ..discovery import silent_broker
 
     info = silent_broker(target.data_dir, target.endpoint)
     if info is None:
@@ -681,7 +674,7 @@ def _migration_target(endpoint: str | None, data_dir: str | None, profile_name: 
     explicit = _explicit_target(endpoint, data_dir, profile)
     if explicit is not None:
         return explicit
-    from .aiida.broker import broker_data_dir
+    from ..aiida.broker import broker_data_dir
 
     assert profile is not None  # neither --endpoint nor --data-dir: the profile was loaded above
     # A profile switched to RabbitMQ has no ``data_dir`` any more: this is the default one (else give --data-dir).
@@ -735,8 +728,8 @@ def migrate(
     (core.zeromq: only with both brokers stopped). Safe to interrupt: a task is always on at least one side, and a
     rerun finishes the move (docs/coming-from-rabbitmq.md, docs/coming-from-core-zeromq.md).
     """
-    from . import migrate as migration
-    from .exceptions import BrokerRunning
+    from .. import migrate as migration
+    from ..exceptions import BrokerRunning
 
     if direction is None:
         raise click.UsageError(f'say which way: `--to {server}` or `--from {server}`')
@@ -812,8 +805,8 @@ def migrate(
 
 def _migrate_core_zeromq(target: Target, direction: str, dry_run: bool, as_json: bool) -> None:
     """``migrate --from/--to core.zeromq``: the move ``aiida-zmq configure`` makes when switching, without a switch."""
-    from .aiida_cli import echo_core_zeromq_move, move_core_zeromq_tasks
-    from .migrate import INTO_STORE, OUT_OF_STORE
+    from ..migrate import INTO_STORE, OUT_OF_STORE
+    from .aiida import echo_core_zeromq_move, move_core_zeromq_tasks
 
     profile = target.profile
     if profile is None:
@@ -853,9 +846,9 @@ def _migration_broker(target: Target, codec: dict[str, t.Any], direction: str) -
             click.echo(f'aiida-zmq: no broker is running for {target.label}: {target.start_hint}.', err=True)
             click.echo(f'  ({exception})', err=True)
             sys.exit(EXIT_NOT_RUNNING)
-    from .aiida.communicator import ProfileCommunicator
-    from .codec import default_codec
-    from .store import STORE_FILENAME
+    from ..aiida.communicator import ProfileCommunicator
+    from ..codec import default_codec
+    from ..store import STORE_FILENAME
 
     click.echo(
         f'aiida-zmq: no broker is running for {target.label}: working on its store in {target.data_dir}.', err=True
@@ -881,7 +874,7 @@ def _migration_broker(target: Target, codec: dict[str, t.Any], direction: str) -
 
 def _zmq_depths(zmq_side: t.Any, target: Target) -> dict[str, int]:
     """Tasks waiting on the aiida-zmq side, by queue: the broker's count, or the store's (ready and held)."""
-    from .aiida.communicator import Mode, ProfileCommunicator
+    from ..aiida.communicator import Mode, ProfileCommunicator
 
     online = zmq_side
     if isinstance(zmq_side, ProfileCommunicator):
@@ -895,7 +888,7 @@ def _profile_codec(target: Target) -> dict[str, t.Any]:
     """AiiDA's codec for a profile's tasks (as both of its brokers use it), else nothing: each side's default."""
     if target.profile is None:
         return {}
-    from .aiida.broker import aiida_codec
+    from ..aiida.broker import aiida_codec
 
     # AiiDA's YAML out (what AiiDA on RabbitMQ reads); in, a decoder that also reads the JSON-tagged messages the
     # ``zmq`` broker's default ``hybrid`` codec stores.

@@ -2,7 +2,7 @@
 
 aiida-core's own CLI only knows its own brokers (``verdi profile configure-broker`` has fixed subcommands, ``verdi
 presto`` fixed choices), so this project brings the two commands a user needs. The main ``aiida-zmq`` group
-(:mod:`aiida_zmq.cli`) adds them with :func:`register`; ``python -m aiida_zmq.aiida_cli`` runs them standalone.
+(:mod:`aiida_zmq.cli.main`) adds them; ``python -m aiida_zmq.cli.aiida`` runs them standalone.
 
 Switching between this broker and ``core.zeromq`` (aiida-core 2.9's own ZeroMQ broker, what ``verdi presto`` sets up
 without RabbitMQ) moves the profile's queued tasks too, with both brokers stopped: :func:`move_core_zeromq_tasks`, on
@@ -27,7 +27,7 @@ if t.TYPE_CHECKING:
     from aiida_zmq.core_zeromq import CoreZeromqDir
     from aiida_zmq.migrate import CoreZeromqMove
 
-__all__ = ('configure', 'core_zeromq_dir', 'echo_core_zeromq_move', 'move_core_zeromq_tasks', 'presto', 'register')
+__all__ = ('configure', 'core_zeromq_dir', 'echo_core_zeromq_move', 'move_core_zeromq_tasks', 'presto')
 
 LOGGER = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ ENTRY_POINT = 'zmq'
 CORE_ZEROMQ = 'core.zeromq'
 # Not ``zmq-...``: AiiDA names a profile's workers ``aiida-<profile>``, and ``aiida-zmq-...`` reads as this broker's.
 PRESTO_PREFIX = 'presto-zmq'
-
-
-def register(group: click.Group) -> None:
-    """Add this module's commands to the main ``aiida-zmq`` group."""
-    group.add_command(configure)
-    group.add_command(presto)
 
 
 def _get_config() -> Config:
@@ -496,7 +490,8 @@ def _standalone() -> None:
     """The AiiDA profile commands of aiida-zmq (standalone, for when the main CLI is not available)."""
 
 
-register(_standalone)
+_standalone.add_command(configure)
+_standalone.add_command(presto)
 
 if __name__ == '__main__':
     _standalone()

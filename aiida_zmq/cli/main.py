@@ -7,8 +7,14 @@ import sys
 
 import click
 
-from . import __version__
-from .broker.config import DEFAULTS
+from .. import __version__
+from ..broker.config import DEFAULTS
+from .admin import dead_letter, migrate, status, tasks
+from .aiida import configure, presto
+from .circus import circus_config
+from .curve import curve_client
+from .demo import demo
+from .store import accept_store_command
 
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
 # Under circus the watcher's FileStream stamps every line already (``aiida_zmq.circus``): one time stamp is enough.
@@ -113,8 +119,8 @@ def serve(
     outbound_bytes: int = DEFAULTS.outbound_bytes,
 ) -> None:
     """Run the broker in the foreground until SIGTERM or SIGINT."""
-    from .broker.server import Broker, BrokerConfig
-    from .exceptions import StoreError
+    from ..broker.server import Broker, BrokerConfig
+    from ..exceptions import StoreError
 
     logging.basicConfig(level=log_level, format=LOG_FORMAT if log_time else LOG_FORMAT_NO_TIME, stream=sys.stderr)
     config = BrokerConfig(
@@ -161,7 +167,7 @@ def bench(context: click.Context) -> None:
     import subprocess
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # aiida_zmq/cli/main.py -> the checkout
     if not (root / 'bench' / 'run.py').exists():
         click.echo(
             'aiida-zmq bench: the benchmark harness is in the source checkout, not in the wheel: '
@@ -172,26 +178,21 @@ def bench(context: click.Context) -> None:
     sys.exit(subprocess.call([sys.executable, '-m', 'bench.run', *context.args], cwd=root))
 
 
-#: Modules that add commands to the group, each through a ``register(group)`` function. Commands that need AiiDA or
-#: circus import them inside the command, so that ``aiida-zmq serve`` (the broker process) starts fast.
-COMMAND_MODULES = (
-    'aiida_zmq.aiida_cli',
-    'aiida_zmq.admin_cli',
-    'aiida_zmq.security',
-    'aiida_zmq.store_identity',
-    'aiida_zmq.circus_cli',
-    'aiida_zmq.demo',
-)
-
-
-def _register_commands() -> None:
-    import importlib
-
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(main)
-
-
-_register_commands()
+# Commands that need AiiDA or circus import them inside the command, so that ``aiida-zmq serve`` (the broker process)
+# starts fast: importing these modules costs only click.
+for _command in (
+    configure,
+    presto,
+    status,
+    tasks,
+    dead_letter,
+    migrate,
+    curve_client,
+    accept_store_command,
+    circus_config,
+    demo,
+):
+    main.add_command(_command)
 
 if __name__ == '__main__':
     main()

@@ -28,7 +28,7 @@ import click
 if t.TYPE_CHECKING:
     from aiida.engine.daemon.client import DaemonClient
 
-__all__ = ('demo', 'register')
+__all__ = ('demo',)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,11 +36,6 @@ POLL_INTERVAL = 0.2
 TERMINAL_STATES = ['finished', 'excepted', 'killed']
 # Without a terminal (a log, CI) progress is a line every this many seconds, not a bar.
 PROGRESS_LINE_INTERVAL = 5.0
-
-
-def register(group: click.Group) -> None:
-    """Add ``demo`` to the main ``aiida-zmq`` group."""
-    group.add_command(demo)
 
 
 class DemoError(click.ClickException):
@@ -166,7 +161,7 @@ def _wait_terminated(pks: list[int], timeout: float) -> list[int]:
 
     Polls the database: what the user sees is what AiiDA stored, not what the broker claims.
     """
-    from .aiida.queries import terminated
+    from ..aiida.queries import terminated
 
     pending = set(pks)
     deadline = time.monotonic() + timeout
@@ -212,7 +207,7 @@ def demo(workchains: int, workers: int, keep: bool, timeout: float) -> None:
     profile_name = f'demo-{uuid.uuid4().hex[:6]}'
     run = _DemoRun(profile_name)
     try:
-        from aiida_zmq.aiida_cli import create_presto_profile
+        from aiida_zmq.cli.aiida import create_presto_profile
 
         _echo_step(
             f'Creating profile `{profile_name}` (core.sqlite_dos, broker zmq)'

@@ -14,21 +14,16 @@ from pathlib import Path
 
 import click
 
-from . import discovery
-from .circus import HealthOptions, LogRotation, broker_watchers, render_ini, watcher_name
+from .. import discovery
+from ..circus import HealthOptions, LogRotation, broker_watchers, render_ini, watcher_name
 
 if t.TYPE_CHECKING:
     from aiida.manage.configuration.profile import Profile
 
-__all__ = ('circus_config', 'register', 'render_config')
+__all__ = ('circus_config', 'render_config')
 
 # Endpoints of the standalone arbiter: ``circus-<role>.sock`` beside the broker's socket.
 _SOCKET_ROLES = {'controller': 'c', 'pubsub': 'p', 'stats': 's'}
-
-
-def register(group: click.Group) -> None:
-    """Add ``circus-config`` to the main ``aiida-zmq`` group."""
-    group.add_command(circus_config)
 
 
 def _socket_endpoint(data_dir: Path, role: str, key: str) -> str:
@@ -185,7 +180,7 @@ def circus_config(
     if profile_name is not None:
         if name is not None:
             raise click.UsageError('--name is the profile name with --profile: give one of them')
-        from .aiida.broker import ZmqBroker, broker_data_dir
+        from ..aiida.broker import ZmqBroker, broker_data_dir
 
         profile = _profile(profile_name)
         # The profile's broker options (heartbeat, peer timeout, fsync, ...), as the daemon would start the broker.
