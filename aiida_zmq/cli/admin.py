@@ -509,7 +509,7 @@ def _process_states(target: Target, pks: list[int]) -> dict[int, str] | None:
     if target.profile is None or not pks:
         return None if target.profile is None else {}
     try:
-        from .aiida.processes import load_storage, process_states
+        from ..aiida.processes import load_storage, process_states
 
         load_storage(target.profile)
         return process_states(pks)
