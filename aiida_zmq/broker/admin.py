@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..store import READY
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -172,7 +171,7 @@ def peer_gone(broker: Broker, pid: int) -> dict:
             len(client.held),
             key=('peer-gone', client.routing_id),
         )
-        broker._drop_client(client, released=False)
+        broker.drop_client(client, released=False)
     return {'clients': len(gone), 'requeued': requeued}
 
 
@@ -185,10 +184,7 @@ def dead_letters(broker: Broker, queue: str | None = None) -> dict:
 def dead_letters_requeue(broker: Broker, ids: list[int] | None = None) -> dict:
     """Put dead-lettered tasks (all when `ids` is null) back in their queues with a fresh delivery count."""
     revived = broker.store.revive_dead(ids)
-    for task in broker.store.load_tasks(revived):
-        task.attempts, task.state = 0, READY  # as revive_dead staged it
-        broker._queue(task.queue).put_back(task)
-        broker.queues.wake(task.queue)
+    broker.deliveries.revive(broker.store.load_tasks(revived))
     broker.limited_log.info('%d dead-lettered task(s) requeued by request', len(revived), key=('admin', 'requeue'))
     return {'requeued': len(revived)}
 
@@ -208,13 +204,12 @@ def tasks(broker: Broker, queue: str | None = None, limit: int = 100) -> dict:
 def tasks_purge(broker: Broker, queue: str) -> dict:
     """Drop the waiting tasks of a queue, those backing off included (held ones stay with their consumers)."""
     waiting = broker.store.purge_ready(queue)
-    backing_off = [task.id for task in broker.queues.drop_delayed(queue)]
-    broker.store.delete(backing_off)
+    backing_off = broker.deliveries.drop_delayed(queue)
     state = broker.queues.get(queue)
     if state is not None:
         state.clear()
         broker.queues.wake(queue)  # to forget it, if nobody consumes it
-    purged = waiting + len(backing_off)
+    purged = waiting + backing_off
     broker.limited_log.warning(
         '%d waiting task(s) of queue %s purged by request', purged, queue, key=('admin', 'purge', queue)
     )

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from ..ratelimit import RateLimitedLog
-from ..store import StoredTask
 from .config import BrokerConfig
+from .deliveries import Held
 
 __all__ = ('Client', 'Outbound', 'Sender')
 
@@ -55,11 +55,8 @@ class Client:
     broadcast_bytes: int = 0
     outbound_progress: float = 0.0  # when ZeroMQ last took a waiting message (or the first began to wait)
     overflowed: bool = False  # past its outbound budget: the session ends with this batch
-    held: dict[int, StoredTask] = field(default_factory=dict)
-    held_since: dict[int, float] = field(default_factory=dict)  # task id -> when it was handed out (monotonic)
-    fetched: set[int] = field(default_factory=set)  # held tasks taken by TASK_GET (next_task), not pushed
+    held: Held = field(default_factory=Held)  # the deliveries it holds (see deliveries.py)
     prefetch: dict[str, int] = field(default_factory=dict)  # queue -> prefetch (0 = unlimited)
-    held_per_queue: collections.Counter = field(default_factory=collections.Counter)
     pid: int = 0  # the client's process id, as it said in its HELLO (0 when unknown)
     rpc_identifiers: set[str] = field(default_factory=set)
     calls_in: set[int] = field(default_factory=set)  # RPC calls this client must answer
@@ -75,7 +72,7 @@ class Client:
             return 0
         if prefetch == 0:
             return 1 << 30
-        return prefetch - self.held_per_queue[queue]
+        return prefetch - self.held.in_queue(queue)
 
 
 class Outbound:

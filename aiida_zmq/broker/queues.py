@@ -17,14 +17,27 @@ what it costs with one.
 from __future__ import annotations
 
 import collections
-import heapq
+import typing as t
 from collections.abc import Callable, Iterator
 
 from ..store import StoredTask, TaskStore
 from .config import BrokerConfig
-from .peers import Client
 
-__all__ = ('QueueState', 'TaskQueues')
+__all__ = ('Consumer', 'QueueState', 'TaskQueues')
+
+
+class Consumer(t.Protocol):
+    """A client as a queue sees it (:class:`aiida_zmq.broker.peers.Client`)."""
+
+    @property
+    def stalled(self) -> bool:
+        """Messages wait for it: it gets no deliveries now."""
+
+    def room(self, queue: str) -> int:
+        """How many more tasks of ``queue`` its prefetch lets it take."""
+
+
+C = t.TypeVar('C', bound=Consumer)
 
 
 class QueueState:
@@ -36,7 +49,7 @@ class QueueState:
         self.ready_bytes = 0
         self.backlog = backlog  # ready tasks in the store with an id above ``cursor``, not in memory
         self.cursor = 0  # highest id that was ever in the window
-        self.consumers: list[Client] = []
+        self.consumers: list[Consumer] = []
         self.next_consumer = 0
 
     def __len__(self) -> int:
@@ -103,7 +116,6 @@ class TaskQueues:
         self._by_name: dict[str, QueueState] = {}
         self._woken: dict[str, None] = {}  # an ordered set: queues to look at in the next dispatch
         self._idle: dict[str, float] = {}  # idle queues, oldest first, with the time they became idle
-        self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): tasks backing off
 
     def __len__(self) -> int:
         return len(self._by_name)
@@ -197,8 +209,8 @@ class TaskQueues:
         self,
         now: float,
         deliverable: Callable[[QueueState], StoredTask | None],
-        deliver: Callable[[Client, StoredTask, QueueState], None],
-        may_take: Callable[[Client], bool],
+        deliver: Callable[[C, StoredTask, QueueState], None],
+        may_take: Callable[[C], bool],
     ) -> bool:
         """Hand out tasks in the queues woken since the last turn (a task came, a consumer came or got room): the
         others have nothing to hand out, however many there are. ``deliverable`` takes a queue's next task that may be
@@ -218,7 +230,7 @@ class TaskQueues:
             # passes on only once a consumer got a task: tasks sent one at a time (AiiDA's submit) alternate between
             # consumers instead of all going to the first one.
             while idle < count:
-                consumer = consumers[queue.next_consumer % count]
+                consumer = t.cast(C, consumers[queue.next_consumer % count])
                 if consumer.stalled or consumer.room(queue.name) <= 0 or not may_take(consumer):
                     capped = capped or not (consumer.stalled or consumer.room(queue.name) <= 0)
                     queue.next_consumer += 1
@@ -235,27 +247,3 @@ class TaskQueues:
                 self.wake(queue.name)
                 more = True
         return more
-
-    # Tasks backing off --------------------------------------------------------------------------------------------
-
-    def delay(self, task: StoredTask, until: float) -> None:
-        """Keep ``task`` out of its queue until ``until`` (monotonic seconds)."""
-        heapq.heappush(self._delayed, (until, task.id, task))
-
-    def next_due(self) -> float | None:
-        return self._delayed[0][0] if self._delayed else None
-
-    def due(self, now: float) -> list[StoredTask]:
-        """The tasks whose backoff has passed, taken out of the waiting set."""
-        tasks = []
-        while self._delayed and self._delayed[0][0] <= now:
-            tasks.append(heapq.heappop(self._delayed)[2])
-        return tasks
-
-    def drop_delayed(self, name: str) -> list[StoredTask]:
-        """Take out the tasks of queue ``name`` that back off (a purge); returns them."""
-        dropped = [task for _, _, task in self._delayed if task.queue == name]
-        if dropped:
-            self._delayed = [entry for entry in self._delayed if entry[2].queue != name]
-            heapq.heapify(self._delayed)
-        return dropped

@@ -16,7 +16,6 @@ import collections
 import ctypes
 import json
 import logging
-import math
 import os
 import secrets
 import signal
@@ -31,11 +30,12 @@ from ..exceptions import StoreError
 from ..protocol import Command, ErrorCode
 from ..ratelimit import RateLimitedLog
 from ..security import ensure_private_dir
-from ..store import DEAD, DELIVERED, READY, STORE_FILENAME, StoredTask, TaskStore
+from ..store import STORE_FILENAME, StoredTask, TaskStore
 from ..store_identity import StoreIdentity
 from . import admin
 from .config import BrokerConfig
 from .datadir import DataDirectory, default_endpoint
+from .deliveries import Deliveries
 from .peers import Client, Outbound, Sender
 from .queues import QueueState, TaskQueues
 from .rpc_routes import RpcRoutes
@@ -47,8 +47,6 @@ LOGGER = logging.getLogger(__name__)
 
 # The broker gives free heap memory back to the system this often (and a second after a large release).
 TRIM_INTERVAL = 5.0
-# How a delivery ended without an answer (see Broker._give_back).
-REFUSED, RELEASED, LOST = 'refused', 'released', 'lost'
 # A correlation the broker echoes in an ERROR; the communicator's are short decimals, a longer one is not a request.
 MAX_CORRELATION = 1024
 
@@ -107,8 +105,6 @@ class Broker:
         self.clients: dict[bytes, Client] = {}
         self.queues = TaskQueues(self.config)
         self.rpc = RpcRoutes()
-        self.orphans: dict[int, StoredTask] = {}  # tasks delivered before a restart, waiting for their holder
-        self._orphan_deadline = 0.0
         # (peer, correlation, task id, sender's session): confirms wait for the batch's commit
         self._confirms: list[tuple[Client | Sender, bytes, int, bytes | None]] = []
         self._inserted: list[StoredTask] = []  # the new tasks of the batch (refused if its commit fails)
@@ -120,6 +116,7 @@ class Broker:
         self.store_fault = StoreFault(self.config.store_retry, self.config.store_retry_max)
         self._last_trim = 0.0
         self.stats = collections.Counter[str]()
+        self.deliveries = Deliveries(self.config, self.queues, self.stats, self.limited_log)
         self.outbound = Outbound(self.config, self.stats, self.limited_log, self.queues.wake)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
@@ -144,9 +141,7 @@ class Broker:
                 os.chmod(path, 0o600)
             for queue, count in self.store.ready_counts().items():
                 self.queues[queue] = QueueState(queue, backlog=count)
-            for task in self.store.load_delivered():
-                self.orphans[task.id] = task
-            self._orphan_deadline = time.monotonic() + self.config.grace
+            self.deliveries.open(self._store)
             self.directory.bind()
             self.directory.write_info()
         except BaseException:
@@ -159,7 +154,7 @@ class Broker:
             ', '.join(self.endpoints),
             depth,
             len(self.queues),
-            len(self.orphans),
+            len(self.deliveries.orphans),
             os.getpid(),
         )
 
@@ -177,6 +172,7 @@ class Broker:
             except StoreError:
                 LOGGER.exception('could not commit the last batch on shutdown')
             self._store = None
+            self.deliveries.close()
         if self._identity is not None:
             self._identity.close()
             self._identity = None
@@ -225,7 +221,7 @@ class Broker:
         while not self._stop_requested.is_set():
             now = time.monotonic()
             timeout = max(0.0, next_tick - now)
-            due = self.queues.next_due()
+            due = self.deliveries.next_due()
             if due is not None:
                 timeout = min(timeout, max(0.0, due - now))
             if self._dispatch_more:
@@ -253,7 +249,7 @@ class Broker:
     def _end_of_batch(self) -> None:
         """Hand out ready tasks, commit the batch (stores and deliveries in one transaction), then confirm what it
         stored and send the deliveries: nothing leaves before the commit that records it."""
-        self._release_delayed(time.monotonic())
+        self.deliveries.release_due(time.monotonic())
         if self.outbound.overflowed:
             self._drop_overflowed()  # before the dispatch: their tasks go to the others in this batch
         writable = self.store_fault.writable()
@@ -338,13 +334,9 @@ class Broker:
             self._answer(peer, Command.ERROR, correlation, ErrorCode.STORE, str(exception).encode())
         self._confirms.clear()
         for client, task, command, first in self._outgoing:
-            if client.held.get(task.id) is task:
-                self._release_held(client, task)
+            self.deliveries.undo(client, task, stored_before=task.id not in inserted)
             if command is Command.TASK_GOT:
                 self._send(client, Command.TASK_GOT, first, b'', b'0', b'0', b'')
-            if task.id not in inserted:  # not a delivery after all: back to the front, as it was
-                task.attempts -= 1
-                self._requeue(task)
         self._outgoing.clear()
         for name in {task.queue for task in inserted.values()}:
             queue = self.queues.get(name)
@@ -375,7 +367,7 @@ class Broker:
                     len(client.held),
                     key=('silent', client.routing_id),
                 )
-                self._drop_client(client, released=False)
+                self.drop_client(client, released=False)
             elif now - client.last_sent >= self.config.heartbeat:
                 self._send(client, Command.HEARTBEAT)
         if self.queues.expire(now) > 100:
@@ -386,11 +378,7 @@ class Broker:
             self._memory_freed = False
             self._last_trim = now
             trim_heap()
-        if self.orphans and now >= self._orphan_deadline:
-            LOGGER.info('%d task(s) delivered before the restart were not reclaimed: requeued', len(self.orphans))
-            for task in sorted(self.orphans.values(), key=lambda t: -t.id):
-                self._requeue(task)
-            self.orphans.clear()
+        self.deliveries.tick(now)
         self._end_of_batch()
         stale = [key for key, when in self._unknown_warned.items() if when < now - 60]
         for key in stale:
@@ -408,7 +396,7 @@ class Broker:
     def _drop_overflowed(self) -> None:
         for client in self.outbound.take_overflowed():
             if self.clients.get(client.routing_id) is client:
-                self._drop_client(client, released=False)
+                self.drop_client(client, released=False)
 
     def _answer(self, peer: Client | Sender, command: Command, *args: bytes) -> None:
         """Answer a client through its session, a sender directly."""
@@ -581,24 +569,10 @@ class Broker:
                 task_id, attempt = protocol.to_int(message.args[0]), protocol.to_int(message.args[1])
             except protocol.ProtocolError:
                 return
-            task = self.orphans.get(task_id)
-            if task is not None and task.attempts == attempt:
-                final = message.command is Command.TASK_ACK or message.args[2] == protocol.FLAG_TRUE
-                if final:
-                    del self.orphans[task_id]
-                    self.store.delete((task_id,))
-                    if message.command is Command.TASK_REPLY:
-                        self._forward_result(task, message.args[3], final=True)
-                return
-            # The delivery was taken away (declared dead, then given to another consumer) or is already finished.
-            self.stats['late_acks_refused'] += 1
-            self.limited_log.warning(
-                'refused an answer for task %d (attempt %d) from a client without a session: it was declared dead '
-                'and the delivery taken away',
-                task_id,
-                attempt,
-                key=('late-answer', routing_id),
-            )
+            final = message.command is Command.TASK_ACK or message.args[2] == protocol.FLAG_TRUE
+            task = self.deliveries.answered_without_session(routing_id, task_id, attempt, final)
+            if task is not None and message.command is Command.TASK_REPLY:
+                self._forward_result(task, message.args[3], final=True)
         if message.command in _CORRELATED:
             # A request: answer it by its correlation, so that the client sends it again after its HELLO.
             self._send_raw(
@@ -627,22 +601,13 @@ class Broker:
         except ValueError:
             pid = 0
         client = self.clients.get(routing_id)
+        known = client is not None
         if client is None:
             client = self.clients[routing_id] = Client(routing_id, socket, name, last_seen=time.monotonic(), pid=pid)
         else:
-            # The same communicator saying hello again (it lost touch with us): keep its session, but tasks we think
-            # it holds and it does not (their answers were lost) go back to their queues.
+            # The same communicator saying hello again (it lost touch with us): keep its session.
             client.socket, client.last_seen = socket, time.monotonic()
-            for task in sorted(client.held.values(), key=lambda t: -t.id):
-                if claimed.get(task.id) != task.attempts:
-                    self._give_back(client, task, LOST)
-        reclaimed = 0
-        for task_id, attempt in claimed.items():
-            orphan = self.orphans.get(task_id)
-            if orphan is not None and orphan.attempts == attempt:
-                del self.orphans[task_id]
-                self._hold(client, orphan, since=-math.inf)  # held since before the restart
-                reclaimed += 1
+        reclaimed = self.deliveries.hello(client, claimed, known)
         self.limited_log.info(
             'client %s connected (%s), reclaimed %d task(s)',
             name,
@@ -668,9 +633,9 @@ class Broker:
             len(client.held),
             key=('bye', client.routing_id),
         )
-        self._drop_client(client, released=True)
+        self.drop_client(client, released=True)
 
-    def _drop_client(self, client: Client, *, released: bool) -> None:
+    def drop_client(self, client: Client, *, released: bool) -> None:
         """Forget a client: its held tasks go back (at once), its RPC identifiers free up, its callers are told."""
         self.clients.pop(client.routing_id, None)
         self.outbound.forget(client)
@@ -679,8 +644,7 @@ class Broker:
             if queue is not None and client in queue.consumers:
                 queue.consumers.remove(client)
                 self.queues.wake(queue_name)  # to forget it, if nothing else holds it
-        for task in sorted(client.held.values(), key=lambda t: -t.id):  # newest first: each goes to the front
-            self._give_back(client, task, RELEASED if released else LOST)
+        self.deliveries.holder_gone(client, released)
         for call in self.rpc.forget(client):
             if call.caller.routing_id in self.clients:
                 self._send(
@@ -691,12 +655,6 @@ class Broker:
                 )
 
     # Tasks --------------------------------------------------------------------------------------------------------
-
-    def _queue(self, name: str) -> QueueState:
-        """The queue of a task that exists (coming back, revived): made again if it was forgotten."""
-        queue = self.queues.open(name, bounded=False)
-        assert queue is not None
-        return queue
 
     def _on_task_send(self, client: Client, args: Sequence[bytes]) -> None:
         correlation, queue_name, no_reply, payload = args
@@ -792,36 +750,7 @@ class Broker:
         self._send(client, Command.DONE, correlation)
 
     def _held_task(self, client: Client, args: Sequence[bytes]) -> StoredTask | None:
-        task_id, attempt = protocol.to_int(args[0]), protocol.to_int(args[1])
-        task = client.held.get(task_id)
-        if task is None or task.attempts != attempt:
-            # A late answer for a delivery that was taken away (the client was silent too long, or reclaimed late).
-            self.stats['late_acks_refused'] += 1
-            self.limited_log.warning(
-                'refused an answer from %s for task %d (attempt %d): it does not hold that delivery',
-                client.name,
-                task_id,
-                attempt,
-                key=('late-answer', client.routing_id),
-            )
-            return None
-        return task
-
-    def _hold(self, client: Client, task: StoredTask, since: float, fetched: bool = False) -> None:
-        client.held[task.id] = task
-        client.held_since[task.id] = since
-        if fetched:
-            client.fetched.add(task.id)
-        client.held_per_queue[task.queue] += 1
-
-    def _release_held(self, client: Client, task: StoredTask) -> None:
-        del client.held[task.id]
-        client.held_since.pop(task.id, None)
-        client.fetched.discard(task.id)
-        client.held_per_queue[task.queue] -= 1
-        if not client.held_per_queue[task.queue]:
-            del client.held_per_queue[task.queue]
-        self.queues.wake(task.queue)  # the client has room again
+        return self.deliveries.answered(client, protocol.to_int(args[0]), protocol.to_int(args[1]))
 
     def _on_task_reply(self, client: Client, args: Sequence[bytes]) -> None:
         task = self._held_task(client, args)
@@ -829,13 +758,8 @@ class Broker:
             return
         final = args[2] == protocol.FLAG_TRUE
         if final:
-            self._release_held(client, task)
-            self._acknowledged(task)
+            self.deliveries.finish(client, task)
         self._forward_result(task, args[3], final)
-
-    def _acknowledged(self, task: StoredTask) -> None:
-        self.store.delete((task.id,))
-        self.stats['tasks_acked'] += 1
 
     def _forward_result(self, task: StoredTask, payload: bytes, final: bool) -> None:
         if task.no_reply or task.reply_to is None or task.correlation is None:
@@ -849,85 +773,12 @@ class Broker:
     def _on_task_ack(self, client: Client, args: Sequence[bytes]) -> None:
         task = self._held_task(client, args)
         if task is not None:
-            self._release_held(client, task)
-            self._acknowledged(task)
+            self.deliveries.finish(client, task)
 
     def _on_task_nack(self, client: Client, args: Sequence[bytes]) -> None:
         task = self._held_task(client, args)
-        if task is None:
-            return
-        if args[2] == protocol.FLAG_TRUE:
-            self.stats['tasks_rejected'] += 1
-            self._give_back(client, task, REFUSED)
-        else:
-            self._give_back(client, task, RELEASED)
-
-    # What happens to a task whose delivery ended without an answer (see docs/protocol.md, "Redeliveries").
-
-    def _give_back(self, client: Client, task: StoredTask, how: str) -> None:
-        """The holder gave the task back (or lost it): it goes to its queue again, at once or after a backoff, or to
-        the dead-letter queue when that was its last delivery. No client behaviour makes a task loop hot:
-
-        - ``REFUSED`` (every subscriber refused it): counts, and backs off;
-        - ``RELEASED`` (NACK rejected=0, or BYE while holding it): a task taken by ``next_task`` (TASK_GET) or held
-          for ``quick_release`` seconds or more was looked at or worked on: not a delivery, back at once, first in
-          line. A pushed task given back sooner (a subscriber raising CancelledError, a consumer saying BYE at once)
-          counts, and backs off;
-        - ``LOST`` (the holder died, or stopped reading): counts, back at once to another consumer.
-        """
-        since = client.held_since.get(task.id, -math.inf)
-        fetched = task.id in client.fetched
-        self._release_held(client, task)
-        if how == RELEASED and (fetched or time.monotonic() - since >= self.config.quick_release):
-            task.attempts -= 1  # not a failed delivery: it is offered again with the same attempt number
-            self._requeue(task)
-        elif task.attempts >= self.config.max_deliveries:
-            self._dead_letter(task)
-        elif how == LOST:
-            self._requeue(task)
-        else:
-            self.stats['redeliveries_delayed'] += 1
-            self._retry_later(task)
-
-    def _requeue(self, task: StoredTask) -> None:
-        """Back to its queue at once (its row ready again with this batch)."""
-        task.state = READY
-        self.store.stage(task.id, READY, task.attempts)
-        self._queue(task.queue).put_back(task)
-        self.queues.wake(task.queue)
-
-    def _retry_later(self, task: StoredTask) -> None:
-        """Back to its queue after a backoff that doubles per delivery. Meanwhile its row stays delivered, so that
-        after a crash it is an orphan (requeued after the reclaim grace) rather than ready twice."""
-        delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
-        self.queues.delay(task, time.monotonic() + delay)
-
-    def _release_delayed(self, now: float) -> None:
-        for task in self.queues.due(now):
-            self._requeue(task)
-
-    def _deliverable(self, queue: QueueState) -> StoredTask | None:
-        """Next task of the queue that has deliveries left; dead-letters those that have none."""
-        while True:
-            task = queue.pop(self.store, self.config)
-            if task is None:
-                return None
-            if task.attempts < self.config.max_deliveries:
-                return task
-            self._dead_letter(task)
-
-    def _dead_letter(self, task: StoredTask) -> None:
-        reason = f'delivered {task.attempts} times without an answer (max_deliveries={self.config.max_deliveries})'
-        self.limited_log.error(
-            'task %d of queue %s moved to the dead-letter queue: %s',
-            task.id,
-            task.queue,
-            reason,
-            key=('dead', task.queue),
-        )
-        task.state = DEAD
-        self.store.stage(task.id, DEAD, task.attempts, reason)
-        self.stats['dead_lettered'] += 1
+        if task is not None:
+            self.deliveries.nack(client, task, rejected=args[2] == protocol.FLAG_TRUE)
 
     def _dispatch(self) -> None:
         """Hand out tasks: at most ``send_hwm`` deliveries and half the outbound byte budget per consumer per turn,
@@ -946,19 +797,15 @@ class Broker:
             totals[1] += len(task.payload)
             self._deliver(consumer, task, Command.TASK_DELIVER, queue.name.encode())
 
-        self._dispatch_more = self.queues.dispatch(time.monotonic(), self._deliverable, deliver, may_take)
+        self._dispatch_more = self.queues.dispatch(time.monotonic(), self.deliveries.next_task, deliver, may_take)
 
     def _deliver(self, client: Client, task: StoredTask, command: Command, first: bytes) -> None:
         """Hand ``task`` to ``client``; the message goes out after the batch's commit (see :meth:`_end_of_batch`)."""
-        task.attempts += 1
-        task.state = DELIVERED
-        self._hold(client, task, time.monotonic(), fetched=command is Command.TASK_GOT)
-        self.store.stage(task.id, DELIVERED, task.attempts)
-        self.stats['deliveries'] += 1
+        self.deliveries.deliver(client, task, fetched=command is Command.TASK_GOT)
         self._outgoing.append((client, task, command, first))
 
     def _send_delivery(self, client: Client, task: StoredTask, command: Command, first: bytes) -> None:
-        if client.held.get(task.id) is not task:
+        if not client.held.holds(task):
             return  # taken back before the commit (the client left or released it in the same batch)
         self._send(
             client,
@@ -978,7 +825,7 @@ class Broker:
             self._send(client, Command.ERROR, correlation, ErrorCode.STORE, text.encode())
             return
         queue = self.queues.get(name)
-        task = self._deliverable(queue) if queue is not None else None
+        task = self.deliveries.next_task(queue) if queue is not None else None
         if queue is not None:
             self.queues.wake(name)  # emptied by this get, it may be forgotten
         if task is None:
@@ -1132,7 +979,7 @@ class Broker:
                 }
                 for c in self.clients.values()
             ],
-            'orphans': len(self.orphans),
+            'orphans': len(self.deliveries.orphans),
             'store_fault': self.store_fault.status(),
             'stats': {**self.stats, 'log_lines_suppressed': self.limited_log.suppressed_total},
             # What the operator chose (`serve` options, or the AiiDA profile's broker options through the watcher).
