@@ -1,10 +1,13 @@
 """The durable task store: one SQLite database in WAL mode per broker.
 
-The broker writes through one open transaction per poll-loop batch (group commit) and confirms tasks to their
-senders only after :meth:`TaskStore.commit`. Nothing about a task lives only in memory: a task row exists from the
-commit that confirmed it until the commit that follows its acknowledgement. A row's ``state`` says whether the task
-waits (READY), was handed to a consumer (DELIVERED, so that after a crash its holder may reclaim it), or was given up
-on after too many deliveries (DEAD, the dead-letter queue).
+The broker writes through one open transaction per poll-loop batch (group commit) and confirms tasks to their senders
+only after :meth:`TaskStore.commit`. Durable by default: the commit returns once the WAL is synced to the disk
+(``synchronous=FULL``, one sync per batch), so a confirmed task survives a power cut, not only a crash; ``fsync=False``
+(``serve --no-fsync``) skips that sync, and a power cut may then lose the tasks confirmed since the last checkpoint.
+Nothing about a task lives only in memory: a task row exists from the commit that confirmed it until the commit that
+follows its acknowledgement. A row's ``state`` says whether the task waits (READY), was handed to a consumer (DELIVERED,
+so that after a crash its holder may reclaim it), or was given up on after too many deliveries (DEAD, the dead-letter
+queue).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = (
     'broker_lock',
     'stopped_store',
     'submit_offline',
+    'sync_directory',
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -104,15 +108,30 @@ def _open_advice(path: Path, exception: sqlite3.DatabaseError) -> str:
     )
 
 
-class TaskStore:
-    """Durable tasks in SQLite (WAL). Not thread-safe: the broker uses it from its one poll-loop thread."""
+def sync_directory(path: str | os.PathLike[str]) -> None:
+    """Sync a directory, so that the names made, renamed or removed in it survive a power cut."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+
+class TaskStore:
+    """Durable tasks in SQLite (WAL). Not thread-safe: the broker uses it from its one poll-loop thread.
+
+    ``fsync`` (the default): a commit is synced to the disk before it returns. Without it a commit survives a crash of
+    any process (the WAL is in the OS page cache) but not a power cut.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.path = Path(path)
+        self.fsync = fsync
+        created = not self.path.exists()
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute('PRAGMA journal_mode=WAL')
-            # NORMAL survives a crash of any process (the WAL is in the OS page cache); FULL also survives power loss.
+            # FULL: the WAL is synced at every commit (and SQLite syncs the directory of a new WAL file itself).
             self._db.execute(f'PRAGMA synchronous={"FULL" if fsync else "NORMAL"}')
             self._db.execute('PRAGMA busy_timeout=10000')
             self._db.executescript(_SCHEMA)
@@ -127,6 +146,8 @@ class TaskStore:
             check = self._db.execute('PRAGMA quick_check(1)').fetchone()[0]
             if check != 'ok':  # the pragma reports corruption as a row, it does not raise
                 raise sqlite3.DatabaseError(f'database disk image is malformed ({check})')
+            if created and fsync:  # the new file's name, or a power cut takes the whole store with it
+                sync_directory(self.path.parent)
         except sqlite3.DatabaseError as exception:
             raise StoreError(
                 f'cannot open the task store {self.path}: {exception}. {_open_advice(self.path, exception)}'
@@ -447,10 +468,15 @@ def stopped_store(data_dir: str | os.PathLike[str], *, create: bool = False) -> 
     """The task store of a broker that is not running, under the broker's lock while the block runs; committed at
     the end. A broker that starts meanwhile waits for the lock (``--lock-timeout``): keep the block short.
 
-    Yields ``None`` when there is no store yet (no broker ever ran there) unless ``create``.
+    Yields ``None`` when there is no store yet (no broker ever ran there) unless ``create``. The store is checked
+    and its identity record kept, synced, as the broker does (:mod:`aiida_zmq.store_identity`): a store filled
+    offline and then truncated is refused at start like one the broker served.
 
     :raises BrokerRunning: when a broker holds the lock (go through the broker instead).
+    :raises aiida_zmq.exceptions.StoreReplaced: when the store is not the one the broker left.
     """
+    from .store_identity import StoreIdentity  # it builds on this module
+
     directory = Path(data_dir)
     if not create and not (directory / STORE_FILENAME).exists():
         yield None
@@ -460,12 +486,18 @@ def stopped_store(data_dir: str | os.PathLike[str], *, create: bool = False) -> 
         if not create and not (directory / STORE_FILENAME).exists():  # removed before we held the lock
             yield None
             return
-        store = TaskStore(directory / STORE_FILENAME)
+        identity = StoreIdentity(directory, sync=True)
+        identity.check_before_open()
         try:
-            yield store
-            store.commit()
+            store = TaskStore(directory / STORE_FILENAME)
+            try:
+                identity.verify_and_adopt(store)
+                yield store
+                store.commit()
+            finally:
+                store.close()
         finally:
-            store.close()
+            identity.close()
     os.chmod(directory / STORE_FILENAME, 0o600)
 
 

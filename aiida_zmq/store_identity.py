@@ -7,11 +7,15 @@ of the highest task id it committed (``tasks.sqlite3.identity``)::
 
     aiida-zmq store 1 <identity: 32 hex digits> <high-water mark: 20 digits>
 
-The record is rewritten in place (one ``pwrite``, fixed length) after a commit that stored new tasks, before their
-confirms go out: a commit of acks or deliveries costs nothing, a batch of new tasks one system call. At start the
-broker refuses a store whose identity is missing or different, or whose highest task id is below the mark: some
-confirmed tasks are not in it. What to do is in the message: restore the file, or accept it as it is with
-``aiida-zmq accept-store --data-dir DIR``.
+The record is written whole once per start (a new file, synced, renamed into place, its directory synced: a power cut
+leaves the old record or the new one, never an empty one), then rewritten in place (one ``pwrite``, fixed length) after
+a commit that stored new tasks, before their confirms go out: a commit of acks or deliveries costs nothing, a batch of
+new tasks one system call. The broker does not sync those updates: its commits are synced (unless ``--no-fsync``), so a
+record that a power cut sets back only lags. Offline writers (``submit_offline``, the stopped store of the admin
+commands and moves) sync it after every commit: each of them commits once or a few times. At start the broker refuses a
+store whose identity is missing or different, or whose highest task id is below the mark: some confirmed tasks are not
+in it. What to do is in the message: restore the file, or accept it as it is with ``aiida-zmq accept-store --data-dir
+DIR``.
 
 The record can lag behind the file (a kill -9 between the commit and the write), never run ahead of it: a lagging
 record only makes the check weaker for that one batch. Moving ``tasks.sqlite3*`` aside (the documented way to start
@@ -30,7 +34,7 @@ from pathlib import Path
 
 from .exceptions import StoreError, StoreReplaced
 from .ratelimit import RateLimitedLog
-from .store import STORE_FILENAME, TaskStore
+from .store import STORE_FILENAME, TaskStore, sync_directory
 
 __all__ = ('IDENTITY_FILENAME', 'StoreIdentity', 'accept_store')
 
@@ -45,11 +49,12 @@ _PATTERN = re.compile(r'aiida-zmq store 1 ([0-9a-f]{32}) (\d{20})\n')
 class StoreIdentity:
     """The identity record of the store in ``data_dir``, kept up to date by the broker that holds the store."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], *, sync: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / IDENTITY_FILENAME
         self.identity: str | None = None
         self.high_water = 0
+        self.sync = sync  # sync every update in place (offline writers); the whole record is always synced
         self._fd: int | None = None
 
     def read(self) -> bool:
@@ -128,6 +133,8 @@ class StoreIdentity:
         self.high_water = store.high_water
         try:
             os.pwrite(self._fd, self._record(), 0)
+            if self.sync:
+                os.fdatasync(self._fd)
         except OSError as exception:
             # The store committed; only the check at the next start is weaker. Say so, without repeating it.
             LIMITED.error('cannot update %s: %s', self.path, exception, key=('identity-write', str(self.path)))
@@ -142,15 +149,20 @@ class StoreIdentity:
         return _FORMAT.format(identity=self.identity, high_water=self.high_water).encode('ascii')
 
     def _open_record(self) -> None:
-        """Write the record whole (a new file, renamed into place), then keep it open for the updates in place."""
+        """Write the record whole (a new file, synced, renamed into place, the directory synced), then keep it open
+        for the updates in place. Unsynced, a power cut would leave an empty record: "damaged", a false alarm."""
         self.close()
         tmp = self.path.with_name(self.path.name + '.tmp')
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0), 0o600)
         try:
-            os.write(fd, self._record())
+            record = self._record()
+            if os.write(fd, record) != len(record):
+                raise StoreError(f'cannot write {tmp}: the disk is full?')
+            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
+        sync_directory(self.data_dir)
         self._fd = os.open(self.path, os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0))
 
     def _accept_hint(self, lower: bool = False) -> str:
@@ -171,9 +183,11 @@ def accept_store(data_dir: str | os.PathLike[str]) -> dict[str, t.Any]:
     from .security import ensure_private_dir
     from .store import broker_lock
 
+    _refuse_without_store(Path(data_dir))
     directory = ensure_private_dir(data_dir)
     with broker_lock(directory, blocking=False):
-        identity = StoreIdentity(directory)
+        _refuse_without_store(directory)  # removed before we held the lock
+        identity = StoreIdentity(directory, sync=True)
         with contextlib.suppress(StoreReplaced):
             identity.read()
         expected = identity.high_water
@@ -185,3 +199,20 @@ def accept_store(data_dir: str | os.PathLike[str]) -> dict[str, t.Any]:
     os.chmod(directory / STORE_FILENAME, 0o600)
     LOGGER.info('store %s accepted as it is: %d task(s), ids up to %d', directory, count, identity.high_water)
     return {'tasks': count, 'high_water': identity.high_water, 'recorded_before': expected}
+
+
+def _refuse_without_store(directory: Path) -> None:
+    """Accepting a directory with no store would create an empty one and call it accepted (a typo in the path)."""
+    if (directory / STORE_FILENAME).is_file():
+        return
+    if (directory / IDENTITY_FILENAME).exists():
+        raise StoreError(
+            f'{directory / STORE_FILENAME} is missing (its identity record is there): put the file back, or, to start '
+            f'with an empty store, move {directory / IDENTITY_FILENAME} aside and start the broker'
+        )
+    what = 'does not exist' if not directory.exists() else f'has no task store ({STORE_FILENAME})'
+    raise StoreError(
+        f'{directory} {what}: nothing to accept. Is it the data directory the broker refused? (its message names it; '
+        '`aiida-zmq status` shows the one in use)'
+    )
+

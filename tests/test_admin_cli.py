@@ -33,7 +33,7 @@ def test_status_of_a_running_broker(zmq_broker, zmq_communicator):
     assert 'work: 1 waiting, 0 consumers' in text
     assert 'aiida-zmq-cli' not in text  # its own session is not shown as a user
     # The zmq_broker fixture's --heartbeat 0.2 --peer-timeout 2, and the defaults.
-    assert 'heartbeat 0.2 s, peer timeout 2 s, 20 deliveries before dead-lettering, fsync off' in text
+    assert 'heartbeat 0.2 s, peer timeout 2 s, 20 deliveries before dead-lettering, fsync on' in text
     answer = json.loads(run('status', '--endpoint', zmq_broker.endpoint, '--json'))
     assert answer['running'] is True and answer['queues']['work']['depth'] == 1
     assert answer['round_trip_ms'] > 0

@@ -188,12 +188,19 @@ def test_store_error_is_a_clear_refusal(tmp_path):
 
 
 def test_fsync_option_reaches_the_store(tmp_path, zmq_broker_factory):
-    """`serve --fsync` makes SQLite sync every commit (FULL): what survives power loss, not only a crash."""
-    with contextlib.closing(TaskStore(tmp_path / 'full.sqlite', fsync=True)) as store:
+    """The store syncs every commit (FULL) by default: what survives power loss, not only a crash; `serve
+    --no-fsync` chooses NORMAL (tests/test_power_cut.py shows what each survives). `--fsync` means the default."""
+    with contextlib.closing(TaskStore(tmp_path / 'full.sqlite')) as store:
         assert store._db.execute('PRAGMA synchronous').fetchone()[0] == 2  # FULL
-    with contextlib.closing(TaskStore(tmp_path / 'normal.sqlite')) as store:
+    with contextlib.closing(TaskStore(tmp_path / 'normal.sqlite', fsync=False)) as store:
         assert store._db.execute('PRAGMA synchronous').fetchone()[0] == 1  # NORMAL: durable against crashes (WAL)
 
+    fast = zmq_broker_factory('--no-fsync')
+    communicator = aiida_zmq.connect(fast.endpoint)
+    try:
+        assert communicator.admin('status')['settings']['fsync'] is False
+    finally:
+        communicator.close()
     broker = zmq_broker_factory('--fsync', '--peer-timeout', '7', '--max-deliveries', '3')
     communicator = aiida_zmq.connect(broker.endpoint)
     try:

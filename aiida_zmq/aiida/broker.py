@@ -207,7 +207,7 @@ class ZmqBroker(Broker):
         BrokerConfigField(
             name='fsync',
             prompt='fsync every batch',
-            help='Survive power loss, not only crashes, at the cost of slower confirms.',
+            help='Confirm a task only once it survives a power cut (false: faster, a power cut may lose tasks).',
             default=BROKER_DEFAULTS.fsync,
             param_type='bool',
             expose_cli=False,
@@ -317,8 +317,8 @@ class ZmqBroker(Broker):
             '--max-deliveries',
             str(int(self._option('max_deliveries'))),
         ]
-        if _as_bool(self._option('fsync')):
-            options.append('--fsync')
+        if not _as_bool(self._option('fsync')):
+            options.append('--no-fsync')
         return options
 
     def watcher_spec(self, client: DaemonClient | None = None) -> t.Any:

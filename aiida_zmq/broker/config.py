@@ -20,7 +20,7 @@ class BrokerConfig:
     peer_timeout: float = 10.0  # silence after which a client is dead and its held tasks go to others
     max_message_bytes: int = 64 * 1024 * 1024
     max_deliveries: int = 20  # deliveries of one task before it goes to the dead-letter queue
-    fsync: bool = False  # fsync every batch (survives power loss, not only process crashes)
+    fsync: bool = True  # sync every batch's commit before its confirms (survives power loss, not only crashes)
     batch_size: int = 2000  # messages read per turn of the loop before the batch is committed
     outbound_limit: int = 50_000  # messages waiting for one client before it counts as not reading (its session ends)
     outbound_bytes: int = 32 * 1024 * 1024  # bytes waiting for one client before the same (one larger message may)

@@ -436,7 +436,7 @@ def _print_status(answer: dict[str, t.Any]) -> None:
         click.echo(
             f'  settings   heartbeat {settings["heartbeat"]:g} s, peer timeout {settings["peer_timeout"]:g} s, '
             f'{settings["max_deliveries"]} deliveries before dead-lettering, '
-            f'fsync {"on" if settings["fsync"] else "off (survives crashes, not power loss)"}'
+            f'fsync {"on" if settings["fsync"] else "off (--no-fsync: survives crashes, not power cuts)"}'
         )
     queues = answer['queues']
     click.echo(f'  queues     {len(queues)}' + ('' if queues else ' (none yet)'))

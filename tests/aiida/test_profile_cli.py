@@ -51,15 +51,15 @@ def test_configure_sets_broker_options_and_keeps_the_others(tmp_path: Path) -> N
     profile.aiida_zmq('presto', '--profile-name', 'opts', '--no-computer', '--data-dir', str(data_dir))
 
     changed = profile.aiida_zmq(
-        'configure', 'opts', '--set', 'peer_timeout=30', '--set', 'fsync=yes', '--set', 'max-deliveries=5'
+        'configure', 'opts', '--set', 'peer_timeout=30', '--set', 'fsync=no', '--set', 'max-deliveries=5'
     )
-    assert 'peer_timeout 10.0 -> 30.0' in changed.stdout and 'fsync False -> True' in changed.stdout
+    assert 'peer_timeout 10.0 -> 30.0' in changed.stdout and 'fsync True -> False' in changed.stdout
     broker = _broker(profile)
     assert str(data_dir) in broker  # kept
-    assert 'peer_timeout: 30.0' in broker and 'fsync: true' in broker and 'max_deliveries: 5' in broker
+    assert 'peer_timeout: 30.0' in broker and 'fsync: false' in broker and 'max_deliveries: 5' in broker
 
     ini = profile.aiida_zmq('circus-config', '--profile', 'opts').stdout
-    assert '--heartbeat 1.0 --peer-timeout 30.0 --max-deliveries 5 --fsync' in ini
+    assert '--heartbeat 1.0 --peer-timeout 30.0 --max-deliveries 5 --no-fsync' in ini
     assert f'--data-dir {data_dir}' in ini
 
     for bad, says in (
