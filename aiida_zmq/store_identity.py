@@ -215,4 +215,3 @@ def _refuse_without_store(directory: Path) -> None:
         f'{directory} {what}: nothing to accept. Is it the data directory the broker refused? (its message names it; '
         '`aiida-zmq status` shows the one in use)'
     )
-
