@@ -21,9 +21,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .exceptions import BrokerRunning, StoreError
+from .exceptions import BrokerRunning, StoreError, StoreReplaced
+from .fsync import sync_directory
 from .security import ensure_private_dir  # here for the callers that import it from the store
+from .store_identity import IDENTITY_FILENAME, STORE_FILENAME, StoreIdentity
 from .task_payload import process_pk
 
 __all__ = (
@@ -32,10 +35,10 @@ __all__ = (
     'READY',
     'StoredTask',
     'TaskStore',
+    'accept_store',
     'broker_lock',
     'stopped_store',
     'submit_offline',
-    'sync_directory',
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -44,7 +47,6 @@ READY = 0
 DELIVERED = 1
 DEAD = 2
 
-STORE_FILENAME = 'tasks.sqlite3'
 LOCK_FILENAME = 'broker.lock'
 SCHEMA_VERSION = 1
 MAX_ID = 2**63 - 1  # SQLite's largest integer
@@ -106,15 +108,6 @@ def _open_advice(path: Path, exception: sqlite3.DatabaseError) -> str:
         f'{path}* SOMEWHERE/`; tasks in it are not delivered until it is repaired, e.g. with sqlite3 .recover) and '
         'start again'
     )
-
-
-def sync_directory(path: str | os.PathLike[str]) -> None:
-    """Sync a directory, so that the names made, renamed or removed in it survive a power cut."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class TaskStore:
@@ -475,8 +468,6 @@ def stopped_store(data_dir: str | os.PathLike[str], *, create: bool = False) -> 
     :raises BrokerRunning: when a broker holds the lock (go through the broker instead).
     :raises aiida_zmq.exceptions.StoreReplaced: when the store is not the one the broker left.
     """
-    from .store_identity import StoreIdentity  # it builds on this module
-
     directory = Path(data_dir)
     if not create and not (directory / STORE_FILENAME).exists():
         yield None
@@ -511,3 +502,44 @@ def submit_offline(data_dir: str | os.PathLike[str], queue: str, payload: bytes,
     with stopped_store(data_dir, create=True) as store:
         assert store is not None
         return store.insert(queue, payload, no_reply, None, None)
+
+
+def accept_store(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Make the store in ``data_dir``, as it is now, the one the broker accepts (a new identity record).
+
+    Under the broker's lock, so never while a broker runs.
+
+    :raises aiida_zmq.exceptions.BrokerRunning: when a broker holds the data directory.
+    """
+    _refuse_without_store(Path(data_dir))
+    directory = ensure_private_dir(data_dir)
+    with broker_lock(directory, blocking=False):
+        _refuse_without_store(directory)  # removed before we held the lock
+        identity = StoreIdentity(directory, sync=True)
+        with contextlib.suppress(StoreReplaced):
+            identity.read()
+        expected = identity.high_water
+        with contextlib.closing(TaskStore(directory / STORE_FILENAME)) as store:
+            identity.identity = None  # whatever the record said: the store as it is now is the one
+            identity.verify_and_adopt(store)
+            count = store.task_count()
+        identity.close()
+    os.chmod(directory / STORE_FILENAME, 0o600)
+    LOGGER.info('store %s accepted as it is: %d task(s), ids up to %d', directory, count, identity.high_water)
+    return {'tasks': count, 'high_water': identity.high_water, 'recorded_before': expected}
+
+
+def _refuse_without_store(directory: Path) -> None:
+    """Accepting a directory with no store would create an empty one and call it accepted (a typo in the path)."""
+    if (directory / STORE_FILENAME).is_file():
+        return
+    if (directory / IDENTITY_FILENAME).exists():
+        raise StoreError(
+            f'{directory / STORE_FILENAME} is missing (its identity record is there): put the file back, or, to start '
+            f'with an empty store, move {directory / IDENTITY_FILENAME} aside and start the broker'
+        )
+    what = 'does not exist' if not directory.exists() else f'has no task store ({STORE_FILENAME})'
+    raise StoreError(
+        f'{directory} {what}: nothing to accept. Is it the data directory the broker refused? (its message names it; '
+        '`aiida-zmq status` shows the one in use)'
+    )

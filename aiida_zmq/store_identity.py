@@ -24,26 +24,40 @@ from an empty store) moves the record with it. This module imports nothing from 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 import secrets
 import typing as t
+from collections.abc import Callable
 from pathlib import Path
 
 from .exceptions import StoreError, StoreReplaced
+from .fsync import write_synced
 from .ratelimit import RateLimitedLog
-from .store import STORE_FILENAME, TaskStore, sync_directory
 
-__all__ = ('IDENTITY_FILENAME', 'StoreIdentity', 'accept_store')
+__all__ = ('IDENTITY_FILENAME', 'STORE_FILENAME', 'IdentifiedStore', 'StoreIdentity')
 
 LOGGER = logging.getLogger(__name__)
 LIMITED = RateLimitedLog(LOGGER)
 
+STORE_FILENAME = 'tasks.sqlite3'  # the broker's task store (:class:`aiida_zmq.store.TaskStore`) in its data directory
 IDENTITY_FILENAME = STORE_FILENAME + '.identity'
 _FORMAT = 'aiida-zmq store 1 {identity} {high_water:020d}\n'
 _PATTERN = re.compile(r'aiida-zmq store 1 ([0-9a-f]{32}) (\d{20})\n')
+
+
+class IdentifiedStore(t.Protocol):
+    """What the record needs of the store (:class:`aiida_zmq.store.TaskStore`, which builds on this module)."""
+
+    high_water: int
+    after_commit: Callable[[t.Any], None] | None
+
+    def identity(self) -> str | None: ...
+
+    def set_identity(self, identity: str) -> None: ...
+
+    def sequence(self) -> int: ...
 
 
 class StoreIdentity:
@@ -86,7 +100,7 @@ class StoreIdentity:
                 f'{self._accept_hint(lower=True)}'
             )
 
-    def verify_and_adopt(self, store: TaskStore) -> None:
+    def verify_and_adopt(self, store: IdentifiedStore) -> None:
         """Refuse ``store`` if it is not the one the record describes; otherwise hold the record and keep it up to
         date after every commit of ``store`` (:attr:`TaskStore.after_commit`).
 
@@ -126,7 +140,7 @@ class StoreIdentity:
         self._open_record()
         store.after_commit = self.committed
 
-    def committed(self, store: TaskStore) -> None:
+    def committed(self, store: IdentifiedStore) -> None:
         """After a commit: record a higher high-water mark, in place (the record has a fixed length)."""
         if store.high_water <= self.high_water or self._fd is None:
             return
@@ -152,17 +166,10 @@ class StoreIdentity:
         """Write the record whole (a new file, synced, renamed into place, the directory synced), then keep it open
         for the updates in place. Unsynced, a power cut would leave an empty record: "damaged", a false alarm."""
         self.close()
-        tmp = self.path.with_name(self.path.name + '.tmp')
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0), 0o600)
         try:
-            record = self._record()
-            if os.write(fd, record) != len(record):
-                raise StoreError(f'cannot write {tmp}: the disk is full?')
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        sync_directory(self.data_dir)
+            write_synced(self.path, self._record())
+        except OSError as exception:
+            raise StoreError(f'cannot write {self.path}: {exception}') from exception
         self._fd = os.open(self.path, os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0))
 
     def _accept_hint(self, lower: bool = False) -> str:
@@ -171,47 +178,3 @@ class StoreIdentity:
             f'{self.data_dir}`, then start the broker again'
         )
         return text[0].lower() + text[1:] if lower else text
-
-
-def accept_store(data_dir: str | os.PathLike[str]) -> dict[str, t.Any]:
-    """Make the store in ``data_dir``, as it is now, the one the broker accepts (a new identity record).
-
-    Under the broker's lock, so never while a broker runs.
-
-    :raises aiida_zmq.exceptions.BrokerRunning: when a broker holds the data directory.
-    """
-    from .security import ensure_private_dir
-    from .store import broker_lock
-
-    _refuse_without_store(Path(data_dir))
-    directory = ensure_private_dir(data_dir)
-    with broker_lock(directory, blocking=False):
-        _refuse_without_store(directory)  # removed before we held the lock
-        identity = StoreIdentity(directory, sync=True)
-        with contextlib.suppress(StoreReplaced):
-            identity.read()
-        expected = identity.high_water
-        with contextlib.closing(TaskStore(directory / STORE_FILENAME)) as store:
-            identity.identity = None  # whatever the record said: the store as it is now is the one
-            identity.verify_and_adopt(store)
-            count = store.task_count()
-        identity.close()
-    os.chmod(directory / STORE_FILENAME, 0o600)
-    LOGGER.info('store %s accepted as it is: %d task(s), ids up to %d', directory, count, identity.high_water)
-    return {'tasks': count, 'high_water': identity.high_water, 'recorded_before': expected}
-
-
-def _refuse_without_store(directory: Path) -> None:
-    """Accepting a directory with no store would create an empty one and call it accepted (a typo in the path)."""
-    if (directory / STORE_FILENAME).is_file():
-        return
-    if (directory / IDENTITY_FILENAME).exists():
-        raise StoreError(
-            f'{directory / STORE_FILENAME} is missing (its identity record is there): put the file back, or, to start '
-            f'with an empty store, move {directory / IDENTITY_FILENAME} aside and start the broker'
-        )
-    what = 'does not exist' if not directory.exists() else f'has no task store ({STORE_FILENAME})'
-    raise StoreError(
-        f'{directory} {what}: nothing to accept. Is it the data directory the broker refused? (its message names it; '
-        '`aiida-zmq status` shows the one in use)'
-    )

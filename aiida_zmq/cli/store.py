@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from ..exceptions import BrokerRunning, StoreError
-from ..store import STORE_FILENAME
-from ..store_identity import accept_store
+from ..store import STORE_FILENAME, accept_store
 
 __all__ = ('accept_store_command',)
 
