@@ -181,6 +181,7 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._unheard: collections.deque[tuple[float, bytes]] = collections.deque()  # broadcasts with no subscriber
         self._unheard_bytes = 0
         self._held: dict[int, int] = {}  # task id -> attempt, for tasks this client is processing
+        self._answers_waiting: set[int] = set()  # held tasks whose final answer waits for the next WELCOME
         self._registered_rpc: set[str] = set()
         self._consuming: dict[str, int] = {}
         self._subscribed = False
@@ -616,6 +617,9 @@ class ZmqCommunicator(kiwipy.Communicator):
 
     def on_welcome(self, resumed: bool, restarted: bool, max_message_bytes: int) -> None:
         self._max_message_bytes = max_message_bytes
+        for task_id in self._answers_waiting:  # claimed in the HELLO; their answers go out right after this
+            self._held.pop(task_id, None)
+        self._answers_waiting.clear()
         if restarted:
             # Whether a call in flight reached its recipient is unknown: fail it rather than leave it hanging.
             for correlation, future in list(self._rpc_results.items()):
@@ -691,7 +695,11 @@ class ZmqCommunicator(kiwipy.Communicator):
         self._session.io_request(correlation, protocol.encode(Command.TASK_GET, correlation, queue.encode()))
 
     def _io_task_answer(self, task_id: int, attempt: int, frames: list[bytes], final: bool) -> None:
-        if final:
+        if final and not self._session.io_welcomed:
+            # No session now: the answer goes after our next HELLO, which must still claim the task, or the broker
+            # would take it back (or, restarted, requeue it after its grace) and it would run again (issue 20.2).
+            self._answers_waiting.add(task_id)
+        elif final:
             self._held.pop(task_id, None)
         self._session.io_send(frames)
 

@@ -341,6 +341,11 @@ class Session:
                 return
             self._outbound.popleft()
 
+    @property
+    def io_welcomed(self) -> bool:
+        """Whether :meth:`io_send` sends now; else what it is given goes after the next WELCOME (after our HELLO)."""
+        return self._welcomed
+
     def io_send(self, frames: list[bytes]) -> None:
         """Send a message that needs a session: held back until the broker has welcomed us."""
         if self._welcomed:

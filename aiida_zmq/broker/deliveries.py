@@ -99,12 +99,13 @@ class Deliveries:
         assert self._store is not None, 'the broker is not started'
         return self._store
 
-    def open(self, store: TaskStore) -> None:
-        """Start on ``store``: what it holds as delivered was delivered before a restart; orphans until reclaimed."""
+    def open(self, store: TaskStore, now: float) -> None:
+        """Start on ``store``: what it holds as delivered was delivered before a restart; orphans until reclaimed,
+        for the reclaim grace from ``now`` (listening time, as :meth:`tick`'s: see liveness.py)."""
         self._store = store
         for task in store.load_delivered():
             self.orphans[task.id] = task
-        self._orphan_deadline = time.monotonic() + self.config.grace
+        self._orphan_deadline = now + self.config.grace
 
     def close(self) -> None:
         self._store = None
@@ -240,9 +241,11 @@ class Deliveries:
             self._requeue(heapq.heappop(self._delayed)[2])
 
     def tick(self, now: float) -> None:
-        """Orphans past their reclaim grace go back to their queues."""
+        """Orphans past their reclaim grace (in listening time) go back to their queues, counted: some may have
+        been answered, the answer lost in flight when the broker stopped (the one way a task runs again)."""
         if self.orphans and now >= self._orphan_deadline:
             LOGGER.info('%d task(s) delivered before the restart were not reclaimed: requeued', len(self.orphans))
+            self.stats['orphans_requeued'] += len(self.orphans)
             for task in sorted(self.orphans.values(), key=lambda t: -t.id):
                 self._requeue(task)
             self.orphans.clear()

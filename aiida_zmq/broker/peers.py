@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ import zmq
 from ..ratelimit import RateLimitedLog
 from .config import BrokerConfig
 from .deliveries import Held
+from .liveness import ListeningClock
 
 __all__ = ('Client', 'Outbound', 'Sender')
 
@@ -84,8 +84,10 @@ class Outbound:
         stats: collections.Counter[str],
         log: RateLimitedLog,
         wake: Callable[[str], None],
+        listening: ListeningClock,
     ) -> None:
         self.config = config
+        self._listening = listening  # "takes nothing for the peer timeout" is counted in listening time too
         self.stats = stats
         self.limited_log = log
         self._wake = wake  # a queue a client consumes may hand it tasks again
@@ -139,7 +141,7 @@ class Outbound:
 
     def _began_waiting(self, client: Client) -> None:
         if client not in self.backlogged:
-            client.outbound_progress = time.monotonic()
+            client.outbound_progress = self._listening.now
             self.backlogged[client] = None
         waiting = client.outbound_bytes + client.broadcast_bytes
         if waiting > self.stats['outbound_peak_bytes']:
@@ -208,7 +210,7 @@ class Outbound:
     def flush(self) -> None:
         """Hand ZeroMQ what waits, in order, as far as it takes it, the first lane first; a client it takes nothing
         from for the peer timeout is not reading."""
-        now = time.monotonic()
+        now = self._listening.now
         for client in list(self.backlogged):
             stalled = bool(client.outbound)
             for lane in (client.outbound, client.broadcasts):

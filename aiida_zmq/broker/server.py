@@ -36,6 +36,7 @@ from . import admin
 from .config import BrokerConfig
 from .datadir import DataDirectory, default_endpoint
 from .deliveries import Deliveries
+from .liveness import ListeningClock
 from .peers import Client, Outbound, Sender
 from .queues import QueueState, TaskQueues
 from .rpc_routes import RpcRoutes
@@ -116,8 +117,10 @@ class Broker:
         self.store_fault = StoreFault(self.config.store_retry, self.config.store_retry_max)
         self._last_trim = 0.0
         self.stats = collections.Counter[str]()
+        # Peers' silence and the reclaim grace are counted in time the broker spent listening (liveness.py).
+        self.listening = ListeningClock(self.config.heartbeat, self.config.peer_timeout)
         self.deliveries = Deliveries(self.config, self.queues, self.stats, self.limited_log)
-        self.outbound = Outbound(self.config, self.stats, self.limited_log, self.queues.wake)
+        self.outbound = Outbound(self.config, self.stats, self.limited_log, self.queues.wake, self.listening)
 
     # Lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -141,7 +144,7 @@ class Broker:
                 os.chmod(path, 0o600)
             for queue, count in self.store.ready_counts().items():
                 self.queues[queue] = QueueState(queue, backlog=count)
-            self.deliveries.open(self._store)
+            self.deliveries.open(self._store, self.listening.now)
             self.directory.bind()
             self.directory.write_info()
         except BaseException:
@@ -230,6 +233,7 @@ class Broker:
                 timeout = min(timeout, 0.01)
             # Wake at least every 100 ms so that a stop request is seen promptly.
             events = poller.poll(int(min(timeout, 0.1) * 1000))
+            self.listening.turn()  # what peers sent until now is read in this turn
             for socket, _ in events:
                 budget = batch_size
                 while budget > 0:
@@ -356,20 +360,7 @@ class Broker:
     def _tick(self, now: float) -> None:
         """Heartbeats out, silent clients declared dead, orphans past their grace requeued."""
         self.directory.check_endpoints()
-        deadline = now - self.config.peer_timeout
-        for client in list(self.clients.values()):
-            if client.last_seen < deadline:
-                self.limited_log.warning(
-                    'client %s (%s) silent for %.1fs: declared dead, %d held task(s) go back to their queues',
-                    client.name,
-                    client.routing_id.decode(errors='replace'),
-                    now - client.last_seen,
-                    len(client.held),
-                    key=('silent', client.routing_id),
-                )
-                self.drop_client(client, released=False)
-            elif now - client.last_sent >= self.config.heartbeat:
-                self._send(client, Command.HEARTBEAT)
+        self._check_peers(now)
         if self.queues.expire(now) > 100:
             self._memory_freed = True
         self._memory_freed |= self.outbound.take_memory_freed()
@@ -378,11 +369,29 @@ class Broker:
             self._memory_freed = False
             self._last_trim = now
             trim_heap()
-        self.deliveries.tick(now)
+        self.deliveries.tick(self.listening.now)
         self._end_of_batch()
         stale = [key for key, when in self._unknown_warned.items() if when < now - 60]
         for key in stale:
             del self._unknown_warned[key]
+
+    def _check_peers(self, now: float) -> None:
+        """Silent clients declared dead, by the listening clock (as of when this turn began reading: what peers sent
+        while a batch took long is read in the next turn, it is no silence); heartbeats to the others."""
+        deadline = self.listening.now - self.config.peer_timeout
+        for client in list(self.clients.values()):
+            if client.last_seen < deadline:
+                self.limited_log.warning(
+                    'client %s (%s) silent for %.1fs: declared dead, %d held task(s) go back to their queues',
+                    client.name,
+                    client.routing_id.decode(errors='replace'),
+                    self.listening.now - client.last_seen,
+                    len(client.held),
+                    key=('silent', client.routing_id),
+                )
+                self.drop_client(client, released=False)
+            elif now - client.last_sent >= self.config.heartbeat:
+                self._send(client, Command.HEARTBEAT)
 
     # Sending ------------------------------------------------------------------------------------------------------
 
@@ -505,7 +514,7 @@ class Broker:
         if message.command in protocol.SESSIONLESS:
             # Needs no session: a caller thread's direct socket (see the communicator) never says HELLO.
             if client is not None:
-                client.last_seen = time.monotonic()
+                client.last_seen = self.listening.now
             try:
                 # From a session (the I/O thread's PUBLISH), answered through it, in order with the rest.
                 self._handlers[message.command](
@@ -524,7 +533,7 @@ class Broker:
         if client is None:
             self._on_unknown_client(socket, routing_id, message)
             return
-        client.last_seen = time.monotonic()
+        client.last_seen = self.listening.now
         handler = self._handlers.get(message.command)
         if handler is None:
             self.limited_log.warning(
@@ -603,10 +612,10 @@ class Broker:
         client = self.clients.get(routing_id)
         known = client is not None
         if client is None:
-            client = self.clients[routing_id] = Client(routing_id, socket, name, last_seen=time.monotonic(), pid=pid)
+            client = self.clients[routing_id] = Client(routing_id, socket, name, last_seen=self.listening.now, pid=pid)
         else:
             # The same communicator saying hello again (it lost touch with us): keep its session.
-            client.socket, client.last_seen = socket, time.monotonic()
+            client.socket, client.last_seen = socket, self.listening.now
         reclaimed = self.deliveries.hello(client, claimed, known)
         self.limited_log.info(
             'client %s connected (%s), reclaimed %d task(s)',
