@@ -129,7 +129,10 @@ class BrokerProcess:
 
 @pytest.fixture
 def zmq_broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., BrokerProcess]]:
-    """Start ``aiida-zmq serve`` processes on fresh data directories; all are stopped at the end of the test."""
+    """Start ``aiida-zmq serve`` processes on fresh data directories; all are stopped at the end of the test, and
+    the directories made here removed (a ``data_dir`` given by the caller stays: it is the caller's)."""
+    import shutil
+
     started: list[BrokerProcess] = []
     # Unix socket paths must stay short: use a short private temporary directory rather than pytest's deep one.
     base = Path(tempfile.mkdtemp(prefix='azmq-'))
@@ -140,9 +143,14 @@ def zmq_broker_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
         started.append(broker)
         return broker
 
-    yield factory
-    for broker in started:
-        broker.stop()
+    try:
+        yield factory
+    finally:
+        try:
+            for broker in started:
+                broker.stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

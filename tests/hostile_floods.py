@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -286,6 +287,7 @@ def run_flood(
                 broker.wait(20)
             except subprocess.TimeoutExpired:
                 broker.kill()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def main() -> None:

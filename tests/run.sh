@@ -14,7 +14,11 @@ fi
 # Without it those tests skip, saying why. AIIDA_ZMQ_NO_RABBITMQ=1 opts out.
 # shellcheck source=tests/rabbitmq.sh
 . tests/rabbitmq.sh
-trap rabbitmq_stop EXIT
+# Everything the run writes outside the clone goes into one temporary root (TMPDIR), removed at the end.
+# shellcheck source=tests/temproot.sh
+. tests/temproot.sh
+temproot_start
+trap 'rabbitmq_stop; temproot_remove' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 rabbitmq_start
@@ -41,4 +45,5 @@ if [ "$status" -eq 5 ]; then
 fi
 # aiida-core's, plumpy's and kiwipy's own suites on aiida-zmq (tests/upstream/run.py; it skips, saying why, without them).
 .venv/bin/python -m tests.upstream.run --trees ../shared/upstream || status=1
+temproot_check || status=1
 exit "$status"

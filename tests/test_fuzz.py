@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,6 +92,7 @@ class Rig:
     def close(self) -> None:
         self.control.close()
         self.broker.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
@@ -458,6 +460,7 @@ def fake_broker() -> Iterator[tuple[FakeBroker, object]]:
     yield fake, communicator
     communicator.close()
     fake.close()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 2))

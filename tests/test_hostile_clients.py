@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -109,6 +110,7 @@ class LiveBroker:
         self.broker.stop()
         self.logger.removeHandler(self.log)
         self.logger.setLevel(self.previous_level)
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 @pytest.fixture

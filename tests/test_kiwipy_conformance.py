@@ -15,13 +15,16 @@ from .kiwipy_conformance import CommunicatorTester
 
 @pytest.fixture(scope='class')
 def class_broker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    import shutil
     import tempfile
     from pathlib import Path
 
-    broker = BrokerProcess(Path(tempfile.mkdtemp(prefix='azmq-')) / 'broker').start()
+    base = Path(tempfile.mkdtemp(prefix='azmq-'))
+    broker = BrokerProcess(base / 'broker').start()
     request.cls.broker = broker
     yield broker
     broker.stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.usefixtures('class_broker')
