@@ -47,8 +47,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ DEFAULT_VENV = REPO / '.venv-upstream'
 DEFAULT_WORK = REPO / 'build' / 'upstream'
 REQUIREMENTS = HERE / 'requirements.txt'
 EXPECTED = HERE / 'expected_failures.yaml'
+PROGRESS_QUIET = 60.0  # seconds without a finished test file before a line says what the session is at
 RUN_MARKER = 'AIIDA_ZMQ_UPSTREAM_RUN'  # in the environment of everything a suite starts: to find what it left behind
 
 # aiida-core's broker-facing tests: everything its conftest marks as needing a broker (``requires_rmq``, and
@@ -228,6 +231,9 @@ def run_session(
     output = record.with_suffix('.log')
 
     marker = uuid.uuid4().hex
+    # What the session writes outside its copy (tempfile's directories, pytest's basetemp, calcjob folders, circus
+    # sockets, ``~/.ipython``) goes into a temporary root of its own, removed after it: short, for unix socket paths.
+    temp_root = Path(tempfile.mkdtemp(prefix='azus-'))
     env = {key: value for key, value in os.environ.items() if not key.startswith(('AIIDA_', 'PYTEST_'))}
     env.update(
         {
@@ -235,6 +241,8 @@ def run_session(
             'PYTHONPATH': str(PLUGINS),
             'AIIDA_ZMQ_UPSTREAM_RECORD': str(record),
             RUN_MARKER: marker,
+            'TMPDIR': str(temp_root),
+            'IPYTHONDIR': str(temp_root / 'ipython'),
         }
     )
     env.pop('VIRTUAL_ENV', None)
@@ -274,24 +282,22 @@ def run_session(
     command += [*args, *extra]
 
     started = time.monotonic()
-    with open(output, 'w') as out:
-        process = subprocess.Popen(
-            command, cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            process.wait(timeout=suite.timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except BaseException:  # the runner interrupted (Ctrl-C, SIGTERM): the session and what it started go too
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            kill_leftovers(marker)
-            raise
-    elapsed = time.monotonic() - started
-    leftovers = kill_leftovers(marker)
+    try:
+        with open(output, 'w') as out:
+            process = subprocess.Popen(
+                command, cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            try:
+                timed_out = wait_with_progress(process, Progress(record), suite.timeout)
+            except BaseException:  # the runner interrupted (Ctrl-C, SIGTERM): the session and what it started go too
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                kill_leftovers(marker)
+                raise
+        elapsed = time.monotonic() - started
+        leftovers = kill_leftovers(marker)
+    finally:
+        shutil.rmtree(temp_root, ignore_errors=True)
     with open(record, 'a') as handle:
         handle.write(
             json.dumps(
@@ -307,6 +313,76 @@ def run_session(
             + '\n'
         )
     return record
+
+
+class Progress:
+    """A line per test file of a running session, as its record (written by ``upstream_recorder``) grows.
+
+    Between files, a line every ``PROGRESS_QUIET`` seconds says which file the session is in: a suite's daemon tests
+    take minutes, and a silent runner looks hung.
+    """
+
+    def __init__(self, record: Path) -> None:
+        self._record = record
+        self._offset = 0
+        self._file: str | None = None
+        self._counts: Counter[str] = Counter()
+        self._tests = 0
+        self._started = self._said = time.monotonic()
+
+    def poll(self) -> None:
+        try:
+            with open(self._record, 'rb') as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            chunk = b''
+        complete = chunk[: chunk.rfind(b'\n') + 1]  # a line still being written waits for the next poll
+        self._offset += len(complete)
+        for line in complete.decode(errors='replace').splitlines():
+            entry = json.loads(line)
+            if 'nodeid' not in entry or entry.get('outcome') == 'deselected':
+                continue
+            test_file = entry['nodeid'].split('::')[0]
+            if test_file != self._file:
+                self._flush()
+                self._file = test_file
+            self._counts[entry['outcome']] += 1
+            self._tests += 1
+        if time.monotonic() - self._said >= PROGRESS_QUIET:
+            self._say(f'in {self._file or "collection"}: {self._tests} tests so far')
+
+    def finish(self) -> None:
+        self.poll()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._file is not None and self._counts:
+            counts = ', '.join(f'{number} {outcome}' for outcome, number in sorted(self._counts.items()))
+            self._say(f'{self._file}: {counts}')
+        self._counts.clear()
+
+    def _say(self, what: str) -> None:
+        log(f'   {what} ({time.monotonic() - self._started:.0f} s)')
+        self._said = time.monotonic()
+
+
+def wait_with_progress(process: subprocess.Popen[bytes], progress: Progress, timeout: float) -> bool:
+    """Wait for the session, printing its progress; kill it (and what it started) at ``timeout``: True then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            process.wait(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            progress.poll()
+            if time.monotonic() < deadline:
+                continue
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            progress.finish()
+            return True
+        progress.finish()
+        return False
 
 
 # --- results --------------------------------------------------------------------------------------------------------

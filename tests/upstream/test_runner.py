@@ -83,3 +83,52 @@ def test_a_session_that_died_fails_the_run(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr().out
     assert 'SESSION PROBLEM [kiwipy] the session hit its deadline' in out
     assert out.splitlines()[-1] == 'upstream: 0 passed, 1 failed, 0 skipped'
+
+
+def test_progress_prints_a_line_per_test_file_and_while_one_is_long(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A suite's session prints as it runs (issue 22, item 2): a line per finished file, one while a file is long."""
+    path = tmp_path / 'suite.jsonl'
+    progress = run.Progress(path)
+    progress.poll()  # no record yet: nothing to say, no error
+    lines = [
+        {'nodeid': 'tests/a.py::one', 'outcome': 'passed'},
+        {'nodeid': 'tests/b.py::skipped', 'outcome': 'deselected'},
+        {'nodeid': 'tests/a.py::two', 'outcome': 'skipped'},
+        {'nodeid': 'tests/b.py::three', 'outcome': 'failed'},
+    ]
+    path.write_text(''.join(json.dumps(line) + '\n' for line in lines) + '{"nodeid": "tests/b.py::fo')  # half a line
+    progress.poll()
+    out = capsys.readouterr().out
+    assert 'tests/a.py: 1 passed, 1 skipped (' in out and 'tests/b.py' not in out, out
+    monkeypatch.setattr(run, 'PROGRESS_QUIET', 0.0)
+    progress.poll()
+    assert 'in tests/b.py: 3 tests so far (' in capsys.readouterr().out
+    with path.open('a') as handle:
+        handle.write('ur", "outcome": "passed"}\n' + json.dumps({'session': 'finished', 'exitstatus': 1}) + '\n')
+    progress.finish()
+    assert 'tests/b.py: 1 failed, 1 passed (' in capsys.readouterr().out
+
+
+def test_a_session_gets_a_temporary_root_that_is_removed_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TMPDIR and IPYTHONDIR of a suite's session point into a root of the runner's, gone when the session ended."""
+    tree = tmp_path / 'tree'
+    (tree / 'tests').mkdir(parents=True)
+    (tree / 'tests' / 'test_where.py').write_text(
+        'import os, tempfile\n'
+        'def test_where():\n'
+        '    tempfile.mkdtemp(prefix="left-")\n'
+        '    print("TMPDIR", os.environ["TMPDIR"], "IPYTHONDIR", os.environ["IPYTHONDIR"])\n'
+    )
+    suite = run.Suite('kiwipy', 'tests', 'kiwipy.ini', ['tests/test_where.py', '-s'], timeout=120)
+    monkeypatch.setattr(run, 'EXPECTED_ENTRIES', {})
+    record = run.run_session(suite, Path(sys.executable), tree, tmp_path / 'work', 'rabbitmq', [], 1)
+    log = Path(run.read_record('kiwipy', 1, record).log).read_text()
+    words = log.split('TMPDIR ', 1)[1].split()
+    root = Path(words[0])
+    assert words[1:3] == ['IPYTHONDIR', str(root / 'ipython')], log
+    assert root.name.startswith('azus-') and not root.exists(), log
+    assert run.read_record('kiwipy', 1, record).outcomes['tests/test_where.py::test_where']['outcome'] == 'passed'
