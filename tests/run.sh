@@ -26,6 +26,9 @@ rabbitmq_start
 if ! command -v faketime >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     apt-get install -y -qq faketime >/dev/null 2>&1 || echo 'could not install faketime: the clock-jump test skips' >&2
 fi
+# shellcheck source=tests/lazyfs.sh
+. tests/lazyfs.sh
+lazyfs_build
 echo '== ruff'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
