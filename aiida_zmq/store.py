@@ -27,6 +27,7 @@ from .exceptions import BrokerRunning, StoreError, StoreReplaced
 from .fsync import sync_directory
 from .security import ensure_private_dir  # here for the callers that import it from the store
 from .store_identity import IDENTITY_FILENAME, STORE_FILENAME, StoreIdentity
+from .store_history import TaskHistory
 from .task_payload import process_pk
 
 __all__ = (
@@ -117,7 +118,7 @@ class TaskStore:
     any process (the WAL is in the OS page cache) but not a power cut.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True, history: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
         created = not self.path.exists()
@@ -158,6 +159,8 @@ class TaskStore:
         self.high_water = 0
         self._batch_high_water = 0
         self.after_commit: Callable[[TaskStore], None] | None = None
+        # Each task's events, written with the batch (aiida_zmq.store_history); ``history=False`` records none.
+        self.history = TaskHistory(self._db, enabled=history)
 
     # Transactions -------------------------------------------------------------------------------------------------
 
@@ -185,6 +188,7 @@ class TaskStore:
         self._staged = {**self._pending, **self._staged}
         self._pending = {}
         self._batch_high_water = self.high_water
+        self.history.rolled_back()
 
     @property
     def staged(self) -> int:
@@ -193,7 +197,7 @@ class TaskStore:
 
     def _flush(self) -> None:
         """Execute the staged writes in the open transaction (they commit with it)."""
-        if not self._staged:
+        if not self._staged and not self.history.staged:
             return
         self._begin()
         staged, self._staged = self._staged, {}
@@ -205,6 +209,7 @@ class TaskStore:
                 self._db.executemany('UPDATE tasks SET state=?, attempts=?, dead_reason=? WHERE id=?', updates)
             if deletes:
                 self._db.executemany('DELETE FROM tasks WHERE id=?', deletes)
+            self.history.flush()
         except sqlite3.Error as exception:
             raise self._fail(exception, 'write to') from exception
 
@@ -225,6 +230,7 @@ class TaskStore:
             except sqlite3.Error as exception:
                 raise self._fail(exception, 'commit to') from exception
             self._pending = {}
+            self.history.committed()
             self.high_water = max(self.high_water, self._batch_high_water)
             if self.after_commit is not None:
                 self.after_commit(self)
@@ -246,6 +252,7 @@ class TaskStore:
         self._pending = {}
         self._batch_high_water = self.high_water
         self._failure = None
+        self.history.rolled_back()
 
     def close(self) -> None:
         try:
@@ -270,6 +277,7 @@ class TaskStore:
             raise self._fail(exception, 'write to') from exception
         assert cursor.lastrowid is not None
         self._batch_high_water = max(self._batch_high_water, cursor.lastrowid)
+        self.history.record(cursor.lastrowid, 'stored', process=process_pk(payload))
         return cursor.lastrowid
 
     def stage(self, task_id: int, state: int, attempts: int, reason: str | None = None) -> None:
@@ -283,8 +291,10 @@ class TaskStore:
 
     def unstage(self, task_ids: Iterable[int]) -> None:
         """Forget the staged writes of these tasks (tasks whose insert was rolled back: their ids are reused)."""
+        task_ids = list(task_ids)
         for task_id in task_ids:
             self._staged.pop(task_id, None)
+        self.history.forget(task_ids)
 
     # Reads --------------------------------------------------------------------------------------------------------
 
@@ -338,6 +348,8 @@ class TaskStore:
         """Delete the waiting (ready) tasks of a queue; tasks held by consumers stay. Returns how many."""
         ids = self.ready_ids(queue)
         self.delete(ids)
+        for task_id in ids:
+            self.history.record(task_id, 'purged', 'by an operator (tasks purge)')
         return len(ids)
 
     def revive_dead(self, task_ids: Iterable[int] | None = None) -> list[int]:
@@ -346,12 +358,15 @@ class TaskStore:
         ids = self.dead_ids(task_ids)
         for task_id in ids:
             self.stage(task_id, READY, 0)
+            self.history.record(task_id, 'revived', 'from the dead-letter queue by an operator, deliveries reset')
         return ids
 
     def drop_dead(self, task_ids: Iterable[int] | None = None) -> int:
         """Delete dead-lettered tasks (all when ``task_ids`` is None); returns how many."""
         ids = self.dead_ids(task_ids)
         self.delete(ids)
+        for task_id in ids:
+            self.history.record(task_id, 'dropped', 'from the dead-letter queue by an operator')
         return len(ids)
 
     def load_tasks(self, task_ids: Iterable[int]) -> list[StoredTask]:

@@ -25,7 +25,16 @@ if __package__ in (None, ''):  # run as a script: python bench/run.py
 
 from bench import e2e, procs, report, scale
 from bench.floors import FLOORS
-from bench.servers import BROKERS, OPT_IN, AiidaZmqServer, BrokerServer, CoreZeromqServer, RabbitMQ, make_spec
+from bench.servers import (
+    BROKERS,
+    OPT_IN,
+    SERVE_OPTIONS,
+    AiidaZmqServer,
+    BrokerServer,
+    CoreZeromqServer,
+    RabbitMQ,
+    make_spec,
+)
 from bench.workloads import WORKLOADS, Sizes
 
 ALL = [*WORKLOADS, *FLOORS, 'e2e', 'scale']
@@ -125,20 +134,23 @@ def start_servers(
 ) -> tuple[dict[str, str], dict[str, str], list[BrokerServer]]:
     """Fresh broker processes for one repetition: endpoints by broker name, start errors, servers to stop."""
     endpoints, errors, servers = {}, {}, []
-    by_kind: dict[tuple[str, str | None], str | Exception] = {}
+    by_kind: dict[tuple[str, str | None, tuple[str, ...]], str | Exception] = {}
     for name in brokers:
-        kind, source = BROKERS[name][0], source_of(name, args)
+        kind, source, options = BROKERS[name][0], source_of(name, args), SERVE_OPTIONS.get(name, ())
         if kind == 'rabbitmq':
             endpoints[name] = RabbitMQ().endpoint
             continue
-        if (kind, source) not in by_kind:
-            server: BrokerServer = AiidaZmqServer(root, source) if kind == 'aiida-zmq' else CoreZeromqServer(root)
+        key = (kind, source, options)
+        if key not in by_kind:
+            server: BrokerServer = (
+                AiidaZmqServer(root, source, options) if kind == 'aiida-zmq' else CoreZeromqServer(root)
+            )
             servers.append(server)
             try:
-                by_kind[kind, source] = server.start()
+                by_kind[key] = server.start()
             except Exception as exc:
-                by_kind[kind, source] = exc
-        found = by_kind[kind, source]
+                by_kind[key] = exc
+        found = by_kind[key]
         if isinstance(found, Exception):
             errors[name] = f'{kind} did not start: {found}'
         else:

@@ -25,8 +25,12 @@ BROKERS: dict[str, tuple[str, str]] = {
     'rabbitmq-json': ('rabbitmq', 'json'),
     # Run from an earlier source tree given with ``--baseline`` (a before/after comparison in one run): not by default.
     'aiida-zmq-baseline': ('aiida-zmq', 'default'),
+    # The same broker with each task's history switched off: what the history costs, measured in the same run.
+    'aiida-zmq-no-history': ('aiida-zmq', 'default'),
 }
-OPT_IN = {'aiida-zmq-baseline'}
+OPT_IN = {'aiida-zmq-baseline', 'aiida-zmq-no-history'}
+# ``aiida-zmq serve`` options of a variant (the others run with the defaults).
+SERVE_OPTIONS: dict[str, tuple[str, ...]] = {'aiida-zmq-no-history': ('--no-task-history',)}
 RMQ_HOST, RMQ_PORT = '127.0.0.1', 5672
 RMQ_URL = f'amqp://guest:guest@{RMQ_HOST}:{RMQ_PORT}/'
 READY_TIMEOUT = 30.0
@@ -84,13 +88,14 @@ class AiidaZmqServer(BrokerServer):
 
     kind = 'aiida-zmq'
 
-    def __init__(self, root: Path, source: str | None = None) -> None:
+    def __init__(self, root: Path, source: str | None = None, options: tuple[str, ...] = ()) -> None:
         super().__init__(root)
         self.source = source
+        self.options = options
 
     def start(self) -> str:
         self.endpoint = f'ipc://{self.dir}/b.sock'
-        serve = ['serve', '--data-dir', str(self.dir), '--bind', self.endpoint]
+        serve = ['serve', '--data-dir', str(self.dir), '--bind', self.endpoint, *self.options]
         if self.source is None:
             self.proc = popen([_venv_script('aiida-zmq'), *serve], self.log, env=child_env())
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -171,7 +172,7 @@ def peer_gone(broker: Broker, pid: int) -> dict:
             len(client.held),
             key=('peer-gone', client.routing_id),
         )
-        broker.drop_client(client, released=False)
+        broker.drop_client(client, released=False, why=f'its process {pid} exited (or an operator requeued it)')
     return {'clients': len(gone), 'requeued': requeued}
 
 
@@ -216,6 +217,45 @@ def tasks_purge(broker: Broker, queue: str) -> dict:
     return {'purged': purged}
 
 
+def _pks(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise AdminRequestError(f'`processes` must be a list of process pks, got {_describe(value)}')
+    if len(value) > MAX_IDS:
+        raise AdminRequestError(f'`processes` lists {len(value)} pks, at most {MAX_IDS} at once: split the request')
+    return [_integer('processes', item, 1, MAX_TASK_ID) for item in value]
+
+
+def task_info(broker: Broker, ids: list[int] | None = None, processes: list[int] | None = None) -> dict:
+    """What the broker knows of these tasks, and of the tasks for these processes: the store's view with each task's
+    history (``TaskHistory.describe``), who holds it and since when, when a task that backs off is offered again,
+    and which session serves each process's RPC identifier (AiiDA's process controller talks to it there)."""
+    tasks = broker.store.history.describe(ids or (), processes or ())
+    now, wall = time.monotonic(), time.time()
+    holders = {task_id: client for client in broker.clients.values() for task_id in client.held.tasks}
+    backing_off = broker.deliveries.backing_off()
+    for task in tasks:
+        client = holders.get(task['id'])
+        task['holder'] = None
+        if client is not None:
+            since = client.held.since.get(task['id'], -math.inf)
+            task['holder'] = {
+                'name': client.name,
+                'pid': client.pid,
+                'since': None if since == -math.inf else wall - (now - since),
+                'silent_s': now - client.last_seen,
+            }
+        due = backing_off.get(task['id'])
+        task['retry_at'] = None if due is None else wall + (due - now)
+        task['orphan'] = task['id'] in broker.deliveries.orphans
+    rpc = {}
+    for pk in processes or ():
+        owner = broker.rpc.owners.get(str(pk))
+        rpc[str(pk)] = None if owner is None else {'name': owner.name, 'pid': owner.pid}
+    return {'tasks': tasks, 'rpc': rpc, 'peer_timeout': broker.config.peer_timeout}
+
+
 OPERATIONS: dict[str, Operation] = {
     'status': Operation(status, {}),
     # peer-gone changes memory (the tasks go to others now); the store follows with the batch, even if it fails.
@@ -225,4 +265,5 @@ OPERATIONS: dict[str, Operation] = {
     'dead-letters-drop': Operation(dead_letters_drop, {'ids': (_ids, None)}, changes_store=True),
     'tasks': Operation(tasks, {'queue': (_queue, None), 'limit': (_limit, 100)}),
     'tasks-purge': Operation(tasks_purge, {'queue': (_required_queue, None)}, frozenset({'queue'}), True),
+    'task-info': Operation(task_info, {'ids': (_ids, None), 'processes': (_pks, None)}),
 }

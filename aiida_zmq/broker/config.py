@@ -21,6 +21,7 @@ class BrokerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_deliveries: int = 20  # deliveries of one task before it goes to the dead-letter queue
     fsync: bool = True  # sync every batch's commit before its confirms (survives power loss, not only crashes)
+    task_history: bool = True  # keep each task's events in the store (aiida_zmq.store_history)
     batch_size: int = 2000  # messages read per turn of the loop before the batch is committed
     outbound_limit: int = 50_000  # messages waiting for one client before it counts as not reading (its session ends)
     outbound_bytes: int = 32 * 1024 * 1024  # bytes waiting for one client before the same (one larger message may)

@@ -77,6 +77,7 @@ class Holder(t.Protocol):
     name: str
     routing_id: bytes
     held: Held
+    pid: int
 
 
 class Deliveries:
@@ -128,6 +129,10 @@ class Deliveries:
         task.state = DELIVERED
         self._hold(holder, task, time.monotonic(), fetched)
         self.store.stage(task.id, DELIVERED, task.attempts)
+        how = 'taken (next_task)' if fetched else 'pushed'
+        self.store.history.record(
+            task.id, 'delivered', f'to {holder.name} (pid {holder.pid}), delivery {task.attempts}, {how}'
+        )
         self.stats['deliveries'] += 1
 
     # Answers ------------------------------------------------------------------------------------------------------
@@ -152,9 +157,10 @@ class Deliveries:
         """The holder acknowledged the task (ACK or a final REPLY): it is done and deleted."""
         self._release(holder, task)
         self.store.delete((task.id,))
+        self.store.history.record(task.id, 'answered', f'by {holder.name} (pid {holder.pid})')
         self.stats['tasks_acked'] += 1
 
-    def give_back(self, holder: Holder, task: StoredTask, how: str) -> None:
+    def give_back(self, holder: Holder, task: StoredTask, how: str, why: str) -> None:
         """The holder gave the task back (or lost it): it goes to its queue again, at once or after a backoff, or to
         the dead-letter queue when that was its last delivery. No client behaviour makes a task loop hot:
 
@@ -164,26 +170,35 @@ class Deliveries:
           line. A pushed task given back sooner (a subscriber raising CancelledError, a consumer saying BYE at once)
           counts, and backs off;
         - ``LOST`` (the holder died, or stopped reading): counts, back at once to another consumer.
+
+        ``why`` (the holder was silent, said goodbye, refused it...) goes into the task's history with the outcome.
         """
         since = holder.held.since.get(task.id, -math.inf)
         fetched = task.id in holder.held.fetched
         self._release(holder, task)
         if how == RELEASED and (fetched or time.monotonic() - since >= self.config.quick_release):
             task.attempts -= 1  # not a failed delivery: it is offered again with the same attempt number
+            outcome = 'back in its queue, first in line (not counted as a delivery)'
             self._requeue(task)
         elif task.attempts >= self.config.max_deliveries:
+            outcome = 'that was its last delivery'
             self._dead_letter(task)
         elif how == LOST:
+            outcome = 'back in its queue for another consumer'
             self._requeue(task)
         else:
             self.stats['redeliveries_delayed'] += 1
-            self._retry_later(task)
+            outcome = f'offered again in {self._retry_later(task):.1f} s'
+        self.store.history.record(task.id, 'given back', f'{why}: {outcome}')
 
     def nack(self, holder: Holder, task: StoredTask, rejected: bool) -> None:
         """NACK: refused by every subscriber (``rejected``), or released."""
         if rejected:
             self.stats['tasks_rejected'] += 1
-        self.give_back(holder, task, REFUSED if rejected else RELEASED)
+        if rejected:
+            self.give_back(holder, task, REFUSED, 'refused by its holder (NACK)')
+        else:
+            self.give_back(holder, task, RELEASED, 'released by its holder (NACK)')
 
     # Sessions -----------------------------------------------------------------------------------------------------
 
@@ -193,20 +208,21 @@ class Deliveries:
         if known:
             for task in holder.held.newest_first():
                 if claimed.get(task.id) != task.attempts:
-                    self.give_back(holder, task, LOST)
+                    self.give_back(holder, task, LOST, 'its holder reconnected without it')
         reclaimed = 0
         for task_id, attempt in claimed.items():
             orphan = self.orphans.get(task_id)
             if orphan is not None and orphan.attempts == attempt:
                 del self.orphans[task_id]
                 self._hold(holder, orphan, since=-math.inf, fetched=False)  # held since before the restart
+                self.store.history.record(task_id, 'reclaimed', f'by {holder.name} (pid {holder.pid}) after a restart')
                 reclaimed += 1
         return reclaimed
 
-    def holder_gone(self, holder: Holder, released: bool) -> None:
-        """The holder's session ended: a BYE (``released``) or it died; its tasks go back at once."""
+    def holder_gone(self, holder: Holder, released: bool, why: str) -> None:
+        """The holder's session ended: a BYE (``released``) or it died (``why``); its tasks go back at once."""
         for task in holder.held.newest_first():
-            self.give_back(holder, task, RELEASED if released else LOST)
+            self.give_back(holder, task, RELEASED if released else LOST, why)
 
     def answered_without_session(self, routing_id: bytes, task_id: int, attempt: int, final: bool) -> StoredTask | None:
         """An answer from a client without a session (the broker restarted, or declared it dead): accepted for an
@@ -217,6 +233,7 @@ class Deliveries:
                 return None
             del self.orphans[task_id]
             self.store.delete((task_id,))
+            self.store.history.record(task_id, 'answered', 'by its holder from before the restart, without a session')
             return task
         # The delivery was taken away (declared dead, then given to another consumer) or is already finished.
         self.stats['late_acks_refused'] += 1
@@ -247,6 +264,7 @@ class Deliveries:
             LOGGER.info('%d task(s) delivered before the restart were not reclaimed: requeued', len(self.orphans))
             self.stats['orphans_requeued'] += len(self.orphans)
             for task in sorted(self.orphans.values(), key=lambda t: -t.id):
+                self.store.history.record(task.id, 'requeued', 'not reclaimed by its holder after the broker restarted')
                 self._requeue(task)
             self.orphans.clear()
 
@@ -270,6 +288,10 @@ class Deliveries:
             self._queue(task.queue).put_back(task)
             self.queues.wake(task.queue)
 
+    def backing_off(self) -> dict[int, float]:
+        """Task id -> when (monotonic) it is offered again, for the tasks that back off now."""
+        return {task_id: due for due, task_id, _ in self._delayed}
+
     def drop_delayed(self, queue: str) -> int:
         """Delete the tasks of ``queue`` that back off (a purge); returns how many."""
         dropped = [task.id for _, _, task in self._delayed if task.queue == queue]
@@ -277,6 +299,8 @@ class Deliveries:
             self._delayed = [entry for entry in self._delayed if entry[2].queue != queue]
             heapq.heapify(self._delayed)
             self.store.delete(dropped)
+            for task_id in dropped:
+                self.store.history.record(task_id, 'purged', 'by an operator (tasks purge)')
         return len(dropped)
 
     # --------------------------------------------------------------------------------------------------------------
@@ -312,11 +336,12 @@ class Deliveries:
         self._queue(task.queue).put_back(task)
         self.queues.wake(task.queue)
 
-    def _retry_later(self, task: StoredTask) -> None:
+    def _retry_later(self, task: StoredTask) -> float:
         """Back to its queue after a backoff that doubles per delivery. Meanwhile its row stays delivered, so that
         after a crash it is an orphan (requeued after the reclaim grace) rather than ready twice."""
         delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
         heapq.heappush(self._delayed, (time.monotonic() + delay, task.id, task))
+        return delay
 
     def _dead_letter(self, task: StoredTask) -> None:
         reason = f'delivered {task.attempts} times without an answer (max_deliveries={self.config.max_deliveries})'
@@ -329,4 +354,5 @@ class Deliveries:
         )
         task.state = DEAD
         self.store.stage(task.id, DEAD, task.attempts, reason)
+        self.store.history.record(task.id, 'dead-lettered', reason)
         self.stats['dead_lettered'] += 1

@@ -138,7 +138,7 @@ class Broker:
             # Refuse a store that is not the one the broker left (truncated, its -wal lost, another file).
             self._identity = StoreIdentity(self.data_dir)
             self._identity.check_before_open()
-            self._store = TaskStore(store_path, fsync=self.config.fsync)
+            self._store = TaskStore(store_path, fsync=self.config.fsync, history=self.config.task_history)
             self._identity.verify_and_adopt(self._store)
             for path in self.data_dir.glob(STORE_FILENAME + '*'):  # the store and SQLite's -wal and -shm beside it
                 os.chmod(path, 0o600)
@@ -389,7 +389,8 @@ class Broker:
                     len(client.held),
                     key=('silent', client.routing_id),
                 )
-                self.drop_client(client, released=False)
+                silence = f'its holder was silent for {self.listening.now - client.last_seen:.0f} s'
+                self.drop_client(client, released=False, why=silence)
             elif now - client.last_sent >= self.config.heartbeat:
                 self._send(client, Command.HEARTBEAT)
 
@@ -405,7 +406,7 @@ class Broker:
     def _drop_overflowed(self) -> None:
         for client in self.outbound.take_overflowed():
             if self.clients.get(client.routing_id) is client:
-                self.drop_client(client, released=False)
+                self.drop_client(client, released=False, why='its holder stopped reading its messages')
 
     def _answer(self, peer: Client | Sender, command: Command, *args: bytes) -> None:
         """Answer a client through its session, a sender directly."""
@@ -642,9 +643,9 @@ class Broker:
             len(client.held),
             key=('bye', client.routing_id),
         )
-        self.drop_client(client, released=True)
+        self.drop_client(client, released=True, why='its holder said goodbye')
 
-    def drop_client(self, client: Client, *, released: bool) -> None:
+    def drop_client(self, client: Client, *, released: bool, why: str = 'its holder is gone') -> None:
         """Forget a client: its held tasks go back (at once), its RPC identifiers free up, its callers are told."""
         self.clients.pop(client.routing_id, None)
         self.outbound.forget(client)
@@ -653,7 +654,7 @@ class Broker:
             if queue is not None and client in queue.consumers:
                 queue.consumers.remove(client)
                 self.queues.wake(queue_name)  # to forget it, if nothing else holds it
-        self.deliveries.holder_gone(client, released)
+        self.deliveries.holder_gone(client, released, why)
         for call in self.rpc.forget(client):
             if call.caller.routing_id in self.clients:
                 self._send(

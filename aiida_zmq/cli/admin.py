@@ -179,6 +179,12 @@ def _dead_letter_rows(store: TaskStore, queue: str | None) -> list[dict[str, t.A
     return [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in store.dead_letters(queue)]
 
 
+def _stored_task_info(store: TaskStore, ids: list[int] | None, processes: list[int] | None) -> dict[str, t.Any]:
+    from ..store_history import stopped_task_info
+
+    return stopped_task_info(store.history, ids, processes)
+
+
 # What the ADMIN operations of the broker (``admin.OPERATIONS``) answer, done on the store of a stopped broker:
 # the same answers, so that the commands print the same either way. Nothing is held by anyone while no broker runs.
 _STORE_OPERATIONS: dict[str, t.Callable[..., dict[str, t.Any]]] = {
@@ -187,6 +193,7 @@ _STORE_OPERATIONS: dict[str, t.Callable[..., dict[str, t.Any]]] = {
     'dead-letters': lambda store, queue=None: {'dead_letters': _dead_letter_rows(store, queue)},
     'dead-letters-requeue': lambda store, ids=None: {'requeued': len(store.revive_dead(ids))},
     'dead-letters-drop': lambda store, ids=None: {'dropped': store.drop_dead(ids)},
+    'task-info': lambda store, ids=None, processes=None: _stored_task_info(store, ids, processes),
 }
 _NO_STORE: dict[str, dict[str, t.Any]] = {
     'tasks': {'tasks': []},
@@ -194,6 +201,7 @@ _NO_STORE: dict[str, dict[str, t.Any]] = {
     'dead-letters': {'dead_letters': []},
     'dead-letters-requeue': {'requeued': 0},
     'dead-letters-drop': {'dropped': 0},
+    'task-info': {'tasks': [], 'rpc': {}, 'peer_timeout': None},
 }
 
 

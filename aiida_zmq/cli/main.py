@@ -14,6 +14,7 @@ from .aiida import configure, presto
 from .circus import circus_config
 from .curve import curve_client
 from .demo import demo
+from .explain import tasks_show
 from .store import accept_store_command
 
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
@@ -96,6 +97,12 @@ def main() -> None:
     'may lose confirmed tasks, maybe without the broker noticing at its next start.',
 )
 @click.option(
+    '--task-history/--no-task-history',
+    default=DEFAULTS.task_history,
+    show_default=True,
+    help="Keep each task's events in the store (`aiida-zmq tasks show ID`, `explain`).",
+)
+@click.option(
     '--log-level',
     default='INFO',
     show_default=True,
@@ -123,6 +130,7 @@ def serve(
     insecure_tcp: bool = False,
     max_queues: int = DEFAULTS.max_queues,
     outbound_bytes: int = DEFAULTS.outbound_bytes,
+    task_history: bool = DEFAULTS.task_history,
 ) -> None:
     """Run the broker in the foreground until SIGTERM or SIGINT."""
     from ..broker.server import Broker, BrokerConfig
@@ -137,6 +145,7 @@ def serve(
         max_queues=max_queues,
         outbound_bytes=outbound_bytes,
         fsync=fsync,
+        task_history=task_history,
         lock_timeout=lock_timeout,
         curve=curve,
         insecure_tcp=insecure_tcp,
@@ -199,6 +208,7 @@ for _command in (
     demo,
 ):
     main.add_command(_command)
+tasks.add_command(tasks_show)
 
 if __name__ == '__main__':
     main()
