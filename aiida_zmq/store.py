@@ -26,8 +26,8 @@ from typing import Any
 from .exceptions import BrokerRunning, StoreError, StoreReplaced
 from .fsync import sync_directory
 from .security import ensure_private_dir  # here for the callers that import it from the store
-from .store_identity import IDENTITY_FILENAME, STORE_FILENAME, StoreIdentity
 from .store_history import TaskHistory
+from .store_identity import IDENTITY_FILENAME, STORE_FILENAME, StoreIdentity
 from .task_payload import process_pk
 
 __all__ = (
