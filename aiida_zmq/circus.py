@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from string import Template
 
+from .exceptions import CircusCallError
+
 __all__ = (
     'EVENTS_PLUGIN',
     'HEALTH_PLUGIN',
@@ -73,10 +75,6 @@ GRACEFUL_TIMEOUT = 10.0
 CIRCUS_ENDPOINT_ENV = 'AIIDA_ZMQ_CIRCUS_ENDPOINT'
 # Reasons circus gives when another command holds the arbiter's lock (``circus.util.synchronized``); retry those.
 _BUSY_MARKERS = ('is already running', 'arbiter is restarting')
-
-
-class CircusCallError(RuntimeError):
-    """The arbiter answered with an error, or did not answer in time."""
 
 
 def watcher_name(profile_name: str, role: str = 'broker') -> str:

@@ -20,7 +20,8 @@ What aiida-core 2.9.4 does (``aiida/brokers/zeromq/``), which is all this module
 So a stopped core.zeromq holds its tasks in ``pending/`` and ``processing/``, both to be run. This module lists and
 reads them, retires a moved one by renaming it out of the broker's sight (into ``storage/tasks/moved-to-aiida-zmq/``,
 an atomic step that a rerun of an interrupted move can see), and writes new ones the way the broker does. The order of
-a move and its bookkeeping are in :mod:`aiida_zmq.migrate`. No AiiDA import here: the CLI passes the directory in.
+a move and its bookkeeping are in :mod:`aiida_zmq.core_zeromq_move`. No AiiDA import here: the CLI passes the
+directory in.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import typing as t
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from .exceptions import CoreZeromqRunning
 
 __all__ = ('CoreZeromqDir', 'CoreZeromqRunning', 'TaskFile', 'encode_task')
 
@@ -50,14 +53,6 @@ TEMP_SUFFIX = '.tmp'
 # Seconds a broker's process may seem to be created after its pid file was written (clock granularity and steps).
 CREATE_TIME_TOLERANCE = 60.0
 _NAME = re.compile(r'^(\d+)_(.+)\.json$')
-
-
-class CoreZeromqRunning(RuntimeError):
-    """core.zeromq's broker runs on the directory: its tasks are in its hands, not to be moved."""
-
-    def __init__(self, message: str, pid: int | None = None) -> None:
-        super().__init__(message)
-        self.pid = pid
 
 
 @dataclass(frozen=True)
@@ -108,8 +103,11 @@ def _fsync_dir(path: Path) -> None:
 class CoreZeromqDir:
     """The broker directory of one profile on core.zeromq (``broker_service.dir``); see the module docstring."""
 
-    def __init__(self, service_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, service_dir: str | os.PathLike[str], *, profile: str | None = None) -> None:
+        """``profile``: the name of the AiiDA profile the directory belongs to, for the advice in messages."""
         self.service_dir = Path(service_dir)
+        # What stops the daemon, and with it core.zeromq's broker (a watcher of its circus).
+        self.stop_daemon = f'verdi -p {profile} daemon stop' if profile else 'verdi daemon stop'
         self.tasks_dir = self.service_dir / 'storage' / 'tasks'
         self.pending_dir = self.tasks_dir / PENDING
         self.processing_dir = self.tasks_dir / PROCESSING
@@ -167,7 +165,7 @@ class CoreZeromqDir:
         if pid is not None:
             raise CoreZeromqRunning(
                 f'the core.zeromq broker of {self.service_dir} is running (pid {pid}: {self.describe_broker(pid)}). '
-                'Stop the daemon first (`verdi -p PROFILE daemon stop`); if the broker runs without it, stop it with '
+                f'Stop the daemon first (`{self.stop_daemon}`); if the broker runs without it, stop it with '
                 f'`kill {pid}`',
                 pid,
             )

@@ -16,6 +16,7 @@ import kiwipy
 import zmq
 
 from . import protocol
+from .exceptions import NoAnswer
 from .protocol import Command, ErrorCode
 from .ratelimit import RateLimitedLog
 
@@ -26,10 +27,6 @@ __all__ = ('DirectSocket', 'NoAnswer')
 
 LOGGER = logging.getLogger(__name__)
 LIMITED = RateLimitedLog(LOGGER)
-
-
-class NoAnswer(Exception):
-    """The broker did not answer a direct request in time (internal: each caller says what that means for it)."""
 
 
 class DirectSocket:

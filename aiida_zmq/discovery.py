@@ -16,6 +16,8 @@ import time
 import typing as t
 from pathlib import Path
 
+from .exceptions import BrokerNotFound
+
 __all__ = (
     'BROKER_INFO_FILENAME',
     'BrokerNotFound',
@@ -45,10 +47,6 @@ CREATE_TIME_TOLERANCE = 60.0
 MAX_IPC_PATH = 100
 
 BrokerInfo = dict[str, t.Any]
-
-
-class BrokerNotFound(ConnectionError):
-    """No live broker could be found for a data directory within the time allowed."""
 
 
 def read_broker_info(data_dir: str | os.PathLike[str]) -> BrokerInfo | None:

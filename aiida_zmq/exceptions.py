@@ -1,4 +1,8 @@
-"""Exceptions of aiida-zmq. Client-side failures reuse kiwipy's exceptions so that callers catch what they know."""
+"""Every exception of aiida-zmq. Client-side failures reuse kiwipy's exceptions so that callers catch what they know.
+
+Only kiwipy is imported here: the broker (:mod:`aiida_zmq.broker`, :mod:`aiida_zmq.protocol`) imports this module and
+stays free of AiiDA.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,23 @@ import kiwipy
 
 __all__ = (
     'AdminError',
+    'AdminRequestError',
+    'BrokerNotFound',
+    'BrokerNotRunning',
     'BrokerRestarted',
     'BrokerRunning',
     'BrokerUnavailable',
     'BrokerUnreachable',
+    'CircusCallError',
+    'CoreZeromqRunning',
     'MessageTooLarge',
+    'NoAnswer',
+    'ProtocolError',
     'StoreError',
     'StoreReplaced',
     'TaskNotAccepted',
     'UnsafePath',
+    'VersionMismatch',
 )
 
 
@@ -62,3 +74,52 @@ class BrokerUnreachable(kiwipy.UnroutableError):
     An ``UnroutableError``, so that callers that handle a message nobody can receive (aiida-core's ``Process.kill``
     sending kills to its children) handle this too.
     """
+
+
+class BrokerNotRunning(kiwipy.UnroutableError):
+    """The message needs a running broker (it is for a process of another interpreter), and none runs."""
+
+
+class BrokerNotFound(ConnectionError):
+    """No live broker could be found for a data directory within the time allowed."""
+
+
+class NoAnswer(Exception):
+    """The broker did not answer a direct request in time (internal: each caller says what that means for it)."""
+
+
+# --- the protocol and the broker's ADMIN requests -------------------------------------------------------------------
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol: wrong signature, unknown command or wrong frame count."""
+
+
+class VersionMismatch(ProtocolError):
+    """A peer speaks another version of the protocol."""
+
+    def __init__(self, signature: bytes, ours: bytes) -> None:
+        super().__init__(
+            f'peer speaks {signature[:16]!r}, this side speaks {ours.decode()}: '
+            'install the same aiida-zmq version for the broker and its clients'
+        )
+        self.signature = signature
+
+
+class AdminRequestError(ValueError):
+    """An ADMIN request that cannot run: its text says what was expected."""
+
+
+# --- what the broker runs in and beside -----------------------------------------------------------------------------
+
+
+class CircusCallError(RuntimeError):
+    """The arbiter answered with an error, or did not answer in time."""
+
+
+class CoreZeromqRunning(RuntimeError):
+    """core.zeromq's broker runs on the directory: its tasks are in its hands, not to be moved."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid

@@ -17,6 +17,8 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .exceptions import ProtocolError, VersionMismatch
+
 __all__ = (
     'ANSWERS',
     'ARGUMENTS',
@@ -219,21 +221,6 @@ class ErrorCode:
     LIMIT = b'limit'  # a bound of the broker was reached (queues per client, queues in all): the request was refused
 
 
-class ProtocolError(ValueError):
-    """A message that does not follow the protocol: wrong signature, unknown command or wrong frame count."""
-
-
-class VersionMismatch(ProtocolError):
-    """A peer speaks another version of the protocol."""
-
-    def __init__(self, signature: bytes) -> None:
-        super().__init__(
-            f'peer speaks {signature[:16]!r}, this side speaks {SIGNATURE.decode()}: '
-            'install the same aiida-zmq version for the broker and its clients'
-        )
-        self.signature = signature
-
-
 @dataclass(frozen=True, slots=True)
 class Message:
     """A decoded message: its command and its argument frames, in the order of :data:`ARGUMENTS`."""
@@ -260,7 +247,7 @@ def decode(frames: Sequence[bytes]) -> Message:
     signature = bytes(frames[0])
     if signature != SIGNATURE:
         if signature.startswith(PROTOCOL_NAME + b'/'):
-            raise VersionMismatch(signature)
+            raise VersionMismatch(signature, SIGNATURE)
         raise ProtocolError(f'not an aiida-zmq message (signature {signature[:16]!r})')
     command_frame = frames[1]
     if len(command_frame) != 1:

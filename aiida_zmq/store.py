@@ -18,6 +18,8 @@ import logging
 import os
 import sqlite3
 import time
+import typing as t
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +36,12 @@ __all__ = (
     'DEAD',
     'DELIVERED',
     'READY',
+    'MoveEntry',
     'StoredTask',
     'TaskStore',
     'accept_store',
     'broker_lock',
+    'peek_moves',
     'stopped_store',
     'submit_offline',
 )
@@ -426,6 +430,76 @@ class TaskStore:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.parent.glob(self.path.name + '*') if p.exists())
+
+    # The journal of moves from and to core.zeromq (aiida_zmq.core_zeromq_move) --------------------------------------
+    # Its tables stand beside ``tasks`` (the broker ignores them) so that a copied task and the entry that says so are
+    # written in the same transaction: committed together or not at all.
+
+    def open_move_journal(self) -> str:
+        """Create the journal's tables if they are missing; return the id this store signs the tasks it exports with."""
+        self._db.executescript(_MOVES_SCHEMA)
+        self._db.execute("INSERT OR IGNORE INTO core_zeromq_meta (key, value) VALUES ('store_id', ?)", (_new_id(),))
+        return self._db.execute("SELECT value FROM core_zeromq_meta WHERE key='store_id'").fetchone()[0]
+
+    def moves(self, direction: str) -> dict[str, MoveEntry]:
+        """Core.zeromq task id -> its entry, for the moves ``direction`` (``in`` or ``out``)."""
+        return _moves(self._db, direction)
+
+    def record_move(self, direction: str, zeromq_id: str, task_id: int, state: str) -> None:
+        """Add or update an entry in the open batch."""
+        self._begin()
+        self._db.execute(
+            'INSERT OR REPLACE INTO core_zeromq_moves (direction, zeromq_id, task_id, state, updated) '
+            'VALUES (?, ?, ?, ?, ?)',
+            (direction, zeromq_id, task_id, state, time.time()),
+        )
+
+
+class MoveEntry(t.NamedTuple):
+    """How far the move of one core.zeromq task got, and its row in the store."""
+
+    task_id: int
+    state: str
+
+
+_MOVES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS core_zeromq_moves (
+    direction TEXT NOT NULL,
+    zeromq_id TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (direction, zeromq_id)
+);
+CREATE TABLE IF NOT EXISTS core_zeromq_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _moves(database: sqlite3.Connection, direction: str) -> dict[str, MoveEntry]:
+    rows = database.execute(
+        'SELECT zeromq_id, task_id, state FROM core_zeromq_moves WHERE direction=?', (direction,)
+    ).fetchall()
+    return {zeromq_id: MoveEntry(task_id, state) for zeromq_id, task_id, state in rows}
+
+
+def peek_moves(path: str | os.PathLike[str], direction: str) -> tuple[str | None, dict[str, MoveEntry]]:
+    """The store id and the journal's entries, read-only (a dry run): nothing when there is no store or journal yet."""
+    try:
+        database = sqlite3.connect(f'file:{path}?mode=ro', uri=True, timeout=10.0)
+    except sqlite3.Error:
+        return None, {}
+    try:
+        entries = _moves(database, direction)
+        store_id = database.execute("SELECT value FROM core_zeromq_meta WHERE key='store_id'").fetchone()
+    except sqlite3.Error:  # no store file, or a store without a journal: nothing was ever moved
+        return None, {}
+    finally:
+        database.close()
+    return (store_id[0] if store_id else None), entries
 
 
 @contextlib.contextmanager

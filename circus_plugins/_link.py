@@ -8,6 +8,7 @@ import threading
 import typing as t
 
 from aiida_zmq.discovery import choose_endpoint, read_live_broker_info
+from aiida_zmq.exceptions import BrokerUnavailable
 
 LOGGER = logging.getLogger('aiida_zmq.circus_plugins')
 LOG_FORMAT = '%(levelname)s %(name)s: %(message)s'
@@ -30,10 +31,6 @@ def setup_logging(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-class BrokerUnreachable(ConnectionError):
-    """No live broker could be reached (no ``broker.json``, a dead pid, or no answer in time)."""
-
-
 class BrokerLink:
     """A communicator to the broker of ``data_dir``, connected on first use and dropped after any failure.
 
@@ -54,14 +51,14 @@ class BrokerLink:
         return self._pid
 
     def admin(self, op: str, **arguments: t.Any) -> dict[str, t.Any]:
-        """Send an ADMIN request and return the answer; :class:`BrokerUnreachable` if there is none in time."""
+        """Send an ADMIN request and return the answer; :class:`BrokerUnavailable` if there is none in time."""
         from aiida_zmq.communicator import connect
 
         with self._lock:
             if self._communicator is None:
                 info = read_live_broker_info(self.data_dir)
                 if info is None:
-                    raise BrokerUnreachable(
+                    raise BrokerUnavailable(
                         f'no live broker in {self.data_dir} (no broker.json or its process is gone)'
                     )
                 try:
@@ -75,13 +72,13 @@ class BrokerLink:
                         name=self.name,
                     )
                 except Exception as exception:
-                    raise BrokerUnreachable(f'cannot connect to the broker (pid {info.get("pid")}): {exception}')
+                    raise BrokerUnavailable(f'cannot connect to the broker (pid {info.get("pid")}): {exception}')
                 self._pid = info.get('pid')
             try:
                 return dict(self._communicator.admin(op, timeout=self.timeout, **arguments))
             except Exception as exception:
                 self._drop()
-                raise BrokerUnreachable(f'`{op}` got no answer within {self.timeout}s: {exception}')
+                raise BrokerUnavailable(f'`{op}` got no answer within {self.timeout}s: {exception}')
 
     def _drop(self) -> None:
         communicator, self._communicator = self._communicator, None

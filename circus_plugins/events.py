@@ -18,8 +18,9 @@ import typing as t
 from circus.plugins import CircusPlugin
 
 from aiida_zmq.circus import parse_watcher_name, sibling_watchers
+from aiida_zmq.exceptions import BrokerUnavailable
 
-from ._link import BrokerLink, BrokerUnreachable, setup_logging
+from ._link import BrokerLink, setup_logging
 
 LOGGER = logging.getLogger('aiida_zmq.circus_plugins.events')
 
@@ -77,7 +78,7 @@ class BrokerEventsPlugin(CircusPlugin):
     def _warm_up(self) -> None:
         try:
             self.link.admin('status')
-        except BrokerUnreachable as exception:  # the broker starts with its plugins: the first reap connects then
+        except BrokerUnavailable as exception:  # the broker starts with its plugins: the first reap connects then
             LOGGER.debug('not connected to the broker yet: %s', exception)
 
     def concerns(self, watcher: str) -> bool:
@@ -102,7 +103,7 @@ class BrokerEventsPlugin(CircusPlugin):
     def _forward(self, watcher: str, pid: int) -> None:
         try:
             answer = self.link.admin('peer-gone', pid=pid)
-        except BrokerUnreachable as exception:
+        except BrokerUnavailable as exception:
             # Nothing is lost: the broker's heartbeat timeout still catches this process's sessions.
             LOGGER.warning('process %d of %s was reaped but the broker was not told: %s', pid, watcher, exception)
             return

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from circus.plugins import CircusPlugin
 
-from ._link import BrokerLink, BrokerUnreachable, setup_logging
+from aiida_zmq.exceptions import BrokerUnavailable
+
+from ._link import BrokerLink, setup_logging
 
 LOGGER = logging.getLogger('aiida_zmq.circus_plugins.health')
 
@@ -141,7 +143,7 @@ class BrokerHealthPlugin(CircusPlugin):
         started = time.monotonic()
         try:
             answer = self.link.admin('status')
-        except BrokerUnreachable as exception:
+        except BrokerUnavailable as exception:
             return self._failed(now, pid, str(exception))
         latency = time.monotonic() - started
         if self.state['failures_in_a_row']:

@@ -2,9 +2,10 @@
 
     python core_zeromq_mover.py in|out SERVICE_DIR DATA_DIR QUEUE [EVENT COUNT [BATCH]]
 
-``EVENT`` is one of the steps :mod:`aiida_zmq.migrate` reports (``copied``, ``retired``, ``moved``, ``written``,
-``withdrawn``); the process kills itself at its ``COUNT``-th occurrence. Without an event it just moves, and prints the
-report as JSON. No AiiDA here: the codec is aiida-zmq's default, which reads what AiiDA's hybrid codec writes.
+``EVENT`` is one of the steps :mod:`aiida_zmq.core_zeromq_move` reports (``copied``, ``retired``, ``moved``,
+``written``, ``withdrawn``); the process kills itself at its ``COUNT``-th occurrence. Without an event it just moves,
+and prints the report as JSON. No AiiDA here: the codec is aiida-zmq's default, which reads what AiiDA's hybrid codec
+writes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 from aiida_zmq.codec import default_codec
 from aiida_zmq.core_zeromq import CoreZeromqDir
-from aiida_zmq.migrate import export_to_core_zeromq, import_from_core_zeromq
+from aiida_zmq.core_zeromq_move import export_to_core_zeromq, import_from_core_zeromq
 
 
 def main(argv: list[str]) -> int:

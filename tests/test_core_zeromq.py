@@ -29,8 +29,8 @@ import aiida_zmq
 from aiida_zmq import store
 from aiida_zmq.codec import default_codec
 from aiida_zmq.core_zeromq import CoreZeromqDir, CoreZeromqRunning
+from aiida_zmq.core_zeromq_move import export_to_core_zeromq, import_from_core_zeromq
 from aiida_zmq.exceptions import BrokerRunning
-from aiida_zmq.migrate import export_to_core_zeromq, import_from_core_zeromq
 from aiida_zmq.testing import BrokerProcess, wait_until
 
 QUEUE = 'aiida-test.process.queue'
@@ -346,7 +346,7 @@ def test_moved_back_then_forth_again(core_zeromq: CoreZeromqDir, tmp_path: Path)
 
 def _interrupt_on_call(monkeypatch: pytest.MonkeyPatch, number: int) -> None:
     """Ctrl-C while the ``number``-th journal entry is written: between a task's row and its entry."""
-    from aiida_zmq.migrate import MoveJournal
+    from aiida_zmq.core_zeromq_move import MoveJournal
 
     original, calls = MoveJournal.record, []
 
@@ -393,3 +393,16 @@ def test_files_written_from_another_store_are_left_alone(tmp_path: Path) -> None
     report = _export(second, directory)
     assert (report.withdrawn, report.finished, report.moved) == (0, 1, 2), report
     assert sorted(_core_zeromq_pids(directory)) == [0, 1, 10, 11, 12]
+
+
+@pytest.mark.parametrize(
+    ('profile', 'advice'), [('my-profile', 'verdi -p my-profile daemon stop'), (None, 'verdi daemon stop')]
+)
+def test_refusal_names_the_profile(tmp_path: Path, profile: str | None, advice: str) -> None:
+    """The advice names the profile itself: it used to say `verdi -p PROFILE daemon stop` for the CLI to fill in."""
+    directory = CoreZeromqDir(tmp_path / 'service', profile=profile)
+    directory.service_dir.mkdir()
+    directory.pid_file.write_text(f'aiida-zeromq-broker {os.getpid()}')  # a live process, older than its pid file
+    with pytest.raises(CoreZeromqRunning) as refused:
+        directory.refuse_if_running()
+    assert f'(`{advice}`)' in str(refused.value) and 'PROFILE' not in str(refused.value), refused.value

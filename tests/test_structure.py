@@ -4,7 +4,8 @@
 - no import cycle within ``aiida_zmq`` (imports inside functions and under ``TYPE_CHECKING`` count: they hide a
   cycle, they do not remove it), and every relative import names a module that exists (mypy, with
   ``ignore_missing_imports``, does not see a ``from .aiida.x import`` that resolves below the wrong package);
-- no class over 400 lines, no function over 60.
+- no class over 400 lines, no function over 60;
+- every exception class in ``aiida_zmq/exceptions.py``.
 
 The ``ALLOWED_*`` tables list what stood when this test was written: they may only shrink. A new violation fails
 with where it is; an allowance that is no longer needed is harmless, and is removed when someone tidies the table.
@@ -13,6 +14,7 @@ with where it is; an allowance that is no longer needed is harmless, and is remo
 from __future__ import annotations
 
 import ast
+import builtins
 import collections
 import typing as t
 from pathlib import Path
@@ -276,6 +278,36 @@ def test_no_class_or_function_too_long() -> None:
     )
 
 
+def exception_classes(module: Module) -> list[str]:
+    """Classes that derive from an exception: a builtin one, one of ``aiida_zmq.exceptions``, or kiwipy's or click's
+    (by name: ``...Error``, ``...Exception``, ``...Failed``)."""
+    known = {node.name for node in ast.walk(MODULES['aiida_zmq.exceptions'].tree) if isinstance(node, ast.ClassDef)}
+    found = []
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.ClassDef):
+            bases = [ast.unparse(base).rpartition('.')[2] for base in node.bases]
+            if any(_is_exception(base) or base in known for base in bases):
+                found.append(node.name)
+    return found
+
+
+def _is_exception(name: str) -> bool:
+    builtin = getattr(builtins, name, None)
+    if isinstance(builtin, type) and issubclass(builtin, BaseException):
+        return True
+    return name.endswith(('Error', 'Exception', 'Failed'))
+
+
+def test_every_exception_is_in_exceptions_py() -> None:
+    elsewhere = [
+        f'{module.path}: {name}'
+        for module in MODULES.values()
+        if module.name != 'aiida_zmq.exceptions'
+        for name in exception_classes(module)
+    ]
+    assert not elsewhere, 'exceptions outside aiida_zmq/exceptions.py (define them there):\n' + '\n'.join(elsewhere)
+
+
 def test_the_checks_see_what_they_look_for() -> None:
     """Each check finds the violation it exists for, in a module written for it (a check that finds nothing is void)."""
     source = (
@@ -285,9 +317,12 @@ def test_the_checks_see_what_they_look_for() -> None:
         '    def run(self, other):\n'
         '        self._mine = super()._theirs\n'
         '        return other._state, self._mine._inner\n'
+        'class Refused(RuntimeError):\n'
+        '    pass\n'
         'def long():\n' + '    x = 1\n' * MAX_FUNCTION_LINES
     )
     probe = Module('aiida_zmq.structure_probe', 'probe.py', False, ast.parse(source))
     assert private_reads(probe) == {'other._state': 1, 'self._mine._inner': 1}
     assert long_definitions(probe) == {'long': MAX_FUNCTION_LINES + 1}
+    assert exception_classes(probe) == ['Refused']
     assert _cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [frozenset('abc')]

@@ -266,18 +266,15 @@ class ZmqBroker(Broker):
         return DaemonClient(self._profile)
 
     def _running_daemon_client(self) -> DaemonClient | None:
-        """Return the profile's daemon client if its arbiter runs, else ``None``.
+        """Return the profile's daemon client if its arbiter runs, else ``None`` (:mod:`aiida_zmq.aiida.daemon`)."""
+        from aiida_zmq.aiida.daemon import running_daemon_client
 
-        Checked through the PID file first: ``DaemonClient.get_controller_endpoint`` creates a fresh socket directory
-        (and overwrites the sockets file) when it thinks the daemon is not running, which must never happen here.
-        """
         try:
             client = self._daemon_client()
-            if client.is_daemon_running and not client._is_pid_file_stale:
-                return client
         except Exception as exception:
             LOGGER.debug('cannot determine the daemon status of %s: %s', self._profile.name, exception)
-        return None
+            return None
+        return running_daemon_client(self._profile, client)
 
     # --- the broker process ----------------------------------------------------------------------------------------
 

@@ -15,14 +15,11 @@ from pathlib import Path
 import kiwipy
 
 from aiida_zmq import store
+from aiida_zmq.exceptions import BrokerNotRunning
 
 __all__ = ('BrokerNotRunning', 'OfflineTask', 'OfflineTaskQueue')
 
 Decoder = Callable[[bytes], t.Any]
-
-
-class BrokerNotRunning(kiwipy.UnroutableError):
-    """The message needs a running broker (it is for a process of another interpreter), and none runs."""
 
 
 class OfflineTaskQueue:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..exceptions import AdminRequestError
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -31,10 +32,6 @@ MAX_PID = 2**31 - 1
 MAX_LIMIT = 100_000  # rows in one `tasks` answer: about 10 MB of JSON
 MAX_IDS = 100_000
 MAX_QUEUE_NAME = 64 * 1024
-
-
-class AdminRequestError(ValueError):
-    """An ADMIN request that cannot run: its text says what was expected."""
 
 
 def _describe(value: Any) -> str:

@@ -267,15 +267,13 @@ def _daemon_controller(profile: t.Any) -> str | None:
     ``DaemonClient.get_controller_endpoint`` makes a new socket directory when it thinks the daemon is not running,
     so it is asked only once the pid file says the daemon runs (as ``ZmqBroker`` does).
     """
-    try:
-        from aiida.engine.daemon.client import DaemonClient
+    from ..aiida.daemon import running_daemon_client
 
-        client = DaemonClient(profile)
-        if client.is_daemon_running and not client._is_pid_file_stale:
-            return str(client.get_controller_endpoint())
+    client = running_daemon_client(profile)
+    try:
+        return str(client.get_controller_endpoint()) if client is not None else None
     except Exception:  # no daemon to speak of: nothing to show
         return None
-    return None
 
 
 def _circusctl() -> str:
@@ -813,8 +811,8 @@ def migrate(
 
 def _migrate_core_zeromq(target: Target, direction: str, dry_run: bool, as_json: bool) -> None:
     """``migrate --from/--to core.zeromq``: the move ``aiida-zmq configure`` makes when switching, without a switch."""
-    from ..migrate import INTO_STORE, OUT_OF_STORE
-    from .aiida import echo_core_zeromq_move, move_core_zeromq_tasks
+    from ..core_zeromq_move import INTO_STORE, OUT_OF_STORE
+    from .core_zeromq import echo_core_zeromq_move, move_core_zeromq_tasks
 
     profile = target.profile
     if profile is None:

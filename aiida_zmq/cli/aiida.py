@@ -5,14 +5,15 @@ presto`` fixed choices), so this project brings the two commands a user needs. T
 (:mod:`aiida_zmq.cli.main`) adds them; ``python -m aiida_zmq.cli.aiida`` runs them standalone.
 
 Switching between this broker and ``core.zeromq`` (aiida-core 2.9's own ZeroMQ broker, what ``verdi presto`` sets up
-without RabbitMQ) moves the profile's queued tasks too, with both brokers stopped: :func:`move_core_zeromq_tasks`, on
-:mod:`aiida_zmq.migrate` (``aiida-zmq migrate --from core.zeromq`` does the same by hand).
+without RabbitMQ) moves the profile's queued tasks too, with both brokers stopped: :mod:`aiida_zmq.cli.core_zeromq`
+(``aiida-zmq migrate --from core.zeromq`` does the same by hand).
 
 AiiDA is imported inside the commands only: ``aiida-zmq serve`` must not pay for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import shlex
@@ -24,10 +25,8 @@ if t.TYPE_CHECKING:
     from aiida.manage.configuration.config import Config
     from aiida.manage.configuration.profile import Profile
 
-    from aiida_zmq.core_zeromq import CoreZeromqDir
-    from aiida_zmq.migrate import CoreZeromqMove
 
-__all__ = ('configure', 'core_zeromq_dir', 'echo_core_zeromq_move', 'move_core_zeromq_tasks', 'presto')
+__all__ = ('configure', 'presto')
 
 LOGGER = logging.getLogger(__name__)
 
@@ -102,13 +101,9 @@ def _typed(text: str, default: t.Any) -> t.Any:
 
 
 def _warn_if_daemon_running(profile: Profile, running_with: str = 'with the previous broker') -> None:
-    from aiida.engine.daemon.client import DaemonClient
+    from aiida_zmq.aiida.daemon import daemon_running
 
-    try:
-        running = DaemonClient(profile).is_daemon_running
-    except Exception:  # no daemon directory yet, unreadable PID file: nothing runs that could use the old broker
-        return
-    if running:
+    if daemon_running(profile):
         click.secho(
             f'Warning: the daemon of `{profile.name}` is running {running_with}. Stop and start it '
             f'(`verdi -p {profile.name} daemon stop; verdi -p {profile.name} daemon start`) to switch.',
@@ -117,97 +112,9 @@ def _warn_if_daemon_running(profile: Profile, running_with: str = 'with the prev
         )
 
 
-def _daemon_running(profile: Profile) -> bool:
-    """Whether the profile's daemon runs (its circus pid file names a live arbiter)."""
-    from aiida.engine.daemon.client import DaemonClient
-
-    try:
-        client = DaemonClient(profile)
-        return bool(client.is_daemon_running and not client._is_pid_file_stale)
-    except Exception:  # no daemon directory yet, unreadable PID file: no daemon
-        return False
-
-
-def core_zeromq_dir(profile: Profile) -> CoreZeromqDir:
-    """core.zeromq's broker directory of a profile, where aiida-core puts it (whatever the profile's broker is now)."""
-    from aiida.manage.configuration import get_config
-
-    from aiida_zmq.core_zeromq import CoreZeromqDir
-
-    return CoreZeromqDir(get_config().filepaths(profile)['broker_service']['dir'])
-
-
-def move_core_zeromq_tasks(
-    profile: Profile, direction: str, data_dir: pathlib.Path, codec: str, *, dry_run: bool, command: str
-) -> CoreZeromqMove:
-    """Move a profile's queued tasks from core.zeromq into the aiida-zmq store in ``data_dir`` (``direction`` ``in``)
-    or back (``out``), with the profile's launch queue and ``codec``; see :mod:`aiida_zmq.migrate`.
-
-    Refuses (a :class:`click.ClickException`, exit code 1, nothing changed) while the daemon, core.zeromq's broker or
-    an aiida-zmq broker on ``data_dir`` runs, saying what to stop and to run ``command`` again. A dry run refuses
-    nothing: it says what would refuse.
-    """
-    from aiida_zmq import migrate
-    from aiida_zmq.aiida.broker import aiida_codec, launch_queue_name
-    from aiida_zmq.core_zeromq import CoreZeromqRunning
-    from aiida_zmq.exceptions import BrokerRunning, StoreError
-
-    directory = core_zeromq_dir(profile)
-    again = f'then run `{command}` again'
-    daemon = f'the daemon of profile `{profile.name}` is running: stop it first (`verdi -p {profile.name} daemon stop`)'
-    if _daemon_running(profile):
-        if not dry_run:
-            raise click.ClickException(f'{daemon}, {again}. Nothing was moved or changed.')
-        click.secho(f'Note: {daemon}; until then the move would be refused.', fg='yellow', err=True)
-    elif dry_run and (pid := directory.broker_pid()) is not None:
-        stop = f'Note: the core.zeromq broker runs (pid {pid}): stop it first (`kill {pid}`).'
-        click.secho(stop, fg='yellow', err=True)
-    queue = launch_queue_name(profile)
-    encoder, decoder = aiida_codec(codec)
-    try:
-        if direction == migrate.INTO_STORE:
-            return migrate.import_from_core_zeromq(directory, data_dir, queue, encoder, dry_run=dry_run)
-        return migrate.export_to_core_zeromq(data_dir, directory, queue, decoder, dry_run=dry_run)
-    except CoreZeromqRunning as exception:
-        message = str(exception).replace('PROFILE', profile.name)
-        raise click.ClickException(f'{message}; {again}.')
-    except BrokerRunning:
-        raise click.ClickException(
-            f'an aiida-zmq broker is running on {data_dir} (`aiida-zmq status --data-dir {data_dir}` shows it): stop '
-            f'it first, {again}. Nothing was moved or changed.'
-        )
-    except StoreError as exception:
-        raise click.ClickException(f'{exception}. Nothing was moved or changed.')
-
-
-def echo_core_zeromq_move(report: CoreZeromqMove, profile: Profile, data_dir: pathlib.Path) -> None:
-    """Say what a move from or to core.zeromq did (or would do)."""
-    from aiida_zmq.migrate import INTO_STORE
-
-    core_zeromq = f"core.zeromq's {core_zeromq_dir(profile).tasks_dir}"
-    ours = f'the aiida-zmq store in {data_dir}'
-    source, destination = (core_zeromq, ours) if report.direction == INTO_STORE else (ours, core_zeromq)
-    verb = 'Would move' if report.dry_run else 'Moved'
-    held = f', {report.processing} held by a worker when it stopped: they run again' if report.processing else ''
-    if report.moved:
-        click.echo(f'{verb} {report.moved} task(s) from {source} to {destination} ({report.pending} waiting{held}).')
-    elif not report.finished:
-        click.echo(f'{verb} 0 tasks from {source} to {destination}: there are none.')
-    if report.finished:
-        verb = 'Would finish' if report.dry_run else 'Finished'
-        click.echo(f'{verb} the move of {report.finished} task(s) that an interrupted run had started.')
-    if report.withdrawn:
-        click.echo(
-            f'Withdrew {report.withdrawn} copy(ies) of task(s) run by the other broker after an interrupted move '
-            '(each task runs once).'
-        )
-    for line in report.left:
-        click.secho(f'Left: {line}', fg='yellow', err=True)
-
-
 def _core_zeromq_direction(previous: str | None, name: str | None) -> str | None:
     """``in`` or ``out`` when switching from or to core.zeromq moves tasks, else ``None``."""
-    from aiida_zmq.migrate import INTO_STORE, OUT_OF_STORE
+    from aiida_zmq.core_zeromq_move import INTO_STORE, OUT_OF_STORE
 
     if previous == CORE_ZEROMQ and name == ENTRY_POINT:
         return INTO_STORE
@@ -257,101 +164,167 @@ def configure(
     `core.zeromq` (and back, `--to core.zeromq`) the queued tasks move with it: stop the daemon first. Safe to
     interrupt: run it again to finish, no task is lost or doubled.
     """
+    config = _get_config()
+    profile = _load_profile(config, profile_name)
+    overrides = _overrides(settings, data_dir, start_timeout)
+    if overrides and backend != ENTRY_POINT:
+        raise click.UsageError('--data-dir, --start-timeout and --set only apply to `--to zmq`')
+    switch = _Switch.of(profile)
+    switch.name, switch.config = _new_broker(backend, switch, overrides, force)
+    direction = _core_zeromq_direction(switch.previous, switch.name)
+    if direction is not None:
+        # Tasks first, then the profile: interrupted, the profile still names the side that holds the rest, and the
+        # same command finishes the move.
+        _move_core_zeromq(switch, direction, dry_run)
+    elif switch.previous == CORE_ZEROMQ and switch.previous != switch.name:
+        _warn_unmoved_core_zeromq(switch)
+    if dry_run:
+        change = f'broker `{switch.previous}` -> `{switch.name}`'
+        click.echo(f'Would switch profile `{profile.name}`: {change}. Nothing was changed.')
+        return
+    profile.set_process_controller(name=switch.name, config=switch.config)
+    config.update_profile(profile)
+    config.store()
+    _echo_switched(switch)
+    _echo_tasks_left(switch, direction)
+    if switch.previous != switch.name:
+        _warn_if_daemon_running(profile)
+
+
+@dataclasses.dataclass
+class _Switch:
+    """A profile's broker before ``configure`` and the one it switches to."""
+
+    profile: Profile
+    previous: str | None
+    previous_config: dict[str, t.Any]
+    previous_data_dir: pathlib.Path | None  # the store of this broker, when the profile was on it
+    previous_url: str | None  # the RabbitMQ server, when the profile was on one
+    name: str | None = None  # the new broker's entry point, ``None`` for none
+    config: dict[str, t.Any] | None = None
+
+    @classmethod
+    def of(cls, profile: Profile) -> _Switch:
+        from aiida_zmq.aiida.broker import broker_data_dir
+
+        previous = profile.process_control_backend
+        return cls(
+            profile,
+            previous,
+            dict(profile.process_control_config or {}),
+            broker_data_dir(profile) if previous == ENTRY_POINT else None,
+            _rabbitmq_url(profile) if previous == 'core.rabbitmq' else None,
+        )
+
+
+def _load_profile(config: Config, profile_name: str | None) -> Profile:
     from aiida.common import exceptions
 
-    from aiida_zmq.aiida.broker import broker_data_dir
-
-    config = _get_config()
     try:
-        profile = config.get_profile(profile_name)
+        return config.get_profile(profile_name)
     except exceptions.ProfileConfigurationError as exception:  # bad usage (exit 2), as the docs say
         raise click.BadParameter(f'{exception}; `verdi profile list` shows the profiles', param_hint='PROFILE')
 
+
+def _overrides(settings: t.Sequence[str], data_dir: pathlib.Path | None, start_timeout: int | None) -> dict[str, t.Any]:
+    """The options of this broker given on the command line."""
     overrides: dict[str, t.Any] = _parse_settings(settings)
     if data_dir is not None:
         overrides['data_dir'] = str(data_dir.expanduser().absolute())
     if start_timeout is not None:
         overrides['start_timeout'] = start_timeout
-    if overrides and backend != ENTRY_POINT:
-        raise click.UsageError('--data-dir, --start-timeout and --set only apply to `--to zmq`')
+    return overrides
 
-    previous = profile.process_control_backend
-    previous_config = dict(profile.process_control_config or {})
-    previous_data_dir = broker_data_dir(profile) if previous == ENTRY_POINT else None
-    previous_url = _rabbitmq_url(profile) if previous == 'core.rabbitmq' else None
-    broker_config: dict[str, t.Any] | None
+
+def _new_broker(
+    backend: str, switch: _Switch, overrides: dict[str, t.Any], force: bool
+) -> tuple[str | None, dict[str, t.Any] | None]:
+    """The entry point and configuration of the broker ``--to`` names."""
+    from aiida.common import exceptions
+
     if backend == 'none':
-        name: str | None = None
-        broker_config = None
-    elif backend in ('core.rabbitmq', 'rabbitmq'):
-        from aiida.brokers.rabbitmq.defaults import detect_rabbitmq_config
+        return None, None
+    if backend in ('core.rabbitmq', 'rabbitmq'):
+        return 'core.rabbitmq', _rabbitmq_config(force)
+    if backend == ENTRY_POINT and switch.previous == ENTRY_POINT:
+        # Changing options, not switching: keep what was set before (a custom data_dir above all), except options
+        # an earlier release had and this one does not know.
+        known = set(_broker_config(backend, {}))
+        overrides = {**{k: v for k, v in switch.previous_config.items() if k in known}, **overrides}
+    try:
+        return backend, _broker_config(backend, overrides)
+    except exceptions.EntryPointError as exception:
+        raise click.ClickException(f'unknown broker `{backend}`: {exception}')
 
-        name = 'core.rabbitmq'
-        try:
-            broker_config = detect_rabbitmq_config()
-        except ConnectionError as exception:
-            if not force:
-                raise click.ClickException(f'no RabbitMQ server answered ({exception}); use --force to switch anyway')
-            broker_config = _broker_config(name, {})
+
+def _rabbitmq_config(force: bool) -> dict[str, t.Any]:
+    from aiida.brokers.rabbitmq.defaults import detect_rabbitmq_config
+
+    try:
+        return detect_rabbitmq_config()
+    except ConnectionError as exception:
+        if not force:
+            raise click.ClickException(f'no RabbitMQ server answered ({exception}); use --force to switch anyway')
+        return _broker_config('core.rabbitmq', {})
+
+
+def _move_core_zeromq(switch: _Switch, direction: str, dry_run: bool) -> None:
+    """Move the profile's tasks between core.zeromq and this broker's store, as the switch goes."""
+    from aiida_zmq.aiida.broker import broker_data_dir
+
+    from .core_zeromq import echo_core_zeromq_move, move_core_zeromq_tasks
+
+    profile = switch.profile
+    if switch.name == ENTRY_POINT:
+        assert switch.config is not None
+        given = switch.config.get('data_dir')
+        destination = pathlib.Path(given) if given else broker_data_dir(profile)
+        codec = str(switch.config.get('codec') or 'hybrid')
     else:
-        name = backend
-        if name == ENTRY_POINT and previous == ENTRY_POINT:
-            # Changing options, not switching: keep what was set before (a custom data_dir above all), except options
-            # an earlier release had and this one does not know.
-            known = set(_broker_config(name, {}))
-            overrides = {**{k: v for k, v in previous_config.items() if k in known}, **overrides}
-        try:
-            broker_config = _broker_config(name, overrides)
-        except exceptions.EntryPointError as exception:
-            raise click.ClickException(f'unknown broker `{backend}`: {exception}')
+        assert switch.previous_data_dir is not None
+        destination, codec = switch.previous_data_dir, str(switch.previous_config.get('codec') or 'hybrid')
+    argv = ['aiida-zmq', 'configure', profile.name] + ([] if switch.name == ENTRY_POINT else ['--to', str(switch.name)])
+    report = move_core_zeromq_tasks(profile, direction, destination, codec, dry_run=dry_run, command=shlex.join(argv))
+    echo_core_zeromq_move(report, profile, destination)
 
-    direction = _core_zeromq_direction(previous, name)
-    if direction is not None:
-        # Tasks first, then the profile: interrupted, the profile still names the side that holds the rest, and the
-        # same command finishes the move.
-        if name == ENTRY_POINT:
-            assert broker_config is not None
-            destination = (
-                pathlib.Path(broker_config['data_dir']) if broker_config.get('data_dir') else broker_data_dir(profile)
-            )
-            codec = str(broker_config.get('codec') or 'hybrid')
-        else:
-            assert previous_data_dir is not None
-            destination, codec = previous_data_dir, str(previous_config.get('codec') or 'hybrid')
-        argv = ['aiida-zmq', 'configure', profile.name] + ([] if name == ENTRY_POINT else ['--to', str(name)])
-        report = move_core_zeromq_tasks(
-            profile, direction, destination, codec, dry_run=dry_run, command=shlex.join(argv)
+
+def _warn_unmoved_core_zeromq(switch: _Switch) -> None:
+    from .core_zeromq import core_zeromq_dir
+
+    waiting = len(core_zeromq_dir(switch.profile).task_files())
+    if waiting:
+        click.secho(
+            f'Warning: {waiting} task(s) queued in core.zeromq are not moved to `{switch.name}`. To move them, switch '
+            f'to aiida-zmq first (`aiida-zmq configure {switch.profile.name}`, which moves them), then move them on '
+            'from there (`aiida-zmq migrate --to rabbitmq`, for RabbitMQ).',
+            fg='yellow',
+            err=True,
         )
-        echo_core_zeromq_move(report, profile, destination)
-    elif previous == CORE_ZEROMQ and previous != name:
-        waiting = len(core_zeromq_dir(profile).task_files())
-        if waiting:
-            click.secho(
-                f'Warning: {waiting} task(s) queued in core.zeromq are not moved to `{name}`. To move them, switch to '
-                f'aiida-zmq first (`aiida-zmq configure {profile.name}`, which moves them), then move them on from '
-                'there (`aiida-zmq migrate --to rabbitmq`, for RabbitMQ).',
-                fg='yellow',
-                err=True,
-            )
-    if dry_run:
-        click.echo(f'Would switch profile `{profile.name}`: broker `{previous}` -> `{name}`. Nothing was changed.')
-        return
 
-    profile.set_process_controller(name=name, config=broker_config)
-    config.update_profile(profile)
-    config.store()
-    if previous == name == ENTRY_POINT:
-        assert broker_config is not None
-        changed = {key: value for key, value in broker_config.items() if previous_config.get(key) != value}
-        described = ', '.join(f'{key} {previous_config.get(key)!r} -> {value!r}' for key, value in changed.items())
+
+def _echo_switched(switch: _Switch) -> None:
+    """Say what the profile's broker is now, and for this broker where it keeps its tasks."""
+    from aiida_zmq.aiida.broker import broker_data_dir
+
+    profile, name = switch.profile, switch.name
+    if switch.previous == name == ENTRY_POINT:
+        assert switch.config is not None
+        previous = switch.previous_config
+        changed = {key: value for key, value in switch.config.items() if previous.get(key) != value}
+        described = ', '.join(f'{key} {previous.get(key)!r} -> {value!r}' for key, value in changed.items())
         click.echo(f'Profile `{profile.name}`: broker `{name}`, ' + (described or 'options unchanged') + '.')
         if changed:
             _warn_if_daemon_running(profile, 'with the previous broker options')
     else:
-        click.echo(f'Profile `{profile.name}`: broker `{previous}` -> `{name}`.')
+        click.echo(f'Profile `{profile.name}`: broker `{switch.previous}` -> `{name}`.')
     if name == ENTRY_POINT:
         click.echo(f'Broker data directory: {broker_data_dir(profile)}')
         click.echo('The broker starts with the daemon: `verdi daemon start`.')
+
+
+def _echo_tasks_left(switch: _Switch, direction: str | None) -> None:
+    """Say where the tasks queued with the previous broker are, and how to move them (when the switch did not)."""
+    profile, previous, name = switch.profile, switch.previous, switch.name
     if direction is not None:
         if name == ENTRY_POINT:
             # core.zeromq drops tasks under load (a full send queue, a close): their processes wait forever.
@@ -362,28 +335,33 @@ def configure(
         else:
             click.echo('The core.zeromq broker starts with the daemon: `verdi daemon start`.')
     elif previous == ENTRY_POINT and name != ENTRY_POINT:
-        click.echo(f'Tasks still queued in the aiida-zmq store ({previous_data_dir}) are not moved to the new broker.')
-        store_dir = shlex.quote(str(previous_data_dir))
-        if name == 'core.rabbitmq':
-            # The profile no longer names the store (a custom data_dir went with the old config): say where it is.
-            click.echo(
-                'Move them (with the daemon stopped): '
-                f'`aiida-zmq migrate --to rabbitmq --profile {profile.name} --data-dir {store_dir}`'
-            )
-        else:
-            click.echo(
-                f'To run them, switch back (`aiida-zmq configure {profile.name} --data-dir {store_dir}`) and start the '
-                'daemon.'
-            )
+        _echo_left_in_store(switch)
     elif previous == 'core.rabbitmq' and name == ENTRY_POINT:
         # The profile no longer names the RabbitMQ server: say which one holds the tasks.
-        url = f' --rabbitmq-url {shlex.quote(previous_url)}' if previous_url else ''
+        url = f' --rabbitmq-url {shlex.quote(switch.previous_url)}' if switch.previous_url else ''
         click.echo(
             'Tasks still queued in RabbitMQ are not moved by the switch. Move them (with the daemon stopped): '
             f'`aiida-zmq migrate --from rabbitmq --profile {profile.name}{url}`'
         )
-    if previous != name:
-        _warn_if_daemon_running(profile)
+
+
+def _echo_left_in_store(switch: _Switch) -> None:
+    profile = switch.profile
+    click.echo(
+        f'Tasks still queued in the aiida-zmq store ({switch.previous_data_dir}) are not moved to the new broker.'
+    )
+    store_dir = shlex.quote(str(switch.previous_data_dir))
+    if switch.name == 'core.rabbitmq':
+        # The profile no longer names the store (a custom data_dir went with the old config): say where it is.
+        click.echo(
+            'Move them (with the daemon stopped): '
+            f'`aiida-zmq migrate --to rabbitmq --profile {profile.name} --data-dir {store_dir}`'
+        )
+    else:
+        click.echo(
+            f'To run them, switch back (`aiida-zmq configure {profile.name} --data-dir {store_dir}`) and start the '
+            'daemon.'
+        )
 
 
 def _rabbitmq_url(profile: Profile) -> str | None:

@@ -38,10 +38,6 @@ TERMINAL_STATES = ['finished', 'excepted', 'killed']
 PROGRESS_LINE_INTERVAL = 5.0
 
 
-class DemoError(click.ClickException):
-    """The demo could not go on; the message says what happened and where the logs are."""
-
-
 def _prepare_environment(keep: bool) -> Path | None:
     """Point AiiDA at a temporary configuration directory (unless ``keep``); return it, to be removed at the end.
 
@@ -269,7 +265,7 @@ class _DemoRun:
         try:
             broker.get_communicator()  # waits (bounded) for the broker the first worker attached to the daemon
         except ConnectionError as exception:
-            raise DemoError(f'{exception}\nDaemon log: {client.daemon_log_file}')
+            raise click.ClickException(f'{exception}\nDaemon log: {client.daemon_log_file}')
         click.echo(f'  broker up after {time.monotonic() - started:.1f} s: {broker}')
         self._watch(_circus_status(client))
 
@@ -296,13 +292,13 @@ class _DemoRun:
         failed = [pk for pk in pks if pk not in pending and not orm.load_node(pk).is_finished_ok]
         _echo_step('Result')
         if pending or failed:
-            raise DemoError(
+            raise click.ClickException(
                 f'{len(pending)} work chain(s) did not finish within {timeout:.0f} s and {len(failed)} failed '
                 f'(pks {(pending + failed)[:10]}...). Daemon log: {client.daemon_log_file}'
             )
         wrong = [pk for index, pk in enumerate(pks) if orm.load_node(pk).outputs.sum.value != index + 1]
         if wrong:
-            raise DemoError(f'work chains with a wrong sum: {wrong[:10]}')
+            raise click.ClickException(f'work chains with a wrong sum: {wrong[:10]}')
         click.echo(f'  {click.style("all " + str(workchains) + " work chains finished ok", fg="green")}, sums checked')
         return submit_s, elapsed_s
 
@@ -341,4 +337,4 @@ def _cleanup(
     elif keep:
         click.echo(f'  kept profile `{profile_name}`: `verdi -p {profile_name} daemon start` to use it again')
     if left:
-        raise DemoError(f'processes left running after the daemon stopped: {left}')
+        raise click.ClickException(f'processes left running after the daemon stopped: {left}')

@@ -30,7 +30,7 @@ from aiida_profile import BIN, AiidaZmqProfile
 
 from aiida_zmq.codec import default_codec
 from aiida_zmq.core_zeromq import CoreZeromqDir
-from aiida_zmq.migrate import import_from_core_zeromq
+from aiida_zmq.core_zeromq_move import import_from_core_zeromq
 from aiida_zmq.testing import wait_until
 
 pytestmark = pytest.mark.aiida

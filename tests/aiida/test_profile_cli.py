@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,17 @@ def test_configure_sets_broker_options_and_keeps_the_others(tmp_path: Path) -> N
     elsewhere = profile.aiida_zmq('configure', 'opts', '--to', 'none', '--set', 'fsync=true', check=False)
     assert elsewhere.returncode != 0 and 'only apply to `--to zmq`' in elsewhere.stderr
     assert 'peer_timeout: 30.0' in _broker(profile)  # nothing refused was stored
+
+
+def test_a_stale_daemon_pid_file_is_no_running_daemon(tmp_path: Path) -> None:
+    """A daemon pid file whose pid is no circusd (the daemon was killed with -9, its pid went to another process) is
+    no running daemon, for every command alike (:mod:`aiida_zmq.aiida.daemon`). `configure` used to warn that the
+    daemon runs (it read the pid file only) where the core.zeromq move and `status` took the file for stale."""
+    profile = AiidaZmqProfile('stale', tmp_path)
+    profile.aiida_zmq('presto', '--profile-name', 'stale', '--no-computer')
+    pid_file = tmp_path / '.aiida' / 'daemon' / 'circus-stale.pid'
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(os.getpid()))  # this test's process: alive, and not a daemon
+    switched = profile.aiida_zmq('configure', 'stale', '--to', 'core.rabbitmq', '--force')
+    assert 'broker `zmq` -> `core.rabbitmq`' in switched.stdout, switched.stdout + switched.stderr
+    assert 'is running' not in switched.stderr, switched.stderr
