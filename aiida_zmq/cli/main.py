@@ -16,6 +16,7 @@ from .curve import curve_client
 from .demo import demo
 from .explain import tasks_show
 from .store import accept_store_command
+from .stores import stores
 
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
 # Under circus the watcher's FileStream stamps every line already (``aiida_zmq.circus``): one time stamp is enough.
@@ -204,6 +205,7 @@ for _command in (
     migrate,
     curve_client,
     accept_store_command,
+    stores,
     circus_config,
     demo,
 ):
