@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from string import Template
 
+from .endpoints import ipc_path
 from .exceptions import CircusCallError
+
+T = t.TypeVar('T')
 
 __all__ = (
     'EVENTS_PLUGIN',
@@ -36,6 +39,7 @@ __all__ = (
     'broker_command',
     'broker_watcher_spec',
     'broker_watchers',
+    'call_while_busy',
     'is_busy',
     'legacy_watcher_name',
     'log_file_name',
@@ -250,8 +254,8 @@ class HealthOptions:
     """How the health plugin checks the broker (see ``docs/circus.md``).
 
     A broker is declared hung after ``max_failures`` checks in a row that got no answer to ``status`` within
-    ``timeout`` seconds, counted only once the process is older than ``start_grace`` (recovering a large store takes a
-    while). The worst-case detection time is about ``max_failures * (interval + timeout)``.
+    ``timeout`` seconds, counted once the process is older than ``start_grace`` (recovering a large store takes a
+    while) or has answered a check. The worst-case detection time is about ``max_failures * (interval + timeout)``.
     """
 
     interval: float = 5.0
@@ -485,9 +489,9 @@ def missing_control_socket(endpoint: str) -> str | None:
     ``quit`` (circus still starts its watchers), and the arbiter then runs on where nobody can reach it. The file
     alone missing proves nothing: an arbiter that is starting writes its pid file before it binds its socket.
     """
-    if not endpoint.startswith('ipc://'):
+    path = ipc_path(endpoint)
+    if path is None:
         return None
-    path = endpoint[len('ipc://') :]
     return None if os.path.isdir(os.path.dirname(path) or '.') else path
 
 
@@ -502,16 +506,28 @@ def attach_watcher(endpoint: str, spec: WatcherSpec, *, timeout: float = 30.0, c
 
     :raises CircusCallError: on any other error, or when the arbiter stayed busy or unreachable past ``timeout``.
     """
-    deadline = time.monotonic() + timeout
+    return call_while_busy(
+        endpoint, lambda controller: _attach_once(controller, spec), time.monotonic() + timeout, call_timeout
+    )
+
+
+def call_while_busy(
+    endpoint: str, call: t.Callable[[CircusController], T], deadline: float, call_timeout: float = 5.0
+) -> T:
+    """``call(controller)`` on a new controller of ``endpoint``, again (backing off) while the arbiter is busy with
+    another exclusive command (:func:`is_busy`) and ``deadline`` (``time.monotonic()``) is ahead.
+
+    :raises CircusCallError: on any other error, or the last busy refusal at the deadline.
+    """
     delay = 0.05
     while True:
         try:
             with CircusController(endpoint, timeout=call_timeout) as controller:
-                return _attach_once(controller, spec)
+                return call(controller)
         except CircusCallError as exception:
             if not is_busy(exception) or time.monotonic() + delay > deadline:
                 raise
-            LOGGER.debug('arbiter busy, retrying to attach %s in %.2fs: %s', spec.name, delay, exception)
+            LOGGER.debug('arbiter at %s busy, retrying in %.2fs: %s', endpoint, delay, exception)
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
 
@@ -590,7 +606,7 @@ def attach_broker(
         os.makedirs(log_dir, exist_ok=True)
     pubsub = ''
     if plugins:
-        pubsub = _call_retrying(controller_endpoint, lambda c: c.global_options(), deadline).get('pubsub_endpoint', '')
+        pubsub = call_while_busy(controller_endpoint, lambda c: c.global_options(), deadline).get('pubsub_endpoint', '')
         if not pubsub:
             raise CircusCallError(f'the arbiter at {controller_endpoint} has no pub/sub endpoint: cannot run plugins')
     specs = broker_watchers(
@@ -612,21 +628,6 @@ def attach_broker(
             controller_endpoint, spec, timeout=max(deadline - time.monotonic(), 1.0), call_timeout=5.0
         )
     return done
-
-
-def _call_retrying(
-    endpoint: str, call: t.Callable[[CircusController], dict[str, t.Any]], deadline: float
-) -> dict[str, t.Any]:
-    delay = 0.05
-    while True:
-        try:
-            with CircusController(endpoint) as controller:
-                return call(controller)
-        except CircusCallError as exception:
-            if not is_busy(exception) or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 1.0)
 
 
 def render_ini(

@@ -50,6 +50,7 @@ from kiwipy.rmq.utils import (
 from . import protocol
 from .codec import Decoder, Encoder, default_codec
 from .direct import DirectSocket, NoAnswer
+from .endpoints import ipc_path
 from .exceptions import (
     AdminError,
     BrokerRestarted,
@@ -922,9 +923,9 @@ def _refuse_missing_socket(endpoint: str) -> None:
 
     (Abstract sockets, ``ipc://@name``, are refused before this by :func:`aiida_zmq.security.check_ipc_endpoint`.)
     """
-    if not endpoint.startswith('ipc://'):
+    path = ipc_path(endpoint)
+    if path is None:
         return
-    path = endpoint[len('ipc://') :]
     if not os.path.exists(path):
         parent = os.path.dirname(path) or '.'
         where = 'the directory does not exist either' if not os.path.isdir(parent) else 'no broker created it'

@@ -16,6 +16,7 @@ import time
 import typing as t
 from pathlib import Path
 
+from .endpoints import ipc_path
 from .exceptions import BrokerNotFound
 
 __all__ = (
@@ -192,8 +193,8 @@ def silent_broker(data_dir: str | os.PathLike[str] | None, endpoint: str | None 
     Without ``data_dir``, an ``ipc://`` endpoint's directory is looked at (the default socket is beside
     ``broker.json``). ``None`` when no live broker announced itself there.
     """
-    if data_dir is None and endpoint and endpoint.startswith('ipc://'):
-        candidate = Path(endpoint[len('ipc://') :]).parent
+    if data_dir is None and endpoint and (socket_path := ipc_path(endpoint)) is not None:
+        candidate = Path(socket_path).parent
         info = read_broker_info(candidate)
         if info is not None and endpoint in info['endpoints']:
             data_dir = candidate
@@ -246,7 +247,7 @@ def choose_endpoint(info: BrokerInfo) -> str:
     """Pick the endpoint a local client should use: ``ipc://`` first (cheapest, protected by file permissions)."""
     endpoints = [str(endpoint) for endpoint in info['endpoints']]
     for endpoint in endpoints:
-        if endpoint.startswith('ipc://'):
+        if ipc_path(endpoint) is not None:
             return endpoint
     return endpoints[0]
 
@@ -323,7 +324,8 @@ def data_dir_from_watcher(options: dict[str, t.Any]) -> str | None:
 
 def _ipc_missing(endpoint: str) -> bool:
     """Whether ``endpoint`` is an ``ipc://`` socket that does not exist: no arbiter there, no need to wait for one."""
-    return endpoint.startswith('ipc://') and not os.path.exists(endpoint[len('ipc://') :])
+    path = ipc_path(endpoint)
+    return path is not None and not os.path.exists(path)
 
 
 def watcher_pids_from_stats(

@@ -41,6 +41,7 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 
+from .endpoints import ipc_path
 from .exceptions import UnsafePath
 
 __all__ = (
@@ -236,9 +237,9 @@ def check_ipc_endpoint(endpoint: str) -> None:
 
     :raises UnsafePath: with what to do.
     """
-    if not endpoint.startswith('ipc://'):
+    name = ipc_path(endpoint)
+    if name is None:
         return
-    name = endpoint[len('ipc://') :]
     if name.startswith('@'):
         raise UnsafePath(
             f'{endpoint} is an abstract socket: it has no file permissions, any local user could listen there. Use '

@@ -195,8 +195,9 @@ class ArbiterProcess:
         self.base = Path(base)
         self.profile = profile
         self.broker_args = broker_args
-        # Quick checks by default, so that tests of a hung broker finish in seconds.
-        self.health = health or HealthOptions(interval=0.5, timeout=1.0, max_failures=2, start_grace=1.0)
+        # Quick checks by default, so that tests of a hung broker finish in seconds; a broker that answered once gets
+        # no grace, and a respawned one gets enough to start on a loaded machine (1 s killed it again and again).
+        self.health = health or HealthOptions(interval=0.5, timeout=1.0, max_failures=2, start_grace=10.0)
         self.plugins = plugins
         self.via = via
         self.controller = f'ipc://{self.base}/c.sock'
@@ -278,17 +279,11 @@ class ArbiterProcess:
         Retried while the arbiter is busy with another exclusive command (e.g. still starting a watcher), for at most
         ``busy_timeout`` seconds, as an operator would.
         """
-        from .circus import CircusCallError, CircusController, is_busy
+        from .circus import call_while_busy
 
-        deadline = time.monotonic() + busy_timeout
-        while True:
-            try:
-                with CircusController(self.controller, timeout=5.0) as controller:
-                    return controller.call(command, **properties)
-            except CircusCallError as exception:
-                if not is_busy(exception) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
+        return call_while_busy(
+            self.controller, lambda controller: controller.call(command, **properties), time.monotonic() + busy_timeout
+        )
 
     def pids(self, name: str) -> list[int]:
         return [int(pid) for pid in self.call('list', name=name).get('pids', [])]
@@ -349,7 +344,7 @@ def stop_arbiter(process: subprocess.Popen[bytes], controller: str, timeout: flo
     """
     import psutil
 
-    from .circus import CircusCallError, CircusController, is_busy
+    from .circus import CircusCallError, call_while_busy
 
     children = []
     with contextlib.suppress(psutil.NoSuchProcess):
@@ -359,15 +354,9 @@ def stop_arbiter(process: subprocess.Popen[bytes], controller: str, timeout: flo
         with contextlib.suppress(psutil.NoSuchProcess):
             child.resume()
     deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            with CircusController(controller, timeout=5.0) as client:
-                client.call('quit', waiting=True)
-            break
-        except CircusCallError as exception:
-            if not is_busy(exception):
-                break
-            time.sleep(0.1)
+    if process.poll() is None:
+        with contextlib.suppress(CircusCallError):  # refused, or busy past the deadline: killed below
+            call_while_busy(controller, lambda client: client.call('quit', waiting=True), deadline)
     try:
         process.wait(timeout=max(deadline - time.monotonic(), 1.0))
     except subprocess.TimeoutExpired:

@@ -5,6 +5,10 @@ A PID says nothing about a broker that is SIGSTOPped, deadlocked or stuck in I/O
 unanswered checks in a row, has the arbiter kill the broker process; circus respawns it and the new broker delivers
 every stored task again. Each verdict goes to the plugin's log and into ``DATA_DIR/health.json``, which the broker
 watcher's ``extended_stats`` hook shows in ``circusctl stats --extended``.
+
+The checks run on circus's own plugin loop (``self.loop``, a ``PeriodicCallback``, as circus's ``watchdog`` and
+``statsd`` plugins do) and ask the arbiter through the plugin's own controller connection (``self.client``), with a
+bound on each answer: circus's ``CircusPlugin.call`` would wait forever for an arbiter that does not answer.
 """
 
 from __future__ import annotations
@@ -14,20 +18,24 @@ import logging
 import os
 import signal
 import tempfile
-import threading
 import time
 import typing as t
+import uuid
 from pathlib import Path
 
+from circus.client import make_message
 from circus.plugins import CircusPlugin
+from tornado.ioloop import PeriodicCallback
 
-from aiida_zmq.exceptions import BrokerUnavailable
+from aiida_zmq.exceptions import BrokerUnavailable, CircusCallError
 
 from ._link import BrokerLink, setup_logging
 
 LOGGER = logging.getLogger('aiida_zmq.circus_plugins.health')
 
 HEALTH_FILENAME = 'health.json'
+# Seconds the arbiter has to answer one command of a check.
+CALL_TIMEOUT = 5.0
 
 
 def read_health(data_dir: str | os.PathLike[str]) -> dict[str, t.Any] | None:
@@ -44,7 +52,8 @@ class BrokerHealthPlugin(CircusPlugin):
 
     Plugin options (strings): ``data_dir`` and ``broker_watcher`` (required), ``interval`` (s between checks, 5),
     ``timeout`` (s to answer, 2), ``max_failures`` (in a row before acting, 3), ``start_grace`` (s after the broker
-    process started during which failures are not counted, 30), ``action`` (``kill`` or ``restart``), ``log_level``.
+    process started during which failures are not counted, until it first answers, 30), ``action`` (``kill`` or
+    ``restart``), ``log_level``.
     """
 
     name = 'aiida-zmq-health'
@@ -75,8 +84,9 @@ class BrokerHealthPlugin(CircusPlugin):
             'last_action': None,
             'last_action_at': None,
         }
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name='aiida-zmq-health', daemon=True)
+        self.period: PeriodicCallback | None = None
+        # The broker process that answered a check: it has started, and gets no start grace any more.
+        self.answered_pid: int | None = None
 
     # circus.plugins.CircusPlugin ----------------------------------------------------------------------------------
 
@@ -89,44 +99,52 @@ class BrokerHealthPlugin(CircusPlugin):
             self.action,
             self.max_failures,
         )
-        self._thread.start()
+        # Called before the loop runs and before ``initialize`` connects ``self.client``: the first check waits for
+        # the loop (``add_callback``), the next ones come every ``interval``.
+        self.period = PeriodicCallback(self._check, self.interval * 1000)
+        self.period.start()
+        self.loop.add_callback(self._check)
 
     def handle_recv(self, data: list[bytes]) -> None:
-        # Events are not needed: the checks run on their own thread.
+        # Events are not needed: the checks are timed by the loop.
         pass
 
     def handle_stop(self) -> None:
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join(self.timeout + 2)
+        if self.period is not None:
+            self.period.stop()
         self.link.close()
 
     # the checks ---------------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.check_once()
-            except Exception:
-                LOGGER.exception('health check crashed; trying again in %ss', self.interval)
-            self._stopping.wait(self.interval)
+    def _check(self) -> None:
+        try:
+            self.check_once()
+        except Exception:
+            LOGGER.exception('health check crashed; trying again in %ss', self.interval)
 
-    def _controller(self) -> t.Any:
-        from aiida_zmq.circus import CircusController
-
-        return CircusController(self.endpoint, timeout=5.0)
+    def _call(self, command: str, **properties: t.Any) -> dict[str, t.Any]:
+        """``CircusPlugin.call`` with a bound of CALL_TIMEOUT on the answer; :class:`CircusCallError` on none, or on
+        an error answer. An answer that comes after its bound is recognised by its ``id`` and dropped later."""
+        message = {**make_message(command, **properties), 'id': uuid.uuid4().hex}
+        self.client.send(json.dumps(message).encode())
+        deadline = time.monotonic() + CALL_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0 and self.client.poll(left * 1000):
+            answer = json.loads(self.client.recv())
+            if answer.get('id') != message['id']:
+                continue
+            if answer.get('status') != 'ok':
+                raise CircusCallError(f'{command}: {answer.get("reason", answer)}')
+            return dict(answer)
+        raise CircusCallError(f'{command}: the arbiter did not answer within {CALL_TIMEOUT}s')
 
     def _broker_process(self) -> tuple[str | None, int | None]:
         """Return the broker watcher's status and its pid (``None`` when it has no process)."""
-        with self._controller() as controller:
-            status = controller.watcher_status(self.broker_watcher)
-            pids = controller.watcher_pids(self.broker_watcher) if status is not None else []
-        return status, (pids[0] if pids else None)
+        status = self._call('status').get('statuses', {}).get(self.broker_watcher.lower())
+        pids = self._call('list', name=self.broker_watcher).get('pids', []) if status is not None else []
+        return (str(status) if status is not None else None), (int(pids[0]) if pids else None)
 
     def check_once(self) -> dict[str, t.Any]:
         """Run one check (and the action it calls for); return the verdict also written to ``health.json``."""
-        from aiida_zmq.circus import CircusCallError
-
         now = time.time()
         self.state['checks'] += 1
         try:
@@ -149,6 +167,7 @@ class BrokerHealthPlugin(CircusPlugin):
         if self.state['failures_in_a_row']:
             LOGGER.warning('broker pid %s answers again after %d failed check(s)', pid, self.state['failures_in_a_row'])
         self.state['failures_in_a_row'] = 0
+        self.answered_pid = pid
         LOGGER.debug('broker pid %s answered status in %.1f ms', answer.get('pid'), latency * 1000)
         return self._record(now, 'ok', None, pid, latency)
 
@@ -162,7 +181,7 @@ class BrokerHealthPlugin(CircusPlugin):
 
     def _failed(self, now: float, pid: int, reason: str) -> dict[str, t.Any]:
         age = self._age(pid)
-        if age < self.start_grace:
+        if age < self.start_grace and pid != self.answered_pid:
             LOGGER.info('broker pid %d (started %.1fs ago) does not answer yet: %s', pid, age, reason)
             return self._record(now, 'starting', reason, pid, None)
         self.state['failures_in_a_row'] += 1
@@ -176,20 +195,17 @@ class BrokerHealthPlugin(CircusPlugin):
         return self._record(now, 'recovering', reason, pid, None)
 
     def _act(self, pid: int) -> None:
-        from aiida_zmq.circus import CircusCallError
-
         try:
-            with self._controller() as controller:
-                if self.action == 'kill':
-                    # SIGKILL ends even a SIGSTOPped or deadlocked process; the store survives kill -9 by design,
-                    # and circus respawns the watcher's process.
-                    controller.call('signal', name=self.broker_watcher, pid=pid, signum=int(signal.SIGKILL))
-                else:
-                    # A stopped process cannot act on SIGTERM: wake it first, so that a broker that is merely frozen
-                    # shuts down cleanly (commit, close, remove broker.json); a deadlocked one still gets SIGKILL
-                    # from circus after the watcher's graceful timeout.
-                    controller.call('signal', name=self.broker_watcher, pid=pid, signum=int(signal.SIGCONT))
-                    controller.call('restart', name=self.broker_watcher, waiting=False)
+            if self.action == 'kill':
+                # SIGKILL ends even a SIGSTOPped or deadlocked process; the store survives kill -9 by design, and
+                # circus respawns the watcher's process.
+                self._call('signal', name=self.broker_watcher, pid=pid, signum=int(signal.SIGKILL))
+            else:
+                # A stopped process cannot act on SIGTERM: wake it first, so that a broker that is merely frozen
+                # shuts down cleanly (commit, close, remove broker.json); a deadlocked one still gets SIGKILL from
+                # circus after the watcher's graceful timeout.
+                self._call('signal', name=self.broker_watcher, pid=pid, signum=int(signal.SIGCONT))
+                self._call('restart', name=self.broker_watcher, waiting=False)
         except CircusCallError as exception:
             LOGGER.error('could not %s the hung broker pid %d through the arbiter: %s', self.action, pid, exception)
             return
@@ -216,7 +232,7 @@ class BrokerHealthPlugin(CircusPlugin):
             'checked_at': now,
             'plugin_pid': os.getpid(),
         }
-        path = Path(self.data_dir) / 'health.json'
+        path = Path(self.data_dir) / HEALTH_FILENAME
         try:
             # Atomic replace: the extended_stats hook reads it from the arbiter at any moment.
             handle, temporary = tempfile.mkstemp(prefix='.health-', dir=self.data_dir)

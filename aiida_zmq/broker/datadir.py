@@ -32,6 +32,7 @@ from ..discovery import (
     read_live_broker_info,
     short_socket_dir,
 )
+from ..endpoints import ipc_path, socket_file
 from ..exceptions import BrokerRunning, StoreError
 from ..ratelimit import RateLimitedLog
 from ..security import ensure_private_dir, remove_stale_socket
@@ -152,8 +153,7 @@ class DataDirectory:
         path: Path | None = None
         if endpoint.startswith('tcp://'):
             security.check_tcp_bind(endpoint, curve=self.config.curve, insecure_tcp=self.config.insecure_tcp)
-        elif endpoint.startswith('ipc://'):
-            name = endpoint[len('ipc://') :]
+        elif (name := ipc_path(endpoint)) is not None:
             if name.startswith('@'):
                 raise ValueError(
                     f'refusing to bind {endpoint}: an abstract socket has no file permissions, any local user could '
@@ -265,7 +265,7 @@ class DataDirectory:
             )
 
     def _check_ipc_file(self, endpoint: str, socket: zmq.Socket, identity: tuple[int, int]) -> None:
-        path = Path(endpoint[len('ipc://') :])
+        path = socket_file(endpoint)
         try:
             info = os.lstat(path)
         except FileNotFoundError:
@@ -309,7 +309,7 @@ class DataDirectory:
         self.sockets.clear()
         for endpoint, (_, identity) in self._ipc_files.items():
             # Only the very file this broker's bind made: never what another process put at that path since.
-            path = Path(endpoint[len('ipc://') :])
+            path = socket_file(endpoint)
             with contextlib.suppress(OSError):
                 found = os.lstat(path)
                 if stat.S_ISSOCK(found.st_mode) and (found.st_dev, found.st_ino) == identity:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiida_zmq.circus import CircusCallError, CircusController, is_busy
+from aiida_zmq.circus import CircusCallError, CircusController, call_while_busy
 from aiida_zmq.testing import stop_arbiter
 
 CIRCUSD = str(Path(sys.executable).parent / 'circusd')
@@ -25,15 +25,9 @@ class Arbiter:
 
     def call(self, command: str, **properties: object) -> dict[str, object]:
         """Send a command; retried while the arbiter is busy (e.g. still starting a watcher just added)."""
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with CircusController(self.controller) as controller:
-                    return controller.call(command, **properties)
-            except CircusCallError as exception:
-                if not is_busy(exception) or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.05)
+        return call_while_busy(
+            self.controller, lambda controller: controller.call(command, **properties), time.monotonic() + 15
+        )
 
     def pids(self, name: str) -> list[int]:
         with CircusController(self.controller) as controller:

@@ -259,7 +259,7 @@ def test_concurrent_attach_broker_adds_each_watcher_once(zmq_arbiter_factory) ->
 def test_health_action_restart_shuts_a_frozen_broker_down_cleanly(zmq_arbiter_factory) -> None:
     """``action=restart``: the frozen broker is woken and restarted through circus; its stored tasks survive."""
     arbiter: ArbiterProcess = zmq_arbiter_factory(
-        health=HealthOptions(interval=0.5, timeout=1.0, max_failures=2, start_grace=1.0, action='restart')
+        health=HealthOptions(interval=0.5, timeout=1.0, max_failures=2, start_grace=10.0, action='restart')
     )
     client = arbiter.connect()
     try:
