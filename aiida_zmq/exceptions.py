@@ -23,6 +23,7 @@ __all__ = (
     'NoAnswer',
     'ProtocolError',
     'StoreError',
+    'StoreInUse',
     'StoreReplaced',
     'TaskNotAccepted',
     'UnsafePath',
@@ -37,6 +38,10 @@ class StoreError(RuntimeError):
 class StoreReplaced(StoreError):
     """The store file is not the one the broker left (truncated, its WAL lost, another store put in its place): the
     broker refuses to start rather than serve what is left as if nothing had happened."""
+
+
+class StoreInUse(Exception):
+    """The store belongs to a profile, or a broker holds it: it is not removed."""
 
 
 class UnsafePath(PermissionError):

@@ -13,12 +13,9 @@ import shutil
 from pathlib import Path
 
 from ..discovery import lock_held
+from ..exceptions import StoreInUse
 
 __all__ = ('BrokerStore', 'StoreInUse', 'broker_stores', 'remove_store', 'stores_root')
-
-
-class StoreInUse(Exception):
-    """The store belongs to a profile, or a broker holds it: it is not removed."""
 
 
 @dataclasses.dataclass(frozen=True)
