@@ -176,20 +176,21 @@ class Deliveries:
         since = holder.held.since.get(task.id, -math.inf)
         fetched = task.id in holder.held.fetched
         self._release(holder, task)
+        history = self.store.history
         if how == RELEASED and (fetched or time.monotonic() - since >= self.config.quick_release):
             task.attempts -= 1  # not a failed delivery: it is offered again with the same attempt number
-            outcome = 'back in its queue, first in line (not counted as a delivery)'
+            history.record(task.id, 'given back', f'{why}: back in its queue, first in line (not a delivery)')
             self._requeue(task)
         elif task.attempts >= self.config.max_deliveries:
-            outcome = 'that was its last delivery'
+            history.record(task.id, 'given back', f'{why}: that was its last delivery')
             self._dead_letter(task)
         elif how == LOST:
-            outcome = 'back in its queue for another consumer'
+            history.record(task.id, 'given back', f'{why}: back in its queue for another consumer')
             self._requeue(task)
         else:
             self.stats['redeliveries_delayed'] += 1
-            outcome = f'offered again in {self._retry_later(task):.1f} s'
-        self.store.history.record(task.id, 'given back', f'{why}: {outcome}')
+            history.record(task.id, 'given back', f'{why}: offered again in {self._retry_delay(task):.1f} s')
+            self._retry_later(task)
 
     def nack(self, holder: Holder, task: StoredTask, rejected: bool) -> None:
         """NACK: refused by every subscriber (``rejected``), or released."""
@@ -336,12 +337,14 @@ class Deliveries:
         self._queue(task.queue).put_back(task)
         self.queues.wake(task.queue)
 
-    def _retry_later(self, task: StoredTask) -> float:
-        """Back to its queue after a backoff that doubles per delivery. Meanwhile its row stays delivered, so that
+    def _retry_delay(self, task: StoredTask) -> float:
+        """The backoff before a task given back is offered again: doubles per delivery."""
+        return min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
+
+    def _retry_later(self, task: StoredTask) -> None:
+        """Back to its queue after a backoff (:meth:`_retry_delay`). Meanwhile its row stays delivered, so that
         after a crash it is an orphan (requeued after the reclaim grace) rather than ready twice."""
-        delay = min(self.config.retry_backoff * 2 ** max(0, task.attempts - 1), self.config.retry_backoff_max)
-        heapq.heappush(self._delayed, (time.monotonic() + delay, task.id, task))
-        return delay
+        heapq.heappush(self._delayed, (time.monotonic() + self._retry_delay(task), task.id, task))
 
     def _dead_letter(self, task: StoredTask) -> None:
         reason = f'delivered {task.attempts} times without an answer (max_deliveries={self.config.max_deliveries})'

@@ -14,7 +14,7 @@ from .aiida import configure, presto
 from .circus import circus_config
 from .curve import curve_client
 from .demo import demo
-from .explain import tasks_show
+from .explain import explain, tasks_show
 from .store import accept_store_command
 from .stores import stores
 
@@ -208,6 +208,7 @@ for _command in (
     stores,
     circus_config,
     demo,
+    explain,
 ):
     main.add_command(_command)
 tasks.add_command(tasks_show)
