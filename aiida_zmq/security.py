@@ -54,6 +54,7 @@ __all__ = (
     'curve_dir',
     'ensure_private_dir',
     'ensure_server_keys',
+    'make_private_dirs',
     'remove_stale_socket',
 )
 
@@ -134,13 +135,32 @@ def ensure_private_dir(path: str | os.PathLike[str]) -> Path:
     """
     directory = Path(path)
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(directory)
     except FileExistsError:
         pass  # something that is not a directory, or a dangling link: check_private_dir says which
     except OSError as exception:
         raise OSError(_cannot_create(directory, exception)) from None
     check_private_dir(directory)
     return directory
+
+
+def make_private_dirs(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` and its missing parents, each mode 0700 whatever the umask (``Path.mkdir(parents=True)`` gives
+    parents the umask's mode: 0777 under umask 000, which :func:`check_private_dir` then refuses). What exists is
+    left as it is."""
+    directory = Path(path)
+    missing = []
+    while not os.path.lexists(directory) and directory.parent != directory:
+        missing.append(directory)
+        directory = directory.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            if directory == missing[0]:
+                raise
+            continue  # made meanwhile by someone else: checked as it is
+        os.chmod(directory, 0o700)  # the umask may have taken bits from 0700
 
 
 def check_private_dir(path: str | os.PathLike[str], *, client: bool = False) -> None:

@@ -666,3 +666,63 @@ def test_curve_flood_costs_bounded_cpu_memory_log_and_latency(curve_broker):
     assert log_bytes < 10_000, figures  # it was 1.25 MB per 10 s
     assert peak_rss - rss_before < 20 * 2**20, figures  # it grew by 40-55 MiB
     assert percentile(during, 0.99) < 0.05, figures  # it was 82-144 ms
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 21.7: umask 000. What the broker and an offline submit create is 0700, whatever the umask; before, the parents
+# of the data directory were made 0777 (Path.mkdir gives parents the umask's mode), and then refused as open to others.
+
+
+def _under_umask_000(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, '-c', 'import os, sys; os.umask(0); ' + code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _modes(base: Path, path: Path) -> dict[str, str]:
+    """The mode of every directory from below ``base`` down to ``path``."""
+    modes = {}
+    while path != base:
+        modes[str(path.relative_to(base))] = oct(os.stat(path).st_mode & 0o777)
+        path = path.parent
+    return modes
+
+
+def test_under_umask_000_the_broker_creates_its_data_directory_and_parents_0700(short_dir):
+    data = short_dir / 'a' / 'b' / 'data'
+    endpoint = f'ipc://{short_dir}/u.sock'
+    serve = 'os.execv(sys.executable, [sys.executable, "-m", "aiida_zmq.cli", *sys.argv[1:]])'
+    command = ['serve', '--data-dir', str(data), '--bind', endpoint]
+    process = subprocess.Popen(
+        [sys.executable, '-c', 'import os, sys; os.umask(0); ' + serve, *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: process.poll() is not None or (data / 'broker.json').exists(), 30, what='the broker')
+        assert process.poll() is None, process.communicate()[0]
+        assert _modes(short_dir, data) == {'a': '0o700', 'a/b': '0o700', 'a/b/data': '0o700'}
+        communicator = aiida_zmq.connect(endpoint, **FAST)
+        try:
+            assert communicator.task_send('ping', no_reply=True) is None
+        finally:
+            communicator.close()
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+def test_under_umask_000_an_offline_submit_creates_its_data_directory_and_parents_0700(short_dir):
+    data = short_dir / 'c' / 'd' / 'data'
+    done = _under_umask_000(
+        'from aiida_zmq.store import submit_offline; print(submit_offline(sys.argv[1], "q", b"x"))', str(data)
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '1'
+    assert _modes(short_dir, data) == {'c': '0o700', 'c/d': '0o700', 'c/d/data': '0o700'}
+    assert stored_rows(data) == 1

@@ -330,11 +330,12 @@ class ZmqBroker(Broker):
         :raises ConnectionError: when the daemon is not running or its arbiter refuses.
         """
         from aiida_zmq.circus import CircusCallError, attach_watcher, missing_control_socket
+        from aiida_zmq.security import make_private_dirs
 
         client = client or self._running_daemon_client()
         if client is None:
             raise ConnectionError(f'the daemon of profile `{self._profile.name}` is not running')
-        self._data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self._data_dir)
         endpoint = client.get_controller_endpoint()
         missing = missing_control_socket(endpoint)
         if missing is not None:

@@ -190,8 +190,10 @@ def circus_config(
         key = str(profile.uuid).replace('-', '')
     assert data_dir is not None
     data_dir = data_dir.expanduser().absolute()
-    # The broker refuses a directory others can open; create it as it would.
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from ..security import make_private_dirs
+
+    # The broker refuses a directory others can open; create it as it would (0700 whatever the umask).
+    make_private_dirs(data_dir)
     if heartbeat is not None:
         serve_args = _with_option(serve_args, '--heartbeat', str(heartbeat))
     if peer_timeout is not None:
@@ -210,7 +212,7 @@ def circus_config(
         plugins=not no_plugins,
         rotation=LogRotation(max_bytes=log_max_bytes, backup_count=log_backups),
     )
-    (log_dir or data_dir / 'log').mkdir(parents=True, exist_ok=True)
+    make_private_dirs(log_dir or data_dir / 'log')
     if output is None:
         click.echo(text, nl=False)
         return
