@@ -36,24 +36,9 @@ import pytest
 
 from . import pytest_aiida_broker
 from .discovery import read_broker_info
+from .waiting import wait_until
 
 __all__ = ('ArbiterProcess', 'BrokerProcess', 'forget_stored_tasks', 'wait_until')
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = '') -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds.
-
-    For conditions in another process (a file, a pid) there is no event to wait on; everything in this process
-    should wait on a future instead.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f'timed out after {timeout}s waiting for {what or condition}')
-        time.sleep(interval)
 
 
 class BrokerProcess:

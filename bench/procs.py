@@ -79,14 +79,13 @@ def cleanup() -> None:
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``predicate`` until it returns something truthy; raise :class:`BenchError` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f'timed out after {timeout:.0f} s waiting for {what}')
-        time.sleep(interval)
+    # Imported here: an actor process may have a baseline tree first on sys.path, without this module.
+    from aiida_zmq.waiting import wait_until as poll
+
+    try:
+        return poll(predicate, timeout, interval, what)
+    except TimeoutError as exception:
+        raise BenchError(str(exception)) from None
 
 
 class Inbox:
