@@ -300,6 +300,8 @@ class Broker:
         except StoreError as exception:
             self._batch_failed(exception)
             return False
+        if written:
+            self.stats['commits'] += 1  # `aiida-zmq top` shows the commit rate
         self._inserted.clear()
         if self.store_fault.current is not None and (written or not self.store.staged):
             fault = self.store_fault.recovered()
@@ -984,6 +986,8 @@ class Broker:
                     'name': c.name,
                     'pid': c.pid,
                     'held': len(c.held),
+                    'held_per_queue': dict(c.held.per_queue),
+                    'held_ids': sorted(c.held.tasks)[:20],  # the oldest it holds (`aiida-zmq top`)
                     'prefetch': dict(c.prefetch),
                     'subscribed': c.subscribed,
                 }

@@ -17,6 +17,7 @@ from .demo import demo
 from .explain import explain, tasks_show
 from .store import accept_store_command
 from .stores import stores
+from .top import top
 
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
 # Under circus the watcher's FileStream stamps every line already (``aiida_zmq.circus``): one time stamp is enough.
@@ -209,6 +210,7 @@ for _command in (
     circus_config,
     demo,
     explain,
+    top,
 ):
     main.add_command(_command)
 tasks.add_command(tasks_show)
