@@ -1,7 +1,7 @@
 """A caller thread's own socket for the requests that need no session (task sends, broadcasts, RPCs to others).
 
 See :class:`DirectSocket` for why, and ``docs/design.md`` ("A caller thread sends its tasks, broadcasts and RPCs on a
-socket of its own"). Used by :class:`aiida_zmq.communicator.ZmqCommunicator` only.
+socket of its own"). Used by :class:`aiida_zmq.channel.Channel` only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import contextlib
 import logging
 import threading
 import time
-import typing as t
+from collections.abc import Callable
 
 import kiwipy
 import zmq
@@ -19,9 +19,8 @@ from . import protocol
 from .exceptions import NoAnswer
 from .protocol import Command, ErrorCode
 from .ratelimit import RateLimitedLog
-
-if t.TYPE_CHECKING:
-    from .communicator import ZmqCommunicator
+from .security import CurveKeys
+from .session import Session
 
 __all__ = ('DirectSocket', 'NoAnswer')
 
@@ -48,17 +47,19 @@ class DirectSocket:
     #: How often a waiting caller looks whether the communicator was closed or met a restarted broker (seconds).
     CHECK_INTERVAL = 0.05
 
-    def __init__(self, communicator: ZmqCommunicator) -> None:
-        self._communicator = communicator
+    def __init__(self, session: Session, curve: CurveKeys | None, closed: Callable[[], bool]) -> None:
+        """A socket to ``session``'s broker, watching ``session.welcomes``; ``closed`` says the communicator closed."""
+        self._session = session
+        self._closed = closed
         self._busy = threading.Lock()  # held while the owner thread uses the socket; close_if_idle() respects it
-        socket = communicator._context.socket(zmq.DEALER)
+        socket = session.context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)  # nothing to flush at close: an unanswered request is the caller's to resend
         socket.setsockopt(zmq.RECONNECT_IVL, 100)
         socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if communicator._curve is not None:
-            communicator._curve.apply(socket)
-        socket.connect(communicator.endpoint)
-        self._socket: zmq.Socket | None = socket
+        if curve is not None:
+            curve.apply(socket)
+        socket.connect(session.endpoint)
+        self._socket: zmq.Socket | None = socket  # the owner thread's; closed by another only when idle (_busy)
 
     @property
     def closed(self) -> bool:
@@ -88,10 +89,10 @@ class DirectSocket:
         :raises NoAnswer: when none came within ``timeout`` seconds.
         :raises kiwipy.CommunicatorClosed: when the communicator was closed meanwhile.
         """
-        communicator = self._communicator
+        session = self._session
         deadline = time.monotonic() + timeout
         with self._busy:
-            welcomes = communicator._session.welcomes
+            welcomes = session.welcomes
             self._send(frames, deadline)
             while True:
                 remaining = deadline - time.monotonic()
@@ -102,13 +103,13 @@ class DirectSocket:
                     answer = self._answer(correlation, socket.recv_multipart())
                     if answer is not None:
                         return answer
-                elif communicator._session.welcomes != welcomes:
+                elif session.welcomes != welcomes:
                     # Welcomed again: the broker restarted (or we were cut off), and may have lost the request.
-                    welcomes = communicator._session.welcomes
+                    welcomes = session.welcomes
                     self._send(frames, deadline)
 
     def _ready_socket(self) -> zmq.Socket:
-        if self._communicator._closed:
+        if self._closed():
             self._close()
             raise kiwipy.CommunicatorClosed('the communicator was closed while a request was on its way')
         assert self._socket is not None
@@ -133,7 +134,7 @@ class DirectSocket:
         args = message.args
         if message.command is Command.ERROR and bytes(args[1]) == ErrorCode.VERSION:
             text = bytes(args[2]).decode(errors='replace')
-            raise kiwipy.DeliveryFailed(f'the broker at {self._communicator.endpoint} refused this client: {text}')
+            raise kiwipy.DeliveryFailed(f'the broker at {self._session.endpoint} refused this client: {text}')
         if not args or bytes(args[0]) != correlation:
             return None
         if message.command is Command.ERROR and bytes(args[1]) == ErrorCode.UNKNOWN_CLIENT:

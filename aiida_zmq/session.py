@@ -3,9 +3,11 @@
 :class:`Session` owns the communicator's DEALER socket and the one thread that uses it. It says ``HELLO`` and waits
 for ``WELCOME``, heartbeats both ways, notices a silent or restarted broker and says ``HELLO`` again, keeps what
 cannot be sent yet in order (never dropping it), and sends a request again when the broker answers that it has no
-session for it. What the messages mean is its owner's business (:class:`aiida_zmq.communicator.ZmqCommunicator`):
-every command but the session's own goes to the owner's handler for it, on this thread; the owner re-registers its
-subscriptions when told that the session was welcomed again, and fails its futures when told that it ended.
+session for it. It keeps the client's table of requests waiting for an answer (:attr:`Session.pending`): it resolves
+those waiting for ``DONE``, fails those an ``ERROR`` answers, and fails them all when it ends. What the other messages
+mean is its owner's business (:class:`aiida_zmq.inbound.Inbound`): every command but the session's own goes to the
+owner's handler for it, on this thread, and the owner registers its subscriptions again when told that the session
+was welcomed again.
 
 Callers hand work to the thread with :meth:`Session.call`; everything named ``io_*`` runs on the thread only.
 """
@@ -28,6 +30,7 @@ import zmq.utils.monitor
 
 from . import protocol
 from .exceptions import BrokerUnavailable, MessageTooLarge, TaskNotAccepted
+from .pending import Pending
 from .protocol import Command, ErrorCode
 from .ratelimit import RateLimitedLog
 from .security import CurveKeys
@@ -65,12 +68,6 @@ class SessionOwner(t.Protocol):
     def on_welcome(self, resumed: bool, restarted: bool, max_message_bytes: int) -> None:
         """Welcomed (again, when ``resumed``; by a new broker, when ``restarted``): re-register what the session had."""
 
-    def on_error(self, correlation: bytes, exception: Exception) -> None:
-        """The broker refused the request with ``correlation`` (an ``ERROR`` other than the session's own)."""
-
-    def on_shutdown(self, closed: Exception) -> None:
-        """The session ended: fail whatever still waits."""
-
 
 class Session:
     """The session socket and its I/O thread; see the module docstring."""
@@ -78,7 +75,6 @@ class Session:
     def __init__(
         self,
         endpoint: str,
-        owner: SessionOwner,
         *,
         routing_id: bytes,
         name: str,
@@ -87,7 +83,7 @@ class Session:
         curve: CurveKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
-        self._owner = owner
+        self._owner: SessionOwner | None = None  # given to start(); then used by the I/O thread only
         self._routing_id = routing_id
         self._name = name
         self._heartbeat = heartbeat
@@ -95,7 +91,8 @@ class Session:
         self._curve = curve
         self.context: zmq.Context = zmq.Context.instance()
 
-        # Touched only by the I/O thread (and read, racily but harmlessly, by in_touch()).
+        # The I/O thread's (the socket is set by start() before the thread runs). Callers only read _welcomed and
+        # _last_heard (in_touch(), racily but harmlessly) and welcomes (each direct socket, to see a new WELCOME).
         self._socket: zmq.Socket | None = None
         self._outbound: collections.deque[list[bytes]] = collections.deque()
         self._waiting_welcome: list[list[bytes]] = []  # sent while there is no session; flushed after WELCOME
@@ -108,11 +105,13 @@ class Session:
         # Frames of requests until their first answer (see ANSWERS), to send them again after a HELLO when the broker
         # answers that it had no session for us (it declared us dead, or restarted).
         self._requests: dict[bytes, list[bytes]] = {}
-        self._dones: dict[bytes, concurrent.futures.Future] = {}  # requests answered DONE (or RPC_UNROUTABLE)
+        #: The client's requests waiting for an answer: callers and this thread (its own lock).
+        self.pending = Pending()
         self.draining = False  # closing: messages that already arrived are still handled
         self._closed_on_io_thread = False
 
-        # Hand-over from callers to the I/O thread.
+        # Hand-over from callers to the I/O thread: the deque is thread-safe, and _wake_pending, set by callers and
+        # cleared by the I/O thread before it empties the deque, at worst costs one wake-up too many (see call()).
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -129,8 +128,8 @@ class Session:
 
     # From any thread ----------------------------------------------------------------------------------------------
 
-    def start(self, connect_timeout: float) -> None:
-        """Connect, say HELLO and wait for the broker's WELCOME.
+    def start(self, owner: SessionOwner, connect_timeout: float) -> None:
+        """Connect, say HELLO and wait for the broker's WELCOME; ``owner`` handles what the broker sends.
 
         :raises BrokerUnavailable: at once when the connection or its handshake is refused, else when no WELCOME
             came within ``connect_timeout`` seconds.
@@ -160,6 +159,7 @@ class Session:
             socket.close(0)
             raise
         self._socket = socket
+        self._owner = owner
         self.thread.start()
         if not self._ready.wait(max(deadline - time.monotonic(), 0.0)):
             raise BrokerUnavailable(
@@ -306,11 +306,7 @@ class Session:
 
     def _io_shutdown(self) -> None:
         self._stopping = True
-        closed = kiwipy.CommunicatorClosed('the communicator was closed')
-        for future in list(self._dones.values()):
-            if not future.done():
-                future.set_exception(closed)
-        self._owner.on_shutdown(closed)
+        self.pending.fail_all(kiwipy.CommunicatorClosed('the communicator was closed'))
         if self._socket is not None:
             self._io_flush()
             self._socket.close()  # LINGER lets the goodbye and last acknowledgements go out
@@ -360,12 +356,12 @@ class Session:
 
     def io_expect_done(self, correlation: bytes, frames: list[bytes], done: concurrent.futures.Future) -> None:
         """Send a request the broker answers ``DONE``: ``done`` resolves then, or fails with the broker's error."""
-        self._dones[correlation] = done
+        self.pending.add(correlation, Command.DONE, done)
         self.io_request(correlation, frames)
 
     def io_forget(self, correlation: bytes) -> None:
         """A caller stopped waiting for this request (no answer in time): it is not to go out any more."""
-        self._dones.pop(correlation, None)
+        self.pending.forget(correlation)
         frames = self._requests.pop(correlation, None)
         if frames is not None:
             self._waiting_welcome = [waiting for waiting in self._waiting_welcome if waiting is not frames]
@@ -377,7 +373,7 @@ class Session:
                 Command.HELLO,
                 self._name.encode(),
                 protocol.number(int(self._heartbeat * 1000)),
-                self._owner.reclaim(),
+                self._io_owner().reclaim(),
                 protocol.number(os.getpid()),
             )
         )
@@ -395,7 +391,7 @@ class Session:
             return
         self._last_heard = time.monotonic()
         command, args = message.command, message.args
-        handler = self._own_handlers.get(command) or self._owner.handlers.get(command)
+        handler = self._own_handlers.get(command) or self._io_owner().handlers.get(command)
         if handler is None:
             LIMITED.warning('dropped %s: the broker does not send it', command.name, key=('unexpected', command))
             return
@@ -428,7 +424,7 @@ class Session:
             LOGGER.info(
                 '%s broker at %s: re-registering', 'restarted' if restarted else 'back in touch with', self.endpoint
             )
-        self._owner.on_welcome(resumed, restarted, max_message_bytes)
+        self._io_owner().on_welcome(resumed, restarted, max_message_bytes)
         waiting, self._waiting_welcome = self._waiting_welcome, []
         for frames in waiting:
             self.io_write(frames)
@@ -438,17 +434,13 @@ class Session:
         pass  # every message counts as a sign of life (_last_heard)
 
     def _io_on_done(self, args: Sequence[bytes]) -> None:
-        done = self._dones.pop(bytes(args[0]), None)
+        done = self.pending.pop(bytes(args[0]), Command.DONE)
         if done is not None and not done.done():
             done.set_result(None)
 
-    def io_fail_done(self, correlation: bytes, exception: Exception) -> bool:
-        """Fail the request waiting for ``DONE`` with ``correlation``, if one does; return whether one did."""
-        done = self._dones.pop(correlation, None)
-        if done is None or done.done():
-            return False
-        done.set_exception(exception)
-        return True
+    def _io_owner(self) -> SessionOwner:
+        assert self._owner is not None, 'the I/O thread runs only once started'
+        return self._owner
 
     def _io_on_error(self, args: Sequence[bytes]) -> None:
         correlation, code, text_bytes = bytes(args[0]), bytes(args[1]), bytes(args[2])
@@ -464,8 +456,7 @@ class Session:
             return
         exception = broker_error(code, text)
         LIMITED.warning('broker error %s: %s', code.decode(errors='replace'), text, key=('error', code))
-        self.io_fail_done(correlation, exception)
-        self._owner.on_error(correlation, exception)
+        self.pending.fail(correlation, exception)  # every future waiting for an answer to it
 
 
 def broker_error(code: bytes, text: str) -> Exception:

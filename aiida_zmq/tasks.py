@@ -1,15 +1,15 @@
 """Task queues of a communicator and the tasks it is handed: answer them, put them back, or forget them.
 
 :class:`ZmqTaskQueue` and :class:`ZmqIncomingTask` are what kiwipy's ``task_queue(name)`` and a task subscriber's
-caller see; the I/O work is the communicator's (:class:`aiida_zmq.communicator.ZmqCommunicator`), here only handed
-to it. :func:`follow_future` answers with kiwipy's responses, following nested futures, for tasks and RPCs alike.
+caller see. What they need of the communicator is a :class:`TaskChannel` (implemented by
+:class:`aiida_zmq.channel.Channel`), with the communicator's registry of subscribers
+(:class:`aiida_zmq.subscribers.Subscribers`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import logging
 import typing as t
 import weakref
 from collections.abc import Callable, Iterator
@@ -17,20 +17,15 @@ from typing import Any
 
 import kiwipy
 import shortuuid
-from kiwipy.rmq.utils import cancelled_response, exception_response, pending_response, result_response
+from kiwipy.rmq.utils import exception_response, result_response
 
 from . import protocol
 from .protocol import Command
-from .ratelimit import RateLimitedLog
+from .replies import follow_future
+from .subscribers import Subscribers
 
-if t.TYPE_CHECKING:
-    from .communicator import ZmqCommunicator
-
-__all__ = ('TASK_FINISHED', 'TASK_PENDING', 'TASK_PROCESSING', 'TASK_REQUEUED', 'ZmqIncomingTask', 'ZmqTaskQueue',
-           'follow_future')  # fmt: skip
-
-LOGGER = logging.getLogger(__name__)
-LIMITED = RateLimitedLog(LOGGER)
+__all__ = ('TASK_FINISHED', 'TASK_PENDING', 'TASK_PROCESSING', 'TASK_REQUEUED', 'TaskChannel', 'ZmqIncomingTask',
+           'ZmqTaskQueue')  # fmt: skip
 
 TASK_PENDING = 'pending'
 TASK_PROCESSING = 'processing'
@@ -38,17 +33,54 @@ TASK_FINISHED = 'finished'
 TASK_REQUEUED = 'requeued'
 
 
-class ZmqTaskQueue:
-    """A named task queue of a communicator: send to it, subscribe to it, or take tasks from it one by one."""
+class TaskChannel(t.Protocol):
+    """What task queues and incoming tasks need of their communicator (any thread may call it)."""
 
-    def __init__(self, communicator: ZmqCommunicator, name: str, prefetch_count: int = 0) -> None:
-        self._communicator = communicator
+    #: The communicator's registry of subscribers.
+    subscribers: Subscribers
+
+    def ensure_open(self) -> None:
+        """Raise :class:`kiwipy.CommunicatorClosed` once the communicator is closed."""
+
+    def send_task(self, queue: str, task: Any, no_reply: bool) -> kiwipy.Future | None:
+        """Send ``task`` to ``queue``; return once the broker stored it, with the future of its result."""
+
+    def consume(self, queue: str, prefetch: int | None) -> None:
+        """Start (``prefetch``) or stop (``None``) consuming ``queue``; return once the broker answered (bounded)."""
+
+    def get_task(self, queue: str, timeout: float) -> ZmqIncomingTask | None:
+        """Take the next task of ``queue`` from the broker; ``None`` when it has none."""
+
+    def decode(self, payload: bytes) -> Any:
+        """The message in ``payload``."""
+
+    def encode(self, value: Any) -> bytes:
+        """``value`` as a payload, within the broker's size limit."""
+
+    def answer_task(self, task_id: int, attempt: int, frames: list[bytes], final: bool) -> None:
+        """Send the answer of a held task; with the ``final`` one this client no longer holds it."""
+
+    def keep_outcome(self, reference: weakref.ref) -> None:
+        """Keep the weak reference to a task's outcome alive, so its callback fires when the outcome is forgotten."""
+
+    def drop_outcome(self, reference: weakref.ref) -> None:
+        """Stop keeping it."""
+
+
+class ZmqTaskQueue:
+    """A named task queue of a communicator: send to it, subscribe to it, or take tasks from it one by one.
+
+    ``prefetch_count`` is set by callers (``task_queue(name, prefetch_count=...)``) and read when the queue's first
+    subscriber comes, or when the session registers again.
+    """
+
+    def __init__(self, channel: TaskChannel, name: str, prefetch_count: int = 0) -> None:
+        self._channel = channel
         self.name = name
         self.prefetch_count = prefetch_count
-        self._subscribers: dict[Any, Callable] = {}
 
     def task_send(self, task: Any, no_reply: bool = False) -> kiwipy.Future | None:
-        return self._communicator._send_task(self.name, task, no_reply)
+        return self._channel.send_task(self.name, task, no_reply)
 
     def add_task_subscriber(self, subscriber: Callable, identifier: Any = None) -> Any:
         """Add a task subscriber; the broker hands this communicator tasks of the queue once this returns.
@@ -56,57 +88,20 @@ class ZmqTaskQueue:
         If the broker does not answer within ``request_timeout`` (it is restarting), the subscriber is kept and the
         broker learns of it when it is back, as of every consumer of this session.
         """
-        communicator = self._communicator
-        communicator._ensure_open()
+        self._channel.ensure_open()
         identifier = shortuuid.uuid() if identifier is None else identifier
-        with communicator._lock:
-            if identifier in self._subscribers:
-                raise kiwipy.DuplicateSubscriberIdentifier(f"Task identifier '{identifier}'")
-            first = not self._subscribers
-            self._subscribers[identifier] = subscriber
-        if first:
-            self._consume(self.prefetch_count)
+        if self._channel.subscribers.add_task(self.name, identifier, subscriber):
+            self._channel.consume(self.name, self.prefetch_count)
         return identifier
 
     def remove_task_subscriber(self, identifier: Any) -> None:
         """Remove a task subscriber; with the last one gone, the broker hands out no more tasks here."""
-        communicator = self._communicator
-        communicator._ensure_open()
-        with communicator._lock:
-            try:
-                del self._subscribers[identifier]
-            except KeyError:
-                raise ValueError(f"Unknown task subscriber '{identifier}'") from None
-            last = not self._subscribers
-        if last:
-            self._consume(None)
-
-    def _consume(self, prefetch: int | None) -> None:
-        """Start (``prefetch``) or stop (``None``) consuming the queue, waiting for the broker's answer."""
-        communicator = self._communicator
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        communicator._call(lambda: communicator._io_consume(self.name, prefetch, done))
-        if not communicator._wait_done(done, communicator._request_timeout):
-            LIMITED.warning(
-                'the broker at %s did not answer a %s of queue %s in time: it will on reconnection',
-                communicator.endpoint,
-                'subscription' if prefetch is not None else 'cancellation',
-                self.name,
-                key='consume-timeout',
-            )
+        self._channel.ensure_open()
+        if self._channel.subscribers.remove_task(self.name, identifier):
+            self._channel.consume(self.name, None)
 
     def _get(self, timeout: float) -> ZmqIncomingTask | None:
-        communicator = self._communicator
-        communicator._ensure_open()
-        communicator._not_on_io_thread('take a task from a queue')
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        correlation = communicator._correlation()
-        communicator._call(lambda: communicator._io_get(correlation, self.name, future))
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise kiwipy.TimeoutError(f'the broker did not answer within {timeout}s') from None
+        return self._channel.get_task(self.name, timeout)
 
     @contextlib.contextmanager
     def next_task(self, no_ack: bool = False, fail: bool = True, timeout: float = 5.0) -> Iterator[ZmqIncomingTask]:
@@ -142,10 +137,8 @@ class ZmqTaskQueue:
 class ZmqIncomingTask:
     """A task handed to this client: answer it (result, exception), or put it back."""
 
-    def __init__(
-        self, communicator: ZmqCommunicator, task_id: int, attempt: int, no_reply: bool, payload: bytes
-    ) -> None:
-        self._communicator = communicator
+    def __init__(self, channel: TaskChannel, task_id: int, attempt: int, no_reply: bool, payload: bytes) -> None:
+        self._channel = channel
         self.task_id = task_id
         self.attempt = attempt
         self._no_reply = no_reply
@@ -158,7 +151,7 @@ class ZmqIncomingTask:
     @property
     def body(self) -> Any:
         if not self._decoded:
-            self._body = self._communicator._decoder(self._payload)
+            self._body = self._channel.decode(self._payload)
             self._decoded = True
         return self._body
 
@@ -182,11 +175,11 @@ class ZmqIncomingTask:
         outcome.add_done_callback(self._on_outcome)
         # The communicator keeps the weak reference alive, so the callback fires even if this task object goes too.
         self._outcome_ref = weakref.ref(outcome, self._outcome_forgotten)
-        self._communicator._outcome_refs.add(self._outcome_ref)
+        self._channel.keep_outcome(self._outcome_ref)
         return outcome
 
     def _outcome_forgotten(self, reference: weakref.ref) -> None:
-        self._communicator._outcome_refs.discard(reference)
+        self._channel.drop_outcome(reference)
         if self._state == TASK_PROCESSING:
             self.requeue()
 
@@ -212,7 +205,7 @@ class ZmqIncomingTask:
 
     def _on_outcome(self, outcome: concurrent.futures.Future) -> None:
         if self._outcome_ref is not None:
-            self._communicator._outcome_refs.discard(self._outcome_ref)
+            self._channel.drop_outcome(self._outcome_ref)
             self._outcome_ref = None
         if outcome.cancelled():
             self._state = TASK_PENDING
@@ -238,7 +231,7 @@ class ZmqIncomingTask:
 
     def requeue_from_io(self) -> None:
         self._state = TASK_REQUEUED
-        self._communicator._io_task_answer(self.task_id, self.attempt, self._nack_frames(False), True)
+        self._channel.answer_task(self.task_id, self.attempt, self._nack_frames(False), True)
 
     def _nack_frames(self, rejected: bool) -> list[bytes]:
         return protocol.encode(
@@ -246,25 +239,17 @@ class ZmqIncomingTask:
         )
 
     def _nack(self, rejected: bool) -> None:
-        frames = self._nack_frames(rejected)
-        communicator = self._communicator
-        communicator._call(lambda: communicator._io_task_answer(self.task_id, self.attempt, frames, True))
+        self._channel.answer_task(self.task_id, self.attempt, self._nack_frames(rejected), True)
 
     def finish_with(self, result: Any) -> None:
-        """Answer with a subscriber's return value, following futures (pending answers) as kiwipy does."""
-        if self._no_reply:
-            if isinstance(result, concurrent.futures.Future):
-                result.add_done_callback(lambda future: self.finish_with(_value_or_none(future)))
-            else:
-                self._answer(True, None)
-            return
+        """Answer with a subscriber's return value, following futures (pending answers) as kiwipy does; a task sent
+        with ``no_reply`` is acknowledged once the last of them is done, whatever its outcome."""
         follow_future(result, self._answer)
 
     def finish(self, response: dict) -> None:
         self._answer(True, response)
 
     def _answer(self, final: bool, response: dict | None) -> None:
-        communicator = self._communicator
         task_id, attempt = protocol.number(self.task_id), protocol.number(self.attempt)
         if final:
             self._state = TASK_FINISHED
@@ -274,35 +259,8 @@ class ZmqIncomingTask:
             frames = protocol.encode(Command.TASK_ACK, task_id, attempt)
         else:
             try:
-                data = communicator._encode(response)
+                data = self._channel.encode(response)
             except Exception as exception:
-                data = communicator._encode(exception_response(exception))
+                data = self._channel.encode(exception_response(exception))
             frames = protocol.encode(Command.TASK_REPLY, task_id, attempt, protocol.flag(final), data)
-        communicator._call(lambda: communicator._io_task_answer(self.task_id, self.attempt, frames, final))
-
-
-def _value_or_none(future: concurrent.futures.Future) -> Any:
-    with contextlib.suppress(BaseException):
-        return future.result()
-    return None
-
-
-def follow_future(result: Any, answer: Callable[[bool, dict], None]) -> None:
-    """Answer with ``result``; if it is a future, answer 'pending' and follow it (and any future it resolves to)."""
-    if not isinstance(result, concurrent.futures.Future):
-        answer(True, result_response(result))
-        return
-    answer(False, pending_response())
-
-    def done(future: concurrent.futures.Future) -> None:
-        if future.cancelled():
-            answer(True, cancelled_response())
-            return
-        try:
-            value = future.result()
-        except Exception as exception:
-            answer(True, exception_response(exception))
-            return
-        follow_future(value, answer)
-
-    result.add_done_callback(done)
+        self._channel.answer_task(self.task_id, self.attempt, frames, final)

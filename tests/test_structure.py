@@ -52,33 +52,12 @@ ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {
     ('aiida_zmq/cli/aiida.py', 'ZmqBroker._config_fields'): 1,
     ('aiida_zmq/cli/aiida.py', 'client._is_pid_file_stale'): 1,
     ('aiida_zmq/cli/demo.py', 'broker._admin_status'): 1,
-    ('aiida_zmq/communicator.py', 'queue._subscribers'): 1,
-    ('aiida_zmq/direct.py', 'communicator._context'): 1,
-    ('aiida_zmq/direct.py', 'communicator._curve'): 2,
-    ('aiida_zmq/direct.py', 'communicator._session'): 3,
-    ('aiida_zmq/direct.py', 'self._communicator._closed'): 1,
-    ('aiida_zmq/tasks.py', 'communicator._call'): 4,
-    ('aiida_zmq/tasks.py', 'communicator._correlation'): 1,
-    ('aiida_zmq/tasks.py', 'communicator._encode'): 2,
-    ('aiida_zmq/tasks.py', 'communicator._ensure_open'): 3,
-    ('aiida_zmq/tasks.py', 'communicator._io_consume'): 1,
-    ('aiida_zmq/tasks.py', 'communicator._io_get'): 1,
-    ('aiida_zmq/tasks.py', 'communicator._io_task_answer'): 2,
-    ('aiida_zmq/tasks.py', 'communicator._lock'): 2,
-    ('aiida_zmq/tasks.py', 'communicator._not_on_io_thread'): 1,
-    ('aiida_zmq/tasks.py', 'communicator._request_timeout'): 1,
-    ('aiida_zmq/tasks.py', 'communicator._wait_done'): 1,
-    ('aiida_zmq/tasks.py', 'self._communicator._decoder'): 1,
-    ('aiida_zmq/tasks.py', 'self._communicator._io_task_answer'): 1,
-    ('aiida_zmq/tasks.py', 'self._communicator._outcome_refs'): 3,
-    ('aiida_zmq/tasks.py', 'self._communicator._send_task'): 1,
     ('circus_plugins/_link.py', 'handler._aiida_zmq_plugin'): 1,
 }
 
 #: Sets of modules allowed to import each other in a circle (a cycle found must lie within one of them).
 ALLOWED_CYCLES: list[frozenset[str]] = [
     frozenset(['aiida_zmq.broker.admin', 'aiida_zmq.broker.server']),
-    frozenset(['aiida_zmq.communicator', 'aiida_zmq.direct', 'aiida_zmq.tasks']),
     frozenset(['aiida_zmq.pytest_aiida_broker', 'aiida_zmq.testing']),
 ]
 
@@ -92,8 +71,6 @@ ALLOWED_LONG: frozenset[tuple[str, str]] = frozenset(
         ('aiida_zmq/cli/admin.py', 'migrate'),
         ('aiida_zmq/cli/aiida.py', 'configure'),
         ('aiida_zmq/cli/circus.py', 'circus_config'),
-        ('aiida_zmq/communicator.py', 'ZmqCommunicator'),
-        ('aiida_zmq/communicator.py', 'ZmqCommunicator.__init__'),
     }
 )
 
