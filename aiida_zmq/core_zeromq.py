@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .exceptions import CoreZeromqRunning
 
-__all__ = ('CoreZeromqDir', 'CoreZeromqRunning', 'TaskFile', 'encode_task')
+__all__ = ('CoreZeromqDir', 'CoreZeromqRunning', 'TaskFile', 'encode_task', 'is_core_zeromq_broker')
 
 PID_SENTINEL = 'aiida-zeromq-broker'
 PENDING = 'pending'
@@ -50,8 +50,6 @@ TASK_SUFFIX = '.json'
 # reads a partial one, and recognisably ours (a rerun removes them).
 TEMP_PREFIX = '.aiida-zmq-'
 TEMP_SUFFIX = '.tmp'
-# Seconds a broker's process may seem to be created after its pid file was written (clock granularity and steps).
-CREATE_TIME_TOLERANCE = 60.0
 _NAME = re.compile(r'^(\d+)_(.+)\.json$')
 
 
@@ -100,6 +98,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
+def is_core_zeromq_broker(cmdline: list[str]) -> bool:
+    """Whether a process's command line is core.zeromq's broker: ``verdi [-p PROFILE] daemon broker`` (the daemon's
+    circus watcher) or ``python -m aiida.brokers.zeromq.service`` (what that command runs)."""
+    service = ('aiida.brokers.zeromq.service', '/aiida/brokers/zeromq/service.py')
+    if any(argument == service[0] or argument.endswith(service[1]) for argument in cmdline):
+        return True
+    names = [os.path.basename(argument) for argument in cmdline]
+    return 'verdi' in names and any(names[i : i + 2] == ['daemon', 'broker'] for i in range(len(names) - 1))
+
+
 class CoreZeromqDir:
     """The broker directory of one profile on core.zeromq (``broker_service.dir``); see the module docstring."""
 
@@ -122,14 +130,15 @@ class CoreZeromqDir:
     def broker_pid(self) -> int | None:
         """The pid of core.zeromq's broker if it runs, else ``None``.
 
-        As AiiDA decides it (the pid of ``broker.pid`` exists and is no zombie), and also: that process existed when
-        the pid file was written. A broker killed with -9 leaves its pid file, and its pid goes to the next process;
-        that one is younger than the file, and is not taken for the broker. A process that cannot be inspected (another
-        user's) counts as running: better to ask than to move tasks from under a live broker.
+        As AiiDA decides it (the pid of ``broker.pid`` exists and is no zombie), and also: that process is
+        core.zeromq's broker (:func:`is_core_zeromq_broker`, from its command line). A broker killed with -9 leaves
+        its pid file, and its pid goes to another process, which is not taken for the broker. File times decide
+        nothing: a clock step makes a live broker's pid file look hours older than its process (issue 21.6). A process
+        that cannot be inspected (another user's) counts as running: better to ask than to move tasks from under a
+        live broker.
         """
         try:
             text = self.pid_file.read_text().strip()
-            written = self.pid_file.stat().st_mtime
         except OSError:
             return None
         try:
@@ -140,9 +149,7 @@ class CoreZeromqDir:
 
         try:
             process = psutil.Process(pid)
-            if process.status() == psutil.STATUS_ZOMBIE:
-                return None
-            if process.create_time() > written + CREATE_TIME_TOLERANCE:
+            if process.status() == psutil.STATUS_ZOMBIE or not is_core_zeromq_broker(process.cmdline()):
                 return None
         except psutil.NoSuchProcess:
             return None

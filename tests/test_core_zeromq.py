@@ -236,6 +236,23 @@ def test_a_stale_pid_file_does_not_block_the_move(core_zeromq: CoreZeromqDir, tm
         newer.wait()
 
 
+def test_a_pid_file_older_than_its_live_broker_still_refuses(core_zeromq: CoreZeromqDir, tmp_path: Path) -> None:
+    """Issue 21.6: ``broker.pid`` two hours older than its process, as a forward clock step leaves it. Before, the
+    live broker was taken for gone (its process younger than the file) and every task was moved from under it: stored
+    twice. Liveness is decided from the process (its command line is core.zeromq's broker), not from file times."""
+    service = CoreZeromqService(core_zeromq.service_dir, tmp_path)
+    try:
+        old = time.time() - 7200
+        os.utime(core_zeromq.pid_file, (old, old))
+        assert core_zeromq.broker_pid() == service.process.pid
+        with pytest.raises(CoreZeromqRunning, match=rf'running \(pid {service.process.pid}'):
+            _import(core_zeromq, tmp_path / 'data')
+        assert not (tmp_path / 'data').exists()  # refused before anything was made
+    finally:
+        service.stop()
+    assert len(core_zeromq.task_files()) == COUNT
+
+
 def test_refused_while_an_aiida_zmq_broker_holds_the_store(core_zeromq: CoreZeromqDir, zmq_broker) -> None:
     with pytest.raises(BrokerRunning):
         _import(core_zeromq, zmq_broker.data_dir)
@@ -402,7 +419,17 @@ def test_refusal_names_the_profile(tmp_path: Path, profile: str | None, advice: 
     """The advice names the profile itself: it used to say `verdi -p PROFILE daemon stop` for the CLI to fill in."""
     directory = CoreZeromqDir(tmp_path / 'service', profile=profile)
     directory.service_dir.mkdir()
-    directory.pid_file.write_text(f'aiida-zeromq-broker {os.getpid()}')  # a live process, older than its pid file
-    with pytest.raises(CoreZeromqRunning) as refused:
-        directory.refuse_if_running()
+    # A live process whose command line is the daemon's broker watcher's (`verdi -p NAME daemon broker`).
+    verdi = tmp_path / 'verdi'
+    verdi.write_text(f'#!{sys.executable}\nimport time\ntime.sleep(60)\n')
+    verdi.chmod(0o700)
+    broker = subprocess.Popen([str(verdi), '-p', profile or 'default', 'daemon', 'broker'])
+    try:
+        directory.pid_file.write_text(f'aiida-zeromq-broker {broker.pid}')
+        wait_until(lambda: directory.broker_pid() == broker.pid, 10, what='the process to show its command line')
+        with pytest.raises(CoreZeromqRunning) as refused:
+            directory.refuse_if_running()
+    finally:
+        broker.kill()
+        broker.wait()
     assert f'(`{advice}`)' in str(refused.value) and 'PROFILE' not in str(refused.value), refused.value

@@ -61,12 +61,38 @@ def move_core_zeromq_tasks(
     except CoreZeromqRunning as exception:
         raise click.ClickException(f'{exception}; {again}.')
     except BrokerRunning:
-        raise click.ClickException(
-            f'an aiida-zmq broker is running on {data_dir} (`aiida-zmq status --data-dir {data_dir}` shows it): stop '
-            f'it first, {again}. Nothing was moved or changed.'
-        )
+        raise click.ClickException(f'{_lock_refusal(data_dir, again)}. Nothing was moved or changed.')
     except StoreError as exception:
         raise click.ClickException(f'{exception}. Nothing was moved or changed.')
+
+
+def _lock_refusal(data_dir: pathlib.Path, again: str) -> str:
+    """What holds the store's lock, said as it is: a broker serving it, or another process (another ``configure``
+    or ``migrate`` moving tasks, an offline submit), named by its pid and command line."""
+    from ..discovery import lock_holder, read_live_broker_info
+
+    info = read_live_broker_info(data_dir)
+    if info is not None:
+        return (
+            f'an aiida-zmq broker is running on {data_dir} (pid {info.get("pid")}; `aiida-zmq status --data-dir '
+            f'{data_dir}` shows it): stop it first, {again}'
+        )
+    pid = lock_holder(data_dir)
+    if pid is None:
+        who = 'another process (its pid cannot be read here)'
+    else:
+        import psutil
+
+        try:
+            command = ' '.join(psutil.Process(pid).cmdline()) or '?'
+        except psutil.Error:
+            command = '?'
+        command = ''.join(c if c.isprintable() else repr(c)[1:-1] for c in command)  # no control characters out
+        who = f'another process, pid {pid} (`{command}`)'
+    return (
+        f'the store in {data_dir} is in use by {who}: no broker runs on it, but another `aiida-zmq configure` or '
+        f'`migrate` may be moving tasks, or a task being submitted offline. Wait for it to finish, {again}'
+    )
 
 
 def echo_core_zeromq_move(report: CoreZeromqMove, profile: Profile, data_dir: pathlib.Path) -> None:

@@ -282,3 +282,34 @@ def test_100_processes_switched_in_one_command_and_10_random_kills(core_zeromq_p
 
     states = _finish_on_aiida_zmq(profile, pks, tmp_path / 'hold', timeout=300)
     _assert_each_ran_once(states, pks)
+
+
+def test_a_move_while_another_holds_the_store_says_what_holds_it(core_zeromq_profile_factory) -> None:
+    """Two ``configure`` (or ``migrate``) at once (issue 21.6): the second is refused, naming the process that holds
+    the store's lock; before, it said "an aiida-zmq broker is running", with none running."""
+    profile = core_zeromq_profile_factory('czmq-busy')
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            '-c',
+            'import sys\n'
+            'from aiida_zmq.security import ensure_private_dir\n'
+            'from aiida_zmq.store import broker_lock\n'
+            'with broker_lock(ensure_private_dir(sys.argv[1]), blocking=False):\n'
+            "    print('held', flush=True)\n"
+            '    sys.stdin.read()\n',
+            str(profile.store_dir),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == 'held'
+        refused = profile.aiida_zmq('migrate', '--from', 'core.zeromq', '--profile', profile.name, check=False)
+    finally:
+        holder.communicate('', timeout=30)
+    assert refused.returncode == 1, refused
+    assert 'broker is running' not in refused.stderr, refused.stderr
+    assert f'pid {holder.pid}' in refused.stderr and 'another' in refused.stderr, refused.stderr
+    assert 'Nothing was moved or changed' in refused.stderr, refused.stderr
