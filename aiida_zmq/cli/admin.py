@@ -734,9 +734,6 @@ def migrate(
     (core.zeromq: only with both brokers stopped). Safe to interrupt: a task is always on at least one side, and a
     rerun finishes the move (docs/coming-from-rabbitmq.md, docs/coming-from-core-zeromq.md).
     """
-    from .. import migrate as migration
-    from ..exceptions import BrokerRunning
-
     if direction is None:
         raise click.UsageError(f'say which way: `--to {server}` or `--from {server}`')
     if server == 'core.zeromq':
@@ -757,8 +754,26 @@ def migrate(
     prefix = prefix or profile_prefix
     if prefix is None:
         raise click.UsageError('give --prefix (the RabbitMQ exchange prefix) or use --profile')
-    queues = queues or ((profile_queue,) if profile_queue else ())
     url = rabbitmq_url or _profile_rabbitmq_url(target) or DEFAULT_RABBITMQ_URL
+    queues = queues or ((profile_queue,) if profile_queue else ())
+    moved = _migrate_rabbitmq(target, direction, url, prefix, queues, dry_run)
+    if as_json:
+        _emit_json(moved)
+    elif dry_run:
+        for queue, count in moved['would_move'].items():
+            click.echo(f'would move {count} task(s) of {queue} {direction} RabbitMQ')
+    else:
+        for queue, count in moved['moved'].items():
+            click.echo(f'moved {count} task(s) of {queue} {direction} RabbitMQ')
+
+
+def _migrate_rabbitmq(
+    target: Target, direction: str, url: str, prefix: str, queues: tuple[str, ...], dry_run: bool
+) -> dict[str, t.Any]:
+    """Move (or count, for a dry run) the tasks of ``queues`` between this broker and RabbitMQ; what ``--json``
+    prints."""
+    from ..exceptions import BrokerRunning
+
     codec = _profile_codec(target)
     zmq_side = _migration_broker(target, codec, direction)
     try:
@@ -766,30 +781,12 @@ def migrate(
             queues = tuple(sorted(_zmq_depths(zmq_side, target))) if direction == 'to' else ()
         if not queues:
             raise click.UsageError('give the queues to move with --queue')
-        message_exchange, task_exchange = _rabbitmq_exchanges(prefix)
+        rabbit = _rabbitmq(url, prefix, codec)
         try:
-            rabbit = migration.rabbitmq_communicator(
-                url, message_exchange=message_exchange, task_exchange=task_exchange, **codec
-            )
-        except Exception as exception:
-            click.echo(f'aiida-zmq: cannot connect to RabbitMQ at {url}: {exception}. Is it running?', err=True)
-            sys.exit(EXIT_NOT_RUNNING)
-        try:
-            source, destination = (zmq_side, rabbit) if direction == 'to' else (rabbit, zmq_side)
             if dry_run:
                 counts = {queue: _depth(zmq_side, target, rabbit, queue, direction) for queue in queues}
-                report = {'dry_run': True, 'would_move': counts, 'total': sum(counts.values())}
-                if as_json:
-                    _emit_json(report)
-                else:
-                    for queue, count in counts.items():
-                        click.echo(f'would move {count} task(s) of {queue} {direction} RabbitMQ')
-                return
-            moved: dict[str, int] = {}
-            for queue in queues:
-                total = _depth(zmq_side, target, rabbit, queue, direction)
-                with click.progressbar(length=total, label=f'{queue}', file=sys.stderr) as bar:
-                    moved[queue] = migration.move_queue(source, destination, queue, on_moved=lambda _n: bar.update(1))
+                return {'dry_run': True, 'would_move': counts, 'total': sum(counts.values())}
+            moved = _move_queues(zmq_side, rabbit, target, queues, direction)
         except BrokerRunning:
             # Only raised before a task of this queue was taken: the store is the broker's now, nothing is half-moved.
             click.echo(
@@ -802,11 +799,34 @@ def migrate(
             rabbit.close()
     finally:
         zmq_side.close()
-    if as_json:
-        _emit_json({'dry_run': False, 'moved': moved, 'total': sum(moved.values())})
-    else:
-        for queue, count in moved.items():
-            click.echo(f'moved {count} task(s) of {queue} {direction} RabbitMQ')
+    return {'dry_run': False, 'moved': moved, 'total': sum(moved.values())}
+
+
+def _rabbitmq(url: str, prefix: str, codec: dict[str, t.Any]) -> t.Any:
+    """A communicator to RabbitMQ on the exchanges of ``prefix``; exit code 3 when it does not answer."""
+    from .. import migrate as migration
+
+    message_exchange, task_exchange = _rabbitmq_exchanges(prefix)
+    try:
+        return migration.rabbitmq_communicator(
+            url, message_exchange=message_exchange, task_exchange=task_exchange, **codec
+        )
+    except Exception as exception:
+        click.echo(f'aiida-zmq: cannot connect to RabbitMQ at {url}: {exception}. Is it running?', err=True)
+        sys.exit(EXIT_NOT_RUNNING)
+
+
+def _move_queues(zmq_side: t.Any, rabbit: t.Any, target: Target, queues: tuple[str, ...], direction: str) -> dict:
+    """Move each queue, with a progress bar on stderr; the count moved per queue."""
+    from .. import migrate as migration
+
+    source, destination = (zmq_side, rabbit) if direction == 'to' else (rabbit, zmq_side)
+    moved: dict[str, int] = {}
+    for queue in queues:
+        total = _depth(zmq_side, target, rabbit, queue, direction)
+        with click.progressbar(length=total, label=f'{queue}', file=sys.stderr) as bar:
+            moved[queue] = migration.move_queue(source, destination, queue, on_moved=lambda _n: bar.update(1))
+    return moved
 
 
 def _migrate_core_zeromq(target: Target, direction: str, dry_run: bool, as_json: bool) -> None:

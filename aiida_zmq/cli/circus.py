@@ -131,9 +131,23 @@ def _with_option(args: list[str], option: str, value: str) -> list[str]:
 @click.option('--heartbeat', type=float, help='Broker heartbeat interval in seconds (see `serve`).')
 @click.option('--peer-timeout', type=float, help='Seconds of client silence before its tasks go to others.')
 @click.option('--no-plugins', is_flag=True, help='Only the broker: no events plugin, no health plugin.')
-@click.option('--health-interval', type=float, default=5.0, show_default=True, help='Seconds between health checks.')
-@click.option('--health-timeout', type=float, default=2.0, show_default=True, help='Seconds a check waits.')
-@click.option('--health-failures', type=int, default=3, show_default=True, help='Failed checks in a row before a kill.')
+@click.option(
+    '--health-interval',
+    type=float,
+    default=HealthOptions.interval,
+    show_default=True,
+    help='Seconds between health checks.',
+)
+@click.option(
+    '--health-timeout', type=float, default=HealthOptions.timeout, show_default=True, help='Seconds a check waits.'
+)
+@click.option(
+    '--health-failures',
+    type=int,
+    default=HealthOptions.max_failures,
+    show_default=True,
+    help='Failed checks in a row before a kill.',
+)
 @click.option(
     '--log-max-bytes',
     type=click.IntRange(min=0),
@@ -173,23 +187,7 @@ def circus_config(
     find it through broker.json in its data directory. Without, a standalone broker on --data-dir. Run the result
     with `circusd FILE` (`--daemon` to detach) and look at it with `circusctl --endpoint CONTROLLER status`.
     """
-    if profile_name is None and data_dir is None:
-        raise click.UsageError('give --profile PROFILE (an AiiDA profile) or --data-dir DIR (a standalone broker)')
-    key = name or 'standalone'
-    serve_args: list[str] = []
-    if profile_name is not None:
-        if name is not None:
-            raise click.UsageError('--name is the profile name with --profile: give one of them')
-        from ..aiida.broker import ZmqBroker, broker_data_dir
-
-        profile = _profile(profile_name)
-        # The profile's broker options (heartbeat, peer timeout, fsync, ...), as the daemon would start the broker.
-        serve_args = ZmqBroker(profile).serve_options()
-        data_dir = data_dir or broker_data_dir(profile)
-        name = profile.name
-        key = str(profile.uuid).replace('-', '')
-    assert data_dir is not None
-    data_dir = data_dir.expanduser().absolute()
+    name, key, data_dir, serve_args = _which_broker(profile_name, data_dir, name)
     from ..security import make_private_dirs
 
     # The broker refuses a directory others can open; create it as it would (0700 whatever the umask).
@@ -199,7 +197,7 @@ def circus_config(
     if peer_timeout is not None:
         serve_args = _with_option(serve_args, '--peer-timeout', str(peer_timeout))
     text, endpoints = render_config(
-        name or 'standalone',
+        name,
         data_dir,
         key=key,
         log_dir=log_dir,
@@ -217,12 +215,32 @@ def circus_config(
         click.echo(text, nl=False)
         return
     output.write_text(text, encoding='utf-8')
-    broker = watcher_name(name or 'standalone')
     click.echo(
         f'Wrote {output}. Run it with `circusd {output}`; '
-        f'`circusctl --endpoint {endpoints["controller"]} status` lists the broker {broker}.',
+        f'`circusctl --endpoint {endpoints["controller"]} status` lists the broker {watcher_name(name)}.',
         err=True,
     )
+
+
+def _which_broker(
+    profile_name: str | None, data_dir: Path | None, name: str | None
+) -> tuple[str, str, Path, list[str]]:
+    """The broker's name, its key (for a short socket path), its data directory and its ``serve`` options: a
+    profile's, as the daemon would start it, or a standalone one's."""
+    if profile_name is None and data_dir is None:
+        raise click.UsageError('give --profile PROFILE (an AiiDA profile) or --data-dir DIR (a standalone broker)')
+    if profile_name is None:
+        assert data_dir is not None
+        return name or 'standalone', name or 'standalone', data_dir.expanduser().absolute(), []
+    if name is not None:
+        raise click.UsageError('--name is the profile name with --profile: give one of them')
+    from ..aiida.broker import ZmqBroker, broker_data_dir
+
+    profile = _profile(profile_name)
+    # The profile's broker options (heartbeat, peer timeout, fsync, ...), as the daemon would start the broker.
+    serve_args = ZmqBroker(profile).serve_options()
+    directory = (data_dir or broker_data_dir(profile)).expanduser().absolute()
+    return profile.name, str(profile.uuid).replace('-', ''), directory, serve_args
 
 
 if __name__ == '__main__':
