@@ -43,8 +43,6 @@ ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {
     ('aiida_zmq/aiida/communicator.py', 'self._communicator._online'): 2,
     ('aiida_zmq/aiida/communicator.py', 'self._communicator._open_mode'): 2,
     ('aiida_zmq/aiida/communicator.py', 'self._communicator._send_task'): 1,
-    ('aiida_zmq/broker/admin.py', 'broker._drop_client'): 1,
-    ('aiida_zmq/broker/admin.py', 'broker._queue'): 1,
     ('aiida_zmq/cli/admin.py', 'client._is_pid_file_stale'): 1,
     ('aiida_zmq/cli/admin.py', 'communicator._connection'): 1,
     ('aiida_zmq/cli/admin.py', 'rabbit._communicator'): 1,
@@ -57,7 +55,6 @@ ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {
 
 #: Sets of modules allowed to import each other in a circle (a cycle found must lie within one of them).
 ALLOWED_CYCLES: list[frozenset[str]] = [
-    frozenset(['aiida_zmq.broker.admin', 'aiida_zmq.broker.server']),
     frozenset(['aiida_zmq.pytest_aiida_broker', 'aiida_zmq.testing']),
 ]
 
@@ -65,8 +62,6 @@ ALLOWED_CYCLES: list[frozenset[str]] = [
 ALLOWED_LONG: frozenset[tuple[str, str]] = frozenset(
     {
         ('aiida_zmq/aiida/broker.py', 'ZmqBroker'),
-        ('aiida_zmq/broker/server.py', 'Broker'),
-        ('aiida_zmq/broker/server.py', 'Broker._handle'),
         ('aiida_zmq/circus.py', 'broker_watchers'),
         ('aiida_zmq/cli/admin.py', 'migrate'),
         ('aiida_zmq/cli/aiida.py', 'configure'),

@@ -1,10 +1,11 @@
 """The broker's ADMIN operations: status, peer-gone, dead letters, task listings and purges.
 
 Requests are small JSON objects with an ``op`` key (``docs/protocol.md``, Administration); each operation runs on
-the broker's loop thread, between messages, with the broker's state as it is. Every argument is checked before an
-operation runs (type, range, the operation's own argument names), so that whatever a client sends gets an answer
-saying what was expected: ``1e999`` (which JSON reads as infinity), ``10**30`` (past SQLite's integers) and deeply
-nested brackets included.
+the broker's loop thread, between messages, with the broker's state as it is, and those that need only the store
+run the same code on the store of a stopped broker (:func:`run_stopped`, what the CLI does when no broker runs).
+Every argument is checked before an operation runs (type, range, the operation's own argument names), so that
+whatever a client sends gets an answer saying what was expected: ``1e999`` (which JSON reads as infinity),
+``10**30`` (past SQLite's integers) and deeply nested brackets included.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import __version__
 from ..exceptions import AdminRequestError
+from ..store import TaskStore
+from ..store_history import stopped_task_info
+from .context import Context
 
-if TYPE_CHECKING:
-    from .server import Broker
-
-__all__ = ('OPERATIONS', 'AdminRequestError', 'Operation', 'parse')
+__all__ = ('OPERATIONS', 'Operation', 'parse', 'run', 'run_stopped')
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,13 +105,35 @@ def _required_queue(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Operation:
-    """An ADMIN operation: its function, its arguments (name -> parser of the JSON value, and default) and whether it
-    changes the store (then it is answered after the batch's commit)."""
+    """An ADMIN operation: its function, its arguments (name -> parser of the JSON value, and default), whether it
+    changes the store (then it is answered after the batch's commit), and, for one that also runs on the store of a
+    stopped broker, its answer when there is no store at all.
+
+    The function is ``function(store, broker, **arguments)``: ``broker`` is the running broker, or None on the
+    store of a stopped one (where nothing is in memory and nobody holds a task); written once for both.
+    """
 
     function: Callable[..., dict]
     arguments: dict[str, tuple[Callable[[Any], Any], Any]]
     required: frozenset[str] = frozenset()
     changes_store: bool = False
+    without_store: dict[str, Any] | None = None  # None: it needs a running broker
+
+
+def run(broker: Context, operation: Operation, arguments: dict[str, Any]) -> dict:
+    """Run an operation on the running broker."""
+    return operation.function(broker.store, broker, **arguments)
+
+
+def run_stopped(op: str, store: TaskStore | None, **arguments: Any) -> dict:
+    """Run operation ``op`` on the store of a stopped broker (``None``: it has no store yet), with the answer the
+    running broker would give: the CLI prints the same either way."""
+    operation = OPERATIONS[op]
+    if operation.without_store is None:
+        raise ValueError(f'{op} needs a running broker')
+    if store is None:
+        return dict(operation.without_store)
+    return operation.function(store, None, **arguments)
 
 
 def parse(request_bytes: bytes) -> tuple[str, Operation, dict[str, Any]]:
@@ -146,18 +170,57 @@ def parse(request_bytes: bytes) -> tuple[str, Operation, dict[str, Any]]:
 # The operations -----------------------------------------------------------------------------------------------------
 
 
-def status(broker: Broker) -> dict:
+def status(store: TaskStore, broker: Context | None) -> dict:
     """Queues, clients, counters, dead letters and store size: what `aiida-zmq status` shows."""
-    answer = broker.snapshot()
-    answer['dead_letters'] = len(broker.store.dead_letters())
-    answer['store_bytes'] = broker.store.size_bytes()
+    assert broker is not None, 'status needs a running broker'
+    answer = snapshot(broker)
+    answer['dead_letters'] = len(store.dead_letters())
+    answer['store_bytes'] = store.size_bytes()
     answer['data_dir'] = str(broker.data_dir)
     answer['version'] = __version__
     return answer
 
 
-def peer_gone(broker: Broker, pid: int) -> dict:
+def snapshot(broker: Context) -> dict:
+    """A JSON-able view of the broker's state in memory (the part of the status that needs no store)."""
+    config = broker.config
+    return {
+        'epoch': broker.epoch,
+        'pid': os.getpid(),
+        'uptime': time.time() - broker.started,
+        'endpoints': broker.endpoints,
+        'queues': {name: {'depth': len(q), 'consumers': len(q.consumers)} for name, q in broker.queues.items()},
+        'clients': [
+            {
+                'name': c.name,
+                'pid': c.pid,
+                'held': len(c.held),
+                'held_per_queue': dict(c.held.per_queue),
+                'held_ids': sorted(c.held.tasks)[:20],  # the oldest it holds (`aiida-zmq top`)
+                'prefetch': dict(c.prefetch),
+                'subscribed': c.subscribed,
+            }
+            for c in broker.clients.values()
+        ],
+        'orphans': len(broker.deliveries.orphans),
+        'store_fault': broker.store_fault.status(),
+        'stats': {**broker.stats, 'log_lines_suppressed': broker.limited_log.suppressed_total},
+        # What the operator chose (`serve` options, or the AiiDA profile's broker options through the watcher).
+        'settings': {
+            'heartbeat': config.heartbeat,
+            'peer_timeout': config.peer_timeout,
+            'max_deliveries': config.max_deliveries,
+            'max_message_bytes': config.max_message_bytes,
+            'max_queues': config.max_queues,
+            'outbound_bytes': config.outbound_bytes,
+            'fsync': config.fsync,
+        },
+    }
+
+
+def peer_gone(store: TaskStore, broker: Context | None, pid: int) -> dict:
     """A supervisor (the circus plugin) saw process ``pid`` exit: its clients are dead now, not in a minute."""
+    assert broker is not None, 'peer-gone needs a running broker'
     gone = [client for client in broker.clients.values() if client.pid == pid]
     requeued = 0
     for client in gone:
@@ -173,35 +236,41 @@ def peer_gone(broker: Broker, pid: int) -> dict:
     return {'clients': len(gone), 'requeued': requeued}
 
 
-def dead_letters(broker: Broker, queue: str | None = None) -> dict:
+def dead_letters(store: TaskStore, broker: Context | None, queue: str | None = None) -> dict:
     """List dead-lettered tasks (id, queue, deliveries, reason)."""
-    rows = broker.store.dead_letters(queue)
+    rows = store.dead_letters(queue)
     return {'dead_letters': [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in rows]}
 
 
-def dead_letters_requeue(broker: Broker, ids: list[int] | None = None) -> dict:
+def dead_letters_requeue(store: TaskStore, broker: Context | None, ids: list[int] | None = None) -> dict:
     """Put dead-lettered tasks (all when `ids` is null) back in their queues with a fresh delivery count."""
-    revived = broker.store.revive_dead(ids)
-    broker.deliveries.revive(broker.store.load_tasks(revived))
+    revived = store.revive_dead(ids)
+    if broker is None:
+        return {'requeued': len(revived)}
+    broker.deliveries.revive(store.load_tasks(revived))
     broker.limited_log.info('%d dead-lettered task(s) requeued by request', len(revived), key=('admin', 'requeue'))
     return {'requeued': len(revived)}
 
 
-def dead_letters_drop(broker: Broker, ids: list[int] | None = None) -> dict:
+def dead_letters_drop(store: TaskStore, broker: Context | None, ids: list[int] | None = None) -> dict:
     """Delete dead-lettered tasks (all when `ids` is null)."""
-    dropped = broker.store.drop_dead(ids)
+    dropped = store.drop_dead(ids)
+    if broker is None:
+        return {'dropped': dropped}
     broker.limited_log.info('%d dead-lettered task(s) dropped by request', dropped, key=('admin', 'drop'))
     return {'dropped': dropped}
 
 
-def tasks(broker: Broker, queue: str | None = None, limit: int = 100) -> dict:
+def tasks(store: TaskStore, broker: Context | None, queue: str | None = None, limit: int = 100) -> dict:
     """List stored tasks, oldest first, without payloads."""
-    return {'tasks': broker.store.list_tasks(queue, limit)}
+    return {'tasks': store.list_tasks(queue, int(limit))}
 
 
-def tasks_purge(broker: Broker, queue: str) -> dict:
+def tasks_purge(store: TaskStore, broker: Context | None, queue: str) -> dict:
     """Drop the waiting tasks of a queue, those backing off included (held ones stay with their consumers)."""
-    waiting = broker.store.purge_ready(queue)
+    waiting = store.purge_ready(queue)
+    if broker is None:
+        return {'purged': waiting}
     backing_off = broker.deliveries.drop_delayed(queue)
     state = broker.queues.get(queue)
     if state is not None:
@@ -224,11 +293,15 @@ def _pks(value: Any) -> list[int]:
     return [_integer('processes', item, 1, MAX_TASK_ID) for item in value]
 
 
-def task_info(broker: Broker, ids: list[int] | None = None, processes: list[int] | None = None) -> dict:
+def task_info(
+    store: TaskStore, broker: Context | None, ids: list[int] | None = None, processes: list[int] | None = None
+) -> dict:
     """What the broker knows of these tasks, and of the tasks for these processes: the store's view with each task's
     history (``TaskHistory.describe``), who holds it and since when, when a task that backs off is offered again,
     and which session serves each process's RPC identifier (AiiDA's process controller talks to it there)."""
-    tasks = broker.store.history.describe(ids or (), processes or ())
+    if broker is None:  # nobody holds a task and none backs off; a delivered one is an orphan
+        return stopped_task_info(store.history, ids, processes)
+    tasks = store.history.describe(ids or (), processes or ())
     now, wall = time.monotonic(), time.time()
     holders = {task_id: client for client in broker.clients.values() for task_id in client.held.tasks}
     backing_off = broker.deliveries.backing_off()
@@ -257,10 +330,20 @@ OPERATIONS: dict[str, Operation] = {
     'status': Operation(status, {}),
     # peer-gone changes memory (the tasks go to others now); the store follows with the batch, even if it fails.
     'peer-gone': Operation(peer_gone, {'pid': (_pid, None)}, frozenset({'pid'})),
-    'dead-letters': Operation(dead_letters, {'queue': (_queue, None)}),
-    'dead-letters-requeue': Operation(dead_letters_requeue, {'ids': (_ids, None)}, changes_store=True),
-    'dead-letters-drop': Operation(dead_letters_drop, {'ids': (_ids, None)}, changes_store=True),
-    'tasks': Operation(tasks, {'queue': (_queue, None), 'limit': (_limit, 100)}),
-    'tasks-purge': Operation(tasks_purge, {'queue': (_required_queue, None)}, frozenset({'queue'}), True),
-    'task-info': Operation(task_info, {'ids': (_ids, None), 'processes': (_pks, None)}),
+    'dead-letters': Operation(dead_letters, {'queue': (_queue, None)}, without_store={'dead_letters': []}),
+    'dead-letters-requeue': Operation(
+        dead_letters_requeue, {'ids': (_ids, None)}, changes_store=True, without_store={'requeued': 0}
+    ),
+    'dead-letters-drop': Operation(
+        dead_letters_drop, {'ids': (_ids, None)}, changes_store=True, without_store={'dropped': 0}
+    ),
+    'tasks': Operation(tasks, {'queue': (_queue, None), 'limit': (_limit, 100)}, without_store={'tasks': []}),
+    'tasks-purge': Operation(
+        tasks_purge, {'queue': (_required_queue, None)}, frozenset({'queue'}), True, without_store={'purged': 0}
+    ),
+    'task-info': Operation(
+        task_info,
+        {'ids': (_ids, None), 'processes': (_pks, None)},
+        without_store={'tasks': [], 'rpc': {}, 'peer_timeout': None},
+    ),
 }

@@ -225,17 +225,20 @@ class Deliveries:
         for task in holder.held.newest_first():
             self.give_back(holder, task, RELEASED if released else LOST, why)
 
-    def answered_without_session(self, routing_id: bytes, task_id: int, attempt: int, final: bool) -> StoredTask | None:
+    def answered_without_session(
+        self, routing_id: bytes, task_id: int, attempt: int, final: bool
+    ) -> tuple[bool, StoredTask | None]:
         """An answer from a client without a session (the broker restarted, or declared it dead): accepted for an
-        unclaimed orphan of that attempt. Returns the orphan a ``final`` answer finished (deleted), else None."""
+        unclaimed orphan of that attempt. Returns whether it was accepted, and the orphan a ``final`` answer finished
+        (deleted); a refused answer is counted and logged."""
         task = self.orphans.get(task_id)
         if task is not None and task.attempts == attempt:
             if not final:
-                return None
+                return True, None
             del self.orphans[task_id]
             self.store.delete((task_id,))
             self.store.history.record(task_id, 'answered', 'by its holder from before the restart, without a session')
-            return task
+            return True, task
         # The delivery was taken away (declared dead, then given to another consumer) or is already finished.
         self.stats['late_acks_refused'] += 1
         self.limited_log.warning(
@@ -245,7 +248,7 @@ class Deliveries:
             attempt,
             key=('late-answer', routing_id),
         )
-        return None
+        return False, None
 
     # Time ---------------------------------------------------------------------------------------------------------
 

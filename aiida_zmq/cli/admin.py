@@ -175,47 +175,19 @@ def _stopped_store(target: Target, *, quiet: bool = False) -> Iterator[TaskStore
         sys.exit(EXIT_REFUSED)
 
 
-def _dead_letter_rows(store: TaskStore, queue: str | None) -> list[dict[str, t.Any]]:
-    return [{'id': i, 'queue': q, 'attempts': a, 'reason': r} for i, q, a, r in store.dead_letters(queue)]
-
-
-def _stored_task_info(store: TaskStore, ids: list[int] | None, processes: list[int] | None) -> dict[str, t.Any]:
-    from ..store_history import stopped_task_info
-
-    return stopped_task_info(store.history, ids, processes)
-
-
-# What the ADMIN operations of the broker (``admin.OPERATIONS``) answer, done on the store of a stopped broker:
-# the same answers, so that the commands print the same either way. Nothing is held by anyone while no broker runs.
-_STORE_OPERATIONS: dict[str, t.Callable[..., dict[str, t.Any]]] = {
-    'tasks': lambda store, queue=None, limit=100: {'tasks': store.list_tasks(queue, int(limit))},
-    'tasks-purge': lambda store, queue: {'purged': store.purge_ready(queue)},
-    'dead-letters': lambda store, queue=None: {'dead_letters': _dead_letter_rows(store, queue)},
-    'dead-letters-requeue': lambda store, ids=None: {'requeued': len(store.revive_dead(ids))},
-    'dead-letters-drop': lambda store, ids=None: {'dropped': store.drop_dead(ids)},
-    'task-info': lambda store, ids=None, processes=None: _stored_task_info(store, ids, processes),
-}
-_NO_STORE: dict[str, dict[str, t.Any]] = {
-    'tasks': {'tasks': []},
-    'tasks-purge': {'purged': 0},
-    'dead-letters': {'dead_letters': []},
-    'dead-letters-requeue': {'requeued': 0},
-    'dead-letters-drop': {'dropped': 0},
-    'task-info': {'tasks': [], 'rpc': {}, 'peer_timeout': None},
-}
-
-
 def _run(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) -> dict[str, t.Any]:
     """Do an ADMIN operation: on the store of a stopped broker, else through the running broker.
 
     The store comes first because only its lock says for sure that no broker runs; holding it, no broker can start
     and change the store behind this command's back.
     """
+    from ..broker import admin as admin_operations
     from ..exceptions import BrokerRunning
 
     try:
         with _stopped_store(target, quiet=quiet) as store:
-            return dict(_NO_STORE[op]) if store is None else _STORE_OPERATIONS[op](store, **arguments)
+            # The broker's own operation, on the stopped store (the same answers, so the commands print the same).
+            return admin_operations.run_stopped(op, store, **arguments)
     except BrokerRunning:
         return _admin(target, op, **arguments)
 
