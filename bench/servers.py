@@ -27,10 +27,16 @@ BROKERS: dict[str, tuple[str, str]] = {
     'aiida-zmq-baseline': ('aiida-zmq', 'default'),
     # The same broker with each task's history switched off: what the history costs, measured in the same run.
     'aiida-zmq-no-history': ('aiida-zmq', 'default'),
+    # Without the fsync and the history that later defaults added: the settings of a baseline from before them
+    # (917f59f), so that a before/after run compares code with code as well as defaults with defaults.
+    'aiida-zmq-no-fsync-no-history': ('aiida-zmq', 'default'),
 }
-OPT_IN = {'aiida-zmq-baseline', 'aiida-zmq-no-history'}
+OPT_IN = {'aiida-zmq-baseline', 'aiida-zmq-no-history', 'aiida-zmq-no-fsync-no-history'}
 # ``aiida-zmq serve`` options of a variant (the others run with the defaults).
-SERVE_OPTIONS: dict[str, tuple[str, ...]] = {'aiida-zmq-no-history': ('--no-task-history',)}
+SERVE_OPTIONS: dict[str, tuple[str, ...]] = {
+    'aiida-zmq-no-history': ('--no-task-history',),
+    'aiida-zmq-no-fsync-no-history': ('--no-fsync', '--no-task-history'),
+}
 RMQ_HOST, RMQ_PORT = '127.0.0.1', 5672
 RMQ_URL = f'amqp://guest:guest@{RMQ_HOST}:{RMQ_PORT}/'
 READY_TIMEOUT = 30.0
