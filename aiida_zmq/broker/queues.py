@@ -203,6 +203,21 @@ class TaskQueues:
                 forgotten += 1
         return forgotten
 
+    def forget_new(self, tasks: t.Iterable[StoredTask]) -> None:
+        """Take new tasks whose batch did not commit (refused to their senders) out of their queues' windows, and
+        look at every queue with consumers again (a dispatch cut short by the failure left some unlooked at)."""
+        by_queue: dict[str, set[int]] = {}
+        for task in tasks:
+            by_queue.setdefault(task.queue, set()).add(task.id)
+        for name, waiting in by_queue.items():
+            queue = self._by_name.get(name)
+            if queue is not None:
+                queue.backlog = max(0, queue.backlog - (len(waiting) - queue.remove(waiting)))
+                self.wake(name)
+        for queue in self._by_name.values():
+            if queue.consumers and len(queue):
+                self.wake(queue.name)
+
     # Dispatch -----------------------------------------------------------------------------------------------------
 
     def dispatch(

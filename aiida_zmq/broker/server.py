@@ -31,7 +31,7 @@ from ..exceptions import StoreError
 from ..protocol import Command, ErrorCode
 from ..ratelimit import RateLimitedLog
 from ..security import ensure_private_dir
-from ..store import STORE_FILENAME, StoredTask, TaskStore
+from ..store import STORE_FILENAME, TaskStore
 from ..store_identity import StoreIdentity
 from .config import BrokerConfig
 from .context import Batch, Peer
@@ -364,20 +364,8 @@ class Broker:
             if command is Command.TASK_GOT:
                 self.send(client, Command.TASK_GOT, first, b'', b'0', b'0', b'')
         batch.outgoing.clear()
-        self._forget_inserted(inserted)
+        self.queues.forget_new(inserted.values())
         self._answer_admin_replies_with_fault()
-
-    def _forget_inserted(self, inserted: dict[int, StoredTask]) -> None:
-        """Take the refused new tasks out of their queues' windows, and look at every queue again."""
-        for name in {task.queue for task in inserted.values()}:
-            queue = self.queues.get(name)
-            if queue is not None:
-                waiting = {task.id for task in inserted.values() if task.queue == name}
-                queue.backlog = max(0, queue.backlog - (len(waiting) - queue.remove(waiting)))
-                self.queues.wake(name)
-        for queue in self.queues.values():  # a dispatch cut short by the failure left some unlooked at
-            if queue.consumers and len(queue):
-                self.queues.wake(queue.name)
 
     def _flush_writes(self) -> None:
         """Commit what the batch staged (at close; the loop commits through :meth:`_commit`)."""
