@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiida import orm
 from aiida.engine import ToContext, WorkChain, calcfunction
 
-__all__ = ('AddWorkChain', 'ParentWorkChain', 'add')
+__all__ = ('AddWorkChain', 'JobParentWorkChain', 'ParentWorkChain', 'add', 'held_code')
 
 
 @calcfunction
@@ -54,3 +54,55 @@ class ParentWorkChain(WorkChain):
             return self.exit_codes.ERROR_CHILD_FAILED
         self.out('sum', child.outputs.sum)
         return None
+
+
+class JobParentWorkChain(WorkChain):
+    """Submits a ``core.arithmetic.add`` job of its ``code`` and waits for it: a live process with a live child.
+
+    With a code that waits (the tests' and the control benchmark's hold scripts), it stays in ``Waiting`` until
+    released, as a real calculation does: what ``verdi process pause/play/kill`` act on.
+    """
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input('code', valid_type=orm.AbstractCode)
+        spec.input('x', valid_type=orm.Int)
+        spec.input('y', valid_type=orm.Int)
+        spec.output('sum', valid_type=orm.Int)
+        spec.outline(cls.submit_job, cls.collect)
+
+    def submit_job(self):
+        from aiida.calculations.arithmetic.add import ArithmeticAddCalculation
+
+        inputs = {'code': self.inputs.code, 'x': self.inputs.x, 'y': self.inputs.y}
+        options = {'resources': {'num_machines': 1}}
+        return ToContext(job=self.submit(ArithmeticAddCalculation, **inputs, metadata={'options': options}))
+
+    def collect(self) -> None:
+        self.out('sum', self.ctx.job.outputs.sum)
+
+
+def held_code(hold_file: str) -> orm.AbstractCode:
+    """A code on ``localhost`` that waits while ``hold_file`` exists, then runs bash: a job its caller releases.
+
+    For :class:`JobParentWorkChain` in the tests and the control benchmark: the job waits (it does not spin) as long as
+    the caller wants, as a real calculation does. The code is made once per hold file.
+    """
+    import os
+    import stat
+    from pathlib import Path
+
+    from aiida.common import NotExistent
+
+    label = f'hold-{abs(hash(hold_file)) % 10**8}'
+    try:
+        return orm.load_code(f'{label}@localhost')
+    except NotExistent:
+        pass
+    script = Path(hold_file).with_suffix('.sh')
+    script.write_text(f'#!/bin/bash\nwhile [ -e {hold_file} ]; do sleep 0.1; done\nexec /bin/bash "$@"\n')
+    os.chmod(script, script.stat().st_mode | stat.S_IXUSR)
+    return orm.InstalledCode(
+        label=label, computer=orm.load_computer('localhost'), filepath_executable=str(script)
+    ).store()

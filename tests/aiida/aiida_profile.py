@@ -115,6 +115,10 @@ class AiidaZmqProfile:
         # to stop: ask with a generous timeout, as a user with busy workers would.
         self.verdi('daemon', 'stop', '--timeout', '60', timeout=90)
 
+    def daemon_log(self) -> Path:
+        """The daemon workers' log (aiida-core's ``daemon/log/aiida-PROFILE.log``)."""
+        return self.aiida_path / '.aiida' / 'daemon' / 'log' / f'aiida-{self.name}.log'
+
     def daemon_pid(self) -> int | None:
         pid_file = self.aiida_path / '.aiida' / 'daemon' / f'circus-{self.name}.pid'
         try:

@@ -97,25 +97,9 @@ def cmd_states(args: argparse.Namespace) -> dict[str, t.Any]:
 
 
 def _hold_code(hold_file: str) -> t.Any:
-    """A code on ``localhost`` that waits while ``hold_file`` exists, then runs bash: a job the test releases."""
-    import os
-    import stat
-    from pathlib import Path
+    from aiida_zmq.aiida.demo_workflows import held_code
 
-    from aiida import orm
-    from aiida.common import NotExistent
-
-    label = f'hold-{abs(hash(hold_file)) % 10**8}'
-    try:
-        return orm.load_code(f'{label}@localhost')
-    except NotExistent:
-        pass
-    script = Path(hold_file).with_suffix('.sh')
-    script.write_text(f'#!/bin/bash\nwhile [ -e {hold_file} ]; do sleep 0.1; done\nexec /bin/bash "$@"\n')
-    os.chmod(script, script.stat().st_mode | stat.S_IXUSR)
-    return orm.InstalledCode(
-        label=label, computer=orm.load_computer('localhost'), filepath_executable=str(script)
-    ).store()
+    return held_code(hold_file)
 
 
 def cmd_submit_held(args: argparse.Namespace) -> dict[str, t.Any]:
@@ -140,10 +124,11 @@ def cmd_submit_held(args: argparse.Namespace) -> dict[str, t.Any]:
 
 
 def cmd_submit_held_parent(args: argparse.Namespace) -> dict[str, t.Any]:
-    """Submit work chains that each wait for a held job (:class:`zmq_test_workflows.JobParentWorkChain`)."""
+    """Submit work chains that each wait for a held job (:class:`aiida_zmq.aiida.demo_workflows.JobParentWorkChain`)."""
     from aiida import orm
     from aiida.engine import submit
-    from zmq_test_workflows import JobParentWorkChain
+
+    from aiida_zmq.aiida.demo_workflows import JobParentWorkChain
 
     code = _hold_code(args.hold_file)
     return {'pks': [submit(JobParentWorkChain, code=code, x=orm.Int(i), y=orm.Int(1)).pk for i in range(args.count)]}
@@ -187,6 +172,29 @@ def cmd_send_continue(args: argparse.Namespace) -> dict[str, t.Any]:
 
     get_manager().get_process_controller().continue_process(args.pk, nowait=True, no_reply=True)
     return {'sent': args.pk}
+
+
+def cmd_live_status(args: argparse.Namespace) -> dict[str, t.Any]:
+    """The process's own status, from the worker that runs it (``verdi process status``'s RPC); nothing if none."""
+    from aiida.manage import get_manager
+    from plumpy.futures import unwrap_kiwi_future
+
+    try:
+        status = unwrap_kiwi_future(get_manager().get_process_controller().get_status(args.pk)).result(timeout=10)
+    except Exception as exception:  # not loaded yet (unroutable) or slow: the test asks again
+        return {'error': repr(exception)}
+    return {'status': {key: value for key, value in status.items() if key in ('paused', 'state', 'process_string')}}
+
+
+def cmd_checkpoint_paused(args: argparse.Namespace) -> dict[str, t.Any]:
+    """Whether the process's saved checkpoint is of a paused process (what a worker reloads it as)."""
+    import yaml
+    from aiida import orm
+    from aiida.orm.utils import serialize
+
+    checkpoint = orm.load_node(args.pk).checkpoint
+    bundle = yaml.load(checkpoint, Loader=serialize.AiiDALoader) if checkpoint else {}
+    return {'paused': bundle.get('_paused') is not None}
 
 
 def _ready_then_wait_to_go(args: argparse.Namespace, communicator: t.Any) -> None:
@@ -287,6 +295,10 @@ def main() -> int:
     send_continue = commands.add_parser('send-continue')
     send_continue.add_argument('pk', type=int)
     send_continue.set_defaults(function=cmd_send_continue)
+    for name, function in (('live-status', cmd_live_status), ('checkpoint-paused', cmd_checkpoint_paused)):
+        command = commands.add_parser(name)
+        command.add_argument('pk', type=int)
+        command.set_defaults(function=function)
     repair = commands.add_parser('repair-session')
     repair.add_argument('ready_file')
     repair.add_argument('go_file')

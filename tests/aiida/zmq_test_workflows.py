@@ -15,25 +15,6 @@ def _submit_add_job(workchain: WorkChain):
     return workchain.submit(calculation, **inputs, metadata={'options': options})
 
 
-class JobParentWorkChain(WorkChain):
-    """Submits a ``core.arithmetic.add`` job and waits for it: a work chain that waits, for pause and play."""
-
-    @classmethod
-    def define(cls, spec):
-        super().define(spec)
-        spec.input('code', valid_type=orm.AbstractCode)
-        spec.input('x', valid_type=orm.Int)
-        spec.input('y', valid_type=orm.Int)
-        spec.output('sum', valid_type=orm.Int)
-        spec.outline(cls.submit_job, cls.collect)
-
-    def submit_job(self):
-        return ToContext(job=_submit_add_job(self))
-
-    def collect(self) -> None:
-        self.out('sum', self.ctx.job.outputs.sum)
-
-
 class TwoChildrenWorkChain(WorkChain):
     """Submits a quick child and waits for it, then a held job and waits for that.
 
