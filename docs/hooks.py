@@ -4,7 +4,7 @@ A page that contains ``<!-- generated: NAME -->`` gets that marker replaced by t
 
 - ``cli``: every ``aiida-zmq`` command with its usage, help and options (from the click group);
 - ``broker-config``: the broker's tunables (:class:`aiida_zmq.broker.config.BrokerConfig`, comments from its source);
-- ``profile-config``: the AiiDA profile options of the ``zmq`` broker (``ZmqBroker._config_fields``);
+- ``profile-config``: the AiiDA profile options of the ``zmq`` broker (``ZmqBroker.config_fields()``);
 - ``connect``: the options of :func:`aiida_zmq.connect` (the communicator's constructor);
 - ``admin``: the ADMIN operations the broker answers.
 """
@@ -68,7 +68,7 @@ def _profile_config() -> str:
     from aiida_zmq.aiida.broker import ZmqBroker
 
     rows = ['| option | default | a command-line option | meaning |', '|---|---|---|---|']
-    for item in ZmqBroker._config_fields:
+    for item in ZmqBroker.config_fields().values():
         exposed = 'yes' if getattr(item, 'expose_cli', True) else 'no (advanced)'
         rows.append(f'| `{item.name}` | `{item.default!r}` | {exposed} | {item.help} |')
     return '\n'.join(rows) + '\n'

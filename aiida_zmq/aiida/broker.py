@@ -484,13 +484,18 @@ class ZmqBroker(Broker):
         if discovery.read_live_broker_info(self._data_dir) is None:
             return False
         try:
-            self._admin_status(timeout=5.0)
+            self.admin_status(timeout=5.0)
         except Exception as exception:
             LOGGER.debug('broker of %s not reachable: %s', self._profile.name, exception)
             return False
         return True
 
-    def _admin_status(self, timeout: float) -> dict[str, t.Any]:
+    @classmethod
+    def config_fields(cls) -> dict[str, BrokerConfigField]:
+        """The profile options of this broker by name (aiida-core's ``_config_fields``), for the CLI and the docs."""
+        return {field.name: field for field in cls._config_fields}
+
+    def admin_status(self, timeout: float) -> dict[str, t.Any]:
         """Ask the running broker for its status, through this broker's connection or a short-lived one."""
         communicator = self._resources.communicator
         connection = communicator.connection if communicator is not None else None
@@ -550,7 +555,7 @@ class ZmqBroker(Broker):
             status['running'] = True
             status['pid'] = info.get('pid')
             status['endpoint'] = discovery.choose_endpoint(info)
-            admin = self._admin_status(timeout=10.0)
+            admin = self.admin_status(timeout=10.0)
         except Exception as exception:
             error = f'{type(exception).__name__}: {exception}'
             LOGGER.warning('Failed to probe the broker status of %s: %s', self._profile.name, error)

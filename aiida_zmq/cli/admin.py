@@ -756,9 +756,9 @@ def _migrate_rabbitmq(
         rabbit = _rabbitmq(url, prefix, codec)
         try:
             if dry_run:
-                counts = {queue: _depth(zmq_side, target, rabbit, queue, direction) for queue in queues}
+                counts = {queue: _depth(zmq_side, target, url, queue, direction) for queue in queues}
                 return {'dry_run': True, 'would_move': counts, 'total': sum(counts.values())}
-            moved = _move_queues(zmq_side, rabbit, target, queues, direction)
+            moved = _move_queues(zmq_side, rabbit, target, queues, direction, url)
         except BrokerRunning:
             # Only raised before a task of this queue was taken: the store is the broker's now, nothing is half-moved.
             click.echo(
@@ -788,14 +788,16 @@ def _rabbitmq(url: str, prefix: str, codec: dict[str, t.Any]) -> t.Any:
         sys.exit(EXIT_NOT_RUNNING)
 
 
-def _move_queues(zmq_side: t.Any, rabbit: t.Any, target: Target, queues: tuple[str, ...], direction: str) -> dict:
+def _move_queues(
+    zmq_side: t.Any, rabbit: t.Any, target: Target, queues: tuple[str, ...], direction: str, url: str
+) -> dict:
     """Move each queue, with a progress bar on stderr; the count moved per queue."""
     from .. import migrate as migration
 
     source, destination = (zmq_side, rabbit) if direction == 'to' else (rabbit, zmq_side)
     moved: dict[str, int] = {}
     for queue in queues:
-        total = _depth(zmq_side, target, rabbit, queue, direction)
+        total = _depth(zmq_side, target, url, queue, direction)
         with click.progressbar(length=total, label=f'{queue}', file=sys.stderr) as bar:
             moved[queue] = migration.move_queue(source, destination, queue, on_moved=lambda _n: bar.update(1))
     return moved
@@ -894,28 +896,28 @@ def _profile_codec(target: Target) -> dict[str, t.Any]:
     return {'encoder': encoder, 'decoder': decoder}
 
 
-def _depth(zmq_side: t.Any, target: Target, rabbit: t.Any, queue: str, direction: str) -> int:
+def _depth(zmq_side: t.Any, target: Target, url: str, queue: str, direction: str) -> int:
     """Tasks waiting in ``queue`` on the source side."""
     if direction == 'to':
         return _zmq_depths(zmq_side, target).get(queue, 0)
-    return _rabbitmq_depth(rabbit, queue)
+    return _rabbitmq_depth(url, queue)
 
 
-def _rabbitmq_depth(rabbit: t.Any, queue: str) -> int:
-    """Messages ready in a RabbitMQ queue (a passive declare, through kiwipy's own connection)."""
+def _rabbitmq_depth(url: str, queue: str) -> int:
+    """Messages ready in a RabbitMQ queue: a passive declare on a connection of its own (aio-pika, which kiwipy's
+    RabbitMQ communicator runs on; the communicator offers no count)."""
+    import asyncio
+
+    import aio_pika
 
     async def depth() -> int:
-        communicator = rabbit._communicator  # kiwipy.rmq.RmqCommunicator behind the thread wrapper
-        channel = communicator._connection.channel()
-        await channel.__aenter__()
-        try:
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel()
             declared = await channel.declare_queue(queue, passive=True)
             return int(declared.declaration_result.message_count or 0)
-        finally:
-            await channel.close()
 
     try:
-        return rabbit._loop_scheduler.await_(depth())
+        return asyncio.run(depth())
     except Exception:  # no such queue yet: nothing to move
         return 0
 

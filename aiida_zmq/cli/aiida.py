@@ -57,7 +57,7 @@ def _parse_settings(settings: t.Sequence[str]) -> dict[str, t.Any]:
     """``OPTION=VALUE`` pairs of ``configure --set``, typed as the broker's options are (see ``ZmqBroker``)."""
     from aiida_zmq.aiida.broker import ZmqBroker
 
-    fields = {field.name: field for field in ZmqBroker._config_fields}
+    fields = ZmqBroker.config_fields()
     parsed: dict[str, t.Any] = {}
     for setting in settings:
         key, separator, text = setting.partition('=')

@@ -286,7 +286,7 @@ class _DemoRun:
         self._watch(rows)
 
         _echo_step(f'Broker status (aiida-zmq status --data-dir {broker.data_dir})')
-        status = broker._admin_status(timeout=10.0)
+        status = broker.admin_status(timeout=10.0)
         _print_broker_status(status, broker.queue_name)
 
         failed = [pk for pk in pks if pk not in pending and not orm.load_node(pk).is_finished_ok]
