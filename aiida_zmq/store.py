@@ -201,7 +201,8 @@ class TaskStore:
 
     def _flush(self) -> None:
         """Execute the staged writes in the open transaction (they commit with it)."""
-        if not self._staged and not self.history.staged:
+        if not self._staged:
+            self._flush_history()
             return
         self._begin()
         staged, self._staged = self._staged, {}
@@ -213,7 +214,17 @@ class TaskStore:
                 self._db.executemany('UPDATE tasks SET state=?, attempts=?, dead_reason=? WHERE id=?', updates)
             if deletes:
                 self._db.executemany('DELETE FROM tasks WHERE id=?', deletes)
-            self.history.flush()
+        except sqlite3.Error as exception:
+            raise self._fail(exception, 'write to') from exception
+        self._flush_history()
+
+    def _flush_history(self, force: bool = False) -> None:
+        """The tasks' events join a transaction that is open anyway (none is begun for them, but at ``close``)."""
+        if not self._db.in_transaction and not force:
+            return
+        self._begin()
+        try:
+            self.history.flush(force)
         except sqlite3.Error as exception:
             raise self._fail(exception, 'write to') from exception
 
@@ -261,6 +272,9 @@ class TaskStore:
     def close(self) -> None:
         try:
             self.commit()
+            if self.history.staged:  # the events still waiting for a batch: written now, with a commit of their own
+                self._flush_history(force=True)
+                self.commit()
         finally:
             self._db.close()
 

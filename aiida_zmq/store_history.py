@@ -6,8 +6,14 @@ after a restart, answered, dead-lettered (why), revived, purged, dropped. A task
 process the task is for (:func:`aiida_zmq.task_payload.process_pk`), so that ``explain PK`` finds a task's history
 after the task itself is gone.
 
-The rows are written with the broker's batch, in the same transaction as the task rows they describe: no sync of
-their own, and a history never says more than the store does (the events of a batch that failed are not written).
+The rows are written in one of the broker's batches, in the transaction of a batch that writes anyway (no commit and
+no sync of their own): the first such batch once ``write_interval`` seconds passed since the last write or
+``write_rows`` events wait, and at close. With fsync on, every page a commit touches is synced: writing the history
+of several batches at once costs a page or two per interval rather than per commit. A history never says more than
+the store does (it is written after the state it describes); a crash loses the events still waiting (at most those
+since the last batch that wrote them), never a task, and a batch that fails drops the events waiting. Reads add the
+events still waiting. One B-tree (``WITHOUT ROWID``, by task id then
+sequence): the events of recent tasks land in the same few pages.
 Bounded: at most ``per_task`` events per task (the oldest after ``stored`` go first), ``max_rows`` in all (the oldest
 go first), and events of tasks that are gone are dropped after ``max_age`` seconds. :class:`TaskHistory` belongs to
 a :class:`aiida_zmq.store.TaskStore` and uses its connection, from the same thread.
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 
 from .task_payload import process_pk
 
-__all__ = ('EVENTS', 'HistoryLimits', 'TaskHistory', 'stopped_task_info')
+__all__ = ('BROKER_LIMITS', 'EVENTS', 'HistoryLimits', 'TaskHistory', 'stopped_task_info')
 
 EVENTS = (
     'stored',
@@ -41,19 +47,19 @@ _MAX_ID = 2**63 - 1
 _ENDS = frozenset({'answered', 'purged', 'dropped'})  # the task is gone: nothing more is counted for it
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS task_events (
-    id INTEGER PRIMARY KEY,
+DROP TABLE IF EXISTS task_events;
+CREATE TABLE IF NOT EXISTS task_history (
     task_id INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
     at REAL NOT NULL,
     event TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT '',
-    process INTEGER
-);
-CREATE INDEX IF NOT EXISTS task_events_by_task ON task_events (task_id, id);
-CREATE INDEX IF NOT EXISTS task_events_by_process ON task_events (process) WHERE process IS NOT NULL;
-"""
+    process INTEGER,
+    PRIMARY KEY (task_id, seq)
+) WITHOUT ROWID;
+"""  # task_events: this table's first layout (on main for a few hours): its rows are dropped
 
-Event = tuple[int, float, str, str, int | None]  # task id, when (epoch seconds), event, detail, process
+Event = tuple[int, int, float, str, str, int | None]  # task id, sequence, when (epoch seconds), event, detail, process
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,12 @@ class HistoryLimits:
     max_rows: int = 200_000  # events in all (about 15 MB)
     max_age: float = 7 * 24 * 3600.0  # events of tasks that are gone are kept this long (seconds)
     prune_interval: float = 60.0  # how often the broker applies max_rows and max_age
+    write_interval: float = 0.0  # events wait this long for a batch that writes anyway (0: each batch writes them)
+    write_rows: int = 512  # ... or until this many wait
+
+
+#: The broker's: its batches are many and small (one a confirm), each synced; an offline writer commits once.
+BROKER_LIMITS = HistoryLimits(write_interval=0.5)
 
 
 class TaskHistory:
@@ -77,16 +89,29 @@ class TaskHistory:
         self._counts: dict[int, int] = {}  # events recorded per live task by this store (for per_task)
         self._trim: set[int] = set()
         self._last_prune = time.monotonic()
+        self._last_write = time.monotonic()
+        self._seq = self._db.execute('SELECT coalesce(max(seq), 0) FROM task_history').fetchone()[0]
 
     @property
     def staged(self) -> bool:
+        """Events wait to be written."""
         return bool(self._staged or self._trim)
+
+    @property
+    def due(self) -> bool:
+        """Waiting events are due to be written with the next batch that writes."""
+        if not self.staged:
+            return False
+        return len(self._staged) >= self.limits.write_rows or (
+            time.monotonic() - self._last_write >= self.limits.write_interval
+        )
 
     def record(self, task_id: int, event: str, detail: str = '', process: int | None = None) -> None:
         """Stage an event with the batch."""
         if not self.enabled:
             return
-        self._staged.append((task_id, time.time(), event, detail, process))
+        self._seq += 1
+        self._staged.append((task_id, self._seq, time.time(), event, detail, process))
         if event in _ENDS:
             self._counts.pop(task_id, None)
             return
@@ -103,32 +128,33 @@ class TaskHistory:
 
     # With the store's transaction -----------------------------------------------------------------------------------
 
-    def flush(self) -> None:
-        """Write the staged events in the open transaction (the store began it)."""
+    def flush(self, force: bool = False) -> None:
+        """Write the waiting events in the open transaction (the store began it), when :attr:`due` or ``force``."""
+        if not (force or self.due):
+            return
+        self._last_write = time.monotonic()
         staged, self._staged = self._staged, []
         self._pending += staged
         if staged:
             self._db.executemany(
-                'INSERT INTO task_events (task_id, at, event, detail, process) VALUES (?, ?, ?, ?, ?)', staged
+                'INSERT INTO task_history (task_id, seq, at, event, detail, process) VALUES (?, ?, ?, ?, ?, ?)', staged
             )
         trim, self._trim = self._trim, set()
         keep = self.limits.per_task // 2
         for task_id in trim:  # the oldest events after `stored` go, so that the latest ones stay
             self._db.execute(
-                "DELETE FROM task_events WHERE id IN (SELECT id FROM task_events WHERE task_id=? AND event!='stored' "
-                'ORDER BY id DESC LIMIT -1 OFFSET ?)',
-                (task_id, keep),
+                'DELETE FROM task_history WHERE task_id=? AND seq IN (SELECT seq FROM task_history WHERE task_id=? '
+                "AND event!='stored' ORDER BY seq DESC LIMIT -1 OFFSET ?)",
+                (task_id, task_id, keep),
             )
         if time.monotonic() - self._last_prune >= self.limits.prune_interval:
             self._prune()
 
     def _prune(self) -> None:
         self._last_prune = time.monotonic()
+        self._db.execute('DELETE FROM task_history WHERE seq <= ?', (self._seq - self.limits.max_rows,))
         self._db.execute(
-            'DELETE FROM task_events WHERE id <= (SELECT max(id) FROM task_events) - ?', (self.limits.max_rows,)
-        )
-        self._db.execute(
-            'DELETE FROM task_events WHERE at < ? AND task_id NOT IN (SELECT id FROM tasks)',
+            'DELETE FROM task_history WHERE at < ? AND task_id NOT IN (SELECT id FROM tasks)',
             (time.time() - self.limits.max_age,),
         )
 
@@ -144,12 +170,18 @@ class TaskHistory:
     # Reads ------------------------------------------------------------------------------------------------------
 
     def events(self, task_ids: Iterable[int]) -> dict[int, list[dict]]:
-        """task id -> its events, oldest first (as committed): ``{at, event, detail}``."""
+        """task id -> its events, oldest first (those written, then those waiting): ``{at, event, detail}``."""
+        wanted = set(task_ids)
+        waiting: dict[int, list[tuple[float, str, str]]] = {}
+        for task_id, _, at, event, detail, _ in self._pending + self._staged:
+            if task_id in wanted:
+                waiting.setdefault(task_id, []).append((at, event, detail))
         found: dict[int, list[dict]] = {}
-        for task_id in sorted(set(task_ids)):
+        for task_id in sorted(wanted):
             rows = self._db.execute(
-                'SELECT at, event, detail FROM task_events WHERE task_id=? ORDER BY id', (task_id,)
+                'SELECT at, event, detail FROM task_history WHERE task_id=? ORDER BY seq', (task_id,)
             ).fetchall()
+            rows += waiting.get(task_id, [])
             if rows:
                 found[task_id] = [{'at': at, 'event': event, 'detail': detail} for at, event, detail in rows]
         return found
@@ -157,9 +189,11 @@ class TaskHistory:
     def tasks_of(self, process: int) -> list[int]:
         """The tasks ever stored for this process (as far as the history reaches), oldest first."""
         rows = self._db.execute(
-            "SELECT DISTINCT task_id FROM task_events WHERE process=? AND event='stored' ORDER BY task_id", (process,)
+            "SELECT DISTINCT task_id FROM task_history WHERE process=? AND event='stored' ORDER BY task_id", (process,)
         )
-        return [row[0] for row in rows]
+        found = {row[0] for row in rows}
+        found |= {event[0] for event in self._pending + self._staged if event[5] == process and event[3] == 'stored'}
+        return sorted(found)
 
     def describe(self, task_ids: Iterable[int] = (), processes: Iterable[int] = ()) -> list[dict]:
         """What the store knows of these tasks and of the tasks for these processes (stored now, or gone but still
@@ -210,13 +244,15 @@ class TaskHistory:
         return described
 
     def _process(self, task_id: int) -> int | None:
-        row = self._db.execute(
-            "SELECT process FROM task_events WHERE task_id=? AND event='stored'", (task_id,)
-        ).fetchone()
-        return row[0] if row else None
+        row = self._db.execute("SELECT process FROM task_history WHERE task_id=? AND event='stored'", (task_id,))
+        found = row.fetchone()
+        if found is not None:
+            return found[0]
+        waiting = [e[5] for e in self._pending + self._staged if e[0] == task_id and e[3] == 'stored']
+        return waiting[0] if waiting else None
 
     def row_count(self) -> int:
-        return self._db.execute('SELECT count(*) FROM task_events').fetchone()[0]
+        return self._db.execute('SELECT count(*) FROM task_history').fetchone()[0]
 
 
 def stopped_task_info(history: TaskHistory, ids: Iterable[int] | None, processes: Iterable[int] | None) -> dict:

@@ -116,7 +116,7 @@ def test_history_is_written_with_the_batch_and_bounded(tmp_path) -> None:
     """Events commit with the task rows they describe (a rolled back batch leaves none), per task at most
     ``per_task`` (the newest kept, after `stored`), and no more than ``max_rows`` in all."""
     store = TaskStore(tmp_path / 'tasks.sqlite3')
-    store.history.limits = HistoryLimits(per_task=8, max_rows=50, prune_interval=0)
+    store.history.limits = HistoryLimits(per_task=8, max_rows=50, prune_interval=0, write_interval=0)
     task_id = store.insert('q', b'x', True, None, None)
     store.rollback()
     assert store.history.events([task_id]) == {}
@@ -157,3 +157,26 @@ def test_serve_takes_the_switch(zmq_broker_factory) -> None:
         communicator.close()
     rows = json.loads(run('tasks', 'show', '1', '--endpoint', broker.endpoint, '--json'))
     assert [(row['state'], row['events']) for row in rows] == [('ready', [])], rows
+
+
+def test_history_waits_for_a_batch_that_writes_anyway(tmp_path) -> None:
+    """Events are written with the first batch that writes once they are due (no commit of their own), shown while
+    they wait, and written at close."""
+    store = TaskStore(tmp_path / 'tasks.sqlite3')
+    store.history.limits = HistoryLimits(write_interval=3600)
+    task_id = store.insert('q', b'x', True, None, None)
+    store.commit()
+    assert store.history.row_count() == 0  # waiting: not due
+    assert [e['event'] for e in store.history.events([task_id])[task_id]] == ['stored']
+    store.history.record(task_id, 'delivered', 'to x')
+    assert store.commit() is False  # nothing else to write: no transaction for the events alone
+    store.history.limits = HistoryLimits(write_interval=0)
+    store.stage(task_id, DELIVERED, 1)
+    store.commit()
+    assert store.history.row_count() == 2
+    store.history.limits = HistoryLimits(write_interval=3600)
+    store.history.record(task_id, 'given back', 'why')
+    store.close()
+    store = TaskStore(tmp_path / 'tasks.sqlite3')
+    assert [e['event'] for e in store.history.events([task_id])[task_id]] == ['stored', 'delivered', 'given back']
+    store.close()

@@ -32,6 +32,7 @@ from ..protocol import Command, ErrorCode
 from ..ratelimit import RateLimitedLog
 from ..security import ensure_private_dir
 from ..store import STORE_FILENAME, TaskStore
+from ..store_history import BROKER_LIMITS
 from ..store_identity import StoreIdentity
 from .config import BrokerConfig
 from .context import Batch, Peer
@@ -152,6 +153,7 @@ class Broker:
             self._identity = StoreIdentity(self.data_dir)
             self._identity.check_before_open()
             self._store = TaskStore(store_path, fsync=self.config.fsync, history=self.config.task_history)
+            self._store.history.limits = BROKER_LIMITS
             self._identity.verify_and_adopt(self._store)
             for path in self.data_dir.glob(STORE_FILENAME + '*'):  # the store and SQLite's -wal and -shm beside it
                 os.chmod(path, 0o600)
