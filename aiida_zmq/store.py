@@ -120,6 +120,12 @@ class TaskStore:
 
     ``fsync`` (the default): a commit is synced to the disk before it returns. Without it a commit survives a crash of
     any process (the WAL is in the OS page cache) but not a power cut.
+
+    SQLite runs with ``synchronous=NORMAL`` either way (the WAL is synced before each checkpoint, the main file after
+    it); with ``fsync`` the store syncs the WAL file itself after a commit (``fdatasync`` on a descriptor of its own):
+    what ``synchronous=FULL`` does, but only for the commits that need it (see :meth:`commit`). SQLite refuses to
+    change its safety level inside a transaction, and the broker knows only at the end of a batch whether anyone
+    waits for its commit.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True, history: bool = True) -> None:
@@ -129,8 +135,7 @@ class TaskStore:
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute('PRAGMA journal_mode=WAL')
-            # FULL: the WAL is synced at every commit (and SQLite syncs the directory of a new WAL file itself).
-            self._db.execute(f'PRAGMA synchronous={"FULL" if fsync else "NORMAL"}')
+            self._db.execute('PRAGMA synchronous=NORMAL')
             self._db.execute('PRAGMA busy_timeout=10000')
             self._db.executescript(_SCHEMA)
             version = self._db.execute('PRAGMA user_version').fetchone()[0]
@@ -165,6 +170,7 @@ class TaskStore:
         self.after_commit: Callable[[TaskStore], None] | None = None
         # Each task's events, written with the batch (aiida_zmq.store_history); ``history=False`` records none.
         self.history = TaskHistory(self._db, enabled=history)
+        self._wal: int | None = None  # a descriptor of the -wal file, for syncing it (see _sync)
 
     # Transactions -------------------------------------------------------------------------------------------------
 
@@ -228,8 +234,13 @@ class TaskStore:
         except sqlite3.Error as exception:
             raise self._fail(exception, 'write to') from exception
 
-    def commit(self) -> bool:
+    def commit(self, sync: bool = True) -> bool:
         """Commit the batch: its inserts and staged writes. Returns whether there was anything to commit.
+
+        ``sync=False``: a batch whose commit nobody waits for (acks, deliveries: nothing is confirmed or answered
+        after it) is not synced by itself, even with ``fsync``; the next synced commit syncs it too (the WAL is
+        synced as a whole, in order). A power cut can then bring back a task that was acknowledged, never lose one
+        that was confirmed: RabbitMQ does the same with acks.
 
         :raises StoreError: when the batch could not be stored (disk full, read-only): nothing of it is; the staged
             writes stay staged (the next commit tries them again), the inserts are gone.
@@ -246,6 +257,8 @@ class TaskStore:
                 raise self._fail(exception, 'commit to') from exception
             self._pending = {}
             self.history.committed()
+            if self.fsync and sync:
+                self._sync()  # before anything is confirmed, and before the identity record says it is there
             self.high_water = max(self.high_water, self._batch_high_water)
             if self.after_commit is not None:
                 self.after_commit(self)
@@ -255,6 +268,20 @@ class TaskStore:
             raise
         finally:
             self._failure = None
+
+    def _sync(self) -> None:
+        """Sync the WAL: every commit so far survives a power cut. The file is the same while the connection is
+        open (SQLite rewrites it from its start after a checkpoint; it removes it only when the last one closes).
+
+        :raises StoreError: when the disk does not take it (the batch is committed, but must not be confirmed).
+        """
+        try:
+            if self._wal is None:
+                self._wal = os.open(f'{self.path}-wal', os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+                sync_directory(self.path.parent)  # the -wal file's name, new with the first write
+            os.fdatasync(self._wal)
+        except OSError as exception:
+            raise StoreError(f'could not sync the task store {self.path}-wal to the disk: {exception}') from exception
 
     def rollback(self) -> None:
         """Give up the open batch, all of it: its inserts and its staged writes (an interrupted migration must not
@@ -277,6 +304,9 @@ class TaskStore:
                 self.commit()
         finally:
             self._db.close()
+            if self._wal is not None:
+                os.close(self._wal)
+                self._wal = None
 
     # Writes (inside the open batch) -----------------------------------------------------------------------------
 

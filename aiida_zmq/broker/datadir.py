@@ -34,6 +34,7 @@ from ..discovery import (
 )
 from ..endpoints import ipc_path, socket_file
 from ..exceptions import BrokerRunning, StoreError
+from ..fsync import write_synced
 from ..ratelimit import RateLimitedLog
 from ..security import ensure_private_dir, remove_stale_socket
 from ..store import broker_lock
@@ -221,10 +222,8 @@ class DataDirectory:
             'version': __version__,
         }
         path = self.path / BROKER_INFO_FILENAME
-        tmp = path.with_suffix('.tmp')
-        tmp.write_text(json.dumps(info))
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
+        # Whole and synced: after a power cut the file names this broker or the one before, never half of either.
+        write_synced(path, json.dumps(info).encode())
         written = os.stat(path)
         self._info_stat = (written.st_ino, written.st_mtime_ns)
 
