@@ -19,6 +19,7 @@ from .procs import BenchError, child_env, popen, stop_popen, wait_until
 # name -> (kind, codec)
 BROKERS: dict[str, tuple[str, str]] = {
     'aiida-zmq': ('aiida-zmq', 'default'),
+    'aiida-zmq-fast': ('aiida-zmq', 'default'),  # serve --no-fsync: survives crashes, not power cuts (as core.zeromq)
     'aiida-zmq-yaml': ('aiida-zmq', 'aiida'),
     'core.zeromq': ('core.zeromq', 'default'),
     'rabbitmq-yaml': ('rabbitmq', 'aiida'),
@@ -36,6 +37,7 @@ OPT_IN = {'aiida-zmq-baseline', 'aiida-zmq-no-history', 'aiida-zmq-no-fsync-no-h
 SERVE_OPTIONS: dict[str, tuple[str, ...]] = {
     'aiida-zmq-no-history': ('--no-task-history',),
     'aiida-zmq-no-fsync-no-history': ('--no-fsync', '--no-task-history'),
+    'aiida-zmq-fast': ('--no-fsync',),  # the default is durable: a commit synced before its confirms
 }
 RMQ_HOST, RMQ_PORT = '127.0.0.1', 5672
 RMQ_URL = f'amqp://guest:guest@{RMQ_HOST}:{RMQ_PORT}/'
