@@ -346,49 +346,43 @@ def broker_watchers(
     (``aiida-zmq circus-config``). Names: :func:`watcher_name`; logs ``LOG_DIR/<watcher name>.log``, rotated as
     ``rotation`` says.
     """
-    broker = watcher_name(profile_name)
-
-    def log(role: str) -> str | None:
-        return os.path.join(log_dir, log_file_name(profile_name, role)) if log_dir else None
-
     broker_env = dict(env or {})
     if controller:
         broker_env[CIRCUS_ENDPOINT_ENV] = controller
-    specs = [
-        broker_watcher_spec(
-            profile_name,
-            data_dir,
-            log_file=log('broker'),
-            env=broker_env,
-            binds=binds,
-            extra_args=extra_args,
-            python=python,
-            rotation=rotation,
-        )
-    ]
+    broker = broker_watcher_spec(
+        profile_name,
+        data_dir,
+        log_file=_log_file(log_dir, profile_name, 'broker'),
+        env=broker_env,
+        binds=binds,
+        extra_args=extra_args,
+        python=python,
+        rotation=rotation,
+    )
     if not plugins:
-        return specs
-    common = {'data_dir': data_dir, 'broker_watcher': broker}
-    for role, plugin, config in (
-        ('events', EVENTS_PLUGIN, common),
-        ('health', HEALTH_PLUGIN, {**common, **(health or HealthOptions()).config()}),
-    ):
-        specs.append(
-            plugin_watcher_spec(
-                watcher_name(profile_name, role),
-                plugin,
-                controller=controller,
-                pubsub=pubsub,
-                config=config,
-                log_file=log(role),
-                env=env,
-                python=python,
-                working_dir=data_dir,
-                rotation=rotation,
-                replaces=[legacy_watcher_name(profile_name, role)],
-            )
+        return [broker]
+    common = {'data_dir': data_dir, 'broker_watcher': broker.name}
+    plugin_config = {'events': common, 'health': {**common, **(health or HealthOptions()).config()}}
+    return [broker] + [
+        plugin_watcher_spec(
+            watcher_name(profile_name, role),
+            EVENTS_PLUGIN if role == 'events' else HEALTH_PLUGIN,
+            controller=controller,
+            pubsub=pubsub,
+            config=config,
+            log_file=_log_file(log_dir, profile_name, role),
+            env=env,
+            python=python,
+            working_dir=data_dir,
+            rotation=rotation,
+            replaces=[legacy_watcher_name(profile_name, role)],
         )
-    return specs
+        for role, config in plugin_config.items()
+    ]
+
+
+def _log_file(log_dir: str | None, profile_name: str, role: str) -> str | None:
+    return os.path.join(log_dir, log_file_name(profile_name, role)) if log_dir else None
 
 
 class CircusController:

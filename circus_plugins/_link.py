@@ -14,6 +14,10 @@ LOGGER = logging.getLogger('aiida_zmq.circus_plugins')
 LOG_FORMAT = '%(levelname)s %(name)s: %(message)s'
 
 
+class _PluginHandler(logging.StreamHandler):
+    """The handler :func:`setup_logging` adds, told apart from others by its class (added once per process)."""
+
+
 def setup_logging(level: str) -> None:
     """Send this package's log records to stderr, which circus writes into the plugin watcher's FileStream log.
 
@@ -21,12 +25,9 @@ def setup_logging(level: str) -> None:
     """
     logger = logging.getLogger('aiida_zmq')
     # ``circus.plugins.main`` may have given the root logger a handler already (with its own time stamps): use it.
-    if not logging.getLogger().handlers and not any(
-        getattr(handler, '_aiida_zmq_plugin', False) for handler in logger.handlers
-    ):
-        handler = logging.StreamHandler(sys.stderr)
+    if not logging.getLogger().handlers and not any(isinstance(handler, _PluginHandler) for handler in logger.handlers):
+        handler = _PluginHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        handler._aiida_zmq_plugin = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(level.upper())
 

@@ -30,7 +30,6 @@ OWN = frozenset({'self', 'cls'})
 
 #: ``(file, expression)`` -> how many times the file may read that private attribute of another object.
 ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {
-    ('aiida_zmq/aiida/broker.py', 'client._is_pid_file_stale'): 1,
     ('aiida_zmq/aiida/communicator.py', 'communicator._connected_tasks'): 2,
     ('aiida_zmq/aiida/communicator.py', 'communicator._data_dir'): 1,
     ('aiida_zmq/aiida/communicator.py', 'communicator._decoder'): 1,
@@ -43,14 +42,6 @@ ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {
     ('aiida_zmq/aiida/communicator.py', 'self._communicator._online'): 2,
     ('aiida_zmq/aiida/communicator.py', 'self._communicator._open_mode'): 2,
     ('aiida_zmq/aiida/communicator.py', 'self._communicator._send_task'): 1,
-    ('aiida_zmq/cli/admin.py', 'client._is_pid_file_stale'): 1,
-    ('aiida_zmq/cli/admin.py', 'communicator._connection'): 1,
-    ('aiida_zmq/cli/admin.py', 'rabbit._communicator'): 1,
-    ('aiida_zmq/cli/admin.py', 'rabbit._loop_scheduler'): 1,
-    ('aiida_zmq/cli/aiida.py', 'ZmqBroker._config_fields'): 1,
-    ('aiida_zmq/cli/aiida.py', 'client._is_pid_file_stale'): 1,
-    ('aiida_zmq/cli/demo.py', 'broker._admin_status'): 1,
-    ('circus_plugins/_link.py', 'handler._aiida_zmq_plugin'): 1,
 }
 
 #: Sets of modules allowed to import each other in a circle (a cycle found must lie within one of them).
@@ -62,10 +53,6 @@ ALLOWED_CYCLES: list[frozenset[str]] = [
 ALLOWED_LONG: frozenset[tuple[str, str]] = frozenset(
     {
         ('aiida_zmq/aiida/broker.py', 'ZmqBroker'),
-        ('aiida_zmq/circus.py', 'broker_watchers'),
-        ('aiida_zmq/cli/admin.py', 'migrate'),
-        ('aiida_zmq/cli/aiida.py', 'configure'),
-        ('aiida_zmq/cli/circus.py', 'circus_config'),
     }
 )
 
