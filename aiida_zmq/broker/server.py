@@ -318,7 +318,7 @@ class Broker:
     def _commit(self) -> bool:
         try:
             # Synced when someone waits for it: a confirm, an ADMIN answer. Acks and deliveries ride on the next one.
-            written = self.store.commit(sync=bool(self._confirms or self._admin_replies))
+            written = self.store.commit(sync=bool(self.batch.confirms or self.batch.admin_replies))
         except StoreError as exception:
             self._batch_failed(exception)
             return False
