@@ -51,15 +51,32 @@ class Target(t.NamedTuple):
 
 def broker_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
     """Add ``--endpoint``, ``--data-dir`` and ``--profile``, resolved into a ``target`` argument."""
-
-    @click.option('--endpoint', metavar='ENDPOINT', help='The broker endpoint, e.g. ipc:///path/broker.sock.')
-    @click.option(
-        '--data-dir', type=click.Path(file_okay=False), help='The broker data directory (`serve --data-dir`).'
+    return target_options(
+        command,
+        _resolve,
+        endpoint='The broker endpoint, e.g. ipc:///path/broker.sock.',
+        data_dir='The broker data directory (`serve --data-dir`).',
+        profile='An AiiDA profile using this broker.',
     )
-    @click.option('-p', '--profile', 'profile_name', metavar='PROFILE', help='An AiiDA profile using this broker.')
+
+
+def target_options(
+    command: t.Callable[..., t.Any],
+    resolve: t.Callable[[str | None, str | None, str | None], Target],
+    *,
+    endpoint: str,
+    data_dir: str,
+    profile: str,
+) -> t.Callable[..., t.Any]:
+    """Add ``--endpoint``, ``--data-dir`` and ``--profile`` (with these helps), passed to ``command`` as the
+    ``target`` that ``resolve(endpoint, data_dir, profile_name)`` makes of them."""
+
+    @click.option('--endpoint', metavar='ENDPOINT', help=endpoint)
+    @click.option('--data-dir', type=click.Path(file_okay=False), help=data_dir)
+    @click.option('-p', '--profile', 'profile_name', metavar='PROFILE', help=profile)
     @functools.wraps(command)
     def wrapper(endpoint: str | None, data_dir: str | None, profile_name: str | None, **kwargs: t.Any) -> t.Any:
-        return command(target=_resolve(endpoint, data_dir, profile_name), **kwargs)
+        return command(target=resolve(endpoint, data_dir, profile_name), **kwargs)
 
     return wrapper
 
@@ -190,6 +207,17 @@ def _run(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) ->
             return admin_operations.run_stopped(op, store, **arguments)
     except BrokerRunning:
         return _admin(target, op, **arguments)
+
+
+def _emitted(rows: list[t.Any], as_json: bool, nothing: str) -> bool:
+    """Print ``rows`` as JSON, or ``nothing`` when there are none; whether that was all there is to print."""
+    if as_json:
+        _emit_json(rows)
+        return True
+    if not rows:
+        click.echo(nothing)
+        return True
+    return False
 
 
 def _emit_json(value: t.Any) -> None:
@@ -457,11 +485,7 @@ def tasks_list(target: Target, queue: str | None, limit: int, as_json: bool) -> 
     if states is not None:
         for row in rows:
             row['process_state'] = states.get(row.get('process'))  # None: no such process in the profile
-    if as_json:
-        _emit_json(rows)
-        return
-    if not rows:
-        click.echo('No stored tasks.' if queue is None else f'No stored tasks in queue {queue}.')
+    if _emitted(rows, as_json, 'No stored tasks.' if queue is None else f'No stored tasks in queue {queue}.'):
         return
     click.echo(
         f'{"id":>8}  {"state":<9} {"deliveries":>10} {"bytes":>8}  {"age":>8}  {"process":>8}  '
@@ -567,11 +591,7 @@ def dead_letter() -> None:
 def dead_letter_list(target: Target, queue: str | None, as_json: bool) -> None:
     """List dead-lettered tasks with the reason."""
     letters = _run(target, 'dead-letters', queue=queue)['dead_letters']
-    if as_json:
-        _emit_json(letters)
-        return
-    if not letters:
-        click.echo('No dead letters.' if queue is None else f'No dead letters in queue {queue}.')
+    if _emitted(letters, as_json, 'No dead letters.' if queue is None else f'No dead letters in queue {queue}.'):
         return
     for letter in letters:
         click.echo(f'{letter["id"]:>8}  {letter["queue"]}  {letter["reason"]}')
@@ -630,21 +650,13 @@ MIGRATE_SERVERS = ('rabbitmq', 'core.zeromq')
 def migrate_options(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
     """``--endpoint``/``--data-dir``/``--profile`` for ``migrate``: unlike :func:`broker_options`, a profile can be
     given together with ``--data-dir`` (its queue, prefix and codec; the store where ``--data-dir`` says)."""
-
-    @click.option(
-        '--endpoint', metavar='ENDPOINT', help='The endpoint of a running broker, e.g. ipc:///path/broker.sock.'
+    return target_options(
+        command,
+        _migration_target,
+        endpoint='The endpoint of a running broker, e.g. ipc:///path/broker.sock.',
+        data_dir="The broker data directory (default for a profile: its broker's; `aiida-zmq configure` prints it).",
+        profile='The AiiDA profile whose tasks move.',
     )
-    @click.option(
-        '--data-dir',
-        type=click.Path(file_okay=False),
-        help="The broker data directory (default for a profile: its broker's; `aiida-zmq configure` prints it).",
-    )
-    @click.option('-p', '--profile', 'profile_name', metavar='PROFILE', help='The AiiDA profile whose tasks move.')
-    @functools.wraps(command)
-    def wrapper(endpoint: str | None, data_dir: str | None, profile_name: str | None, **kwargs: t.Any) -> t.Any:
-        return command(target=_migration_target(endpoint, data_dir, profile_name), **kwargs)
-
-    return wrapper
 
 
 def _migration_target(endpoint: str | None, data_dir: str | None, profile_name: str | None) -> Target:

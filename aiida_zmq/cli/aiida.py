@@ -21,6 +21,8 @@ import typing as t
 
 import click
 
+from .options import repeated
+
 if t.TYPE_CHECKING:
     from aiida.manage.configuration.config import Config
     from aiida.manage.configuration.profile import Profile
@@ -34,6 +36,7 @@ ENTRY_POINT = 'zmq'
 CORE_ZEROMQ = 'core.zeromq'
 # Not ``zmq-...``: AiiDA names a profile's workers ``aiida-<profile>``, and ``aiida-zmq-...`` reads as this broker's.
 PRESTO_PREFIX = 'presto-zmq'
+SET_HELP = 'Set a broker option (only `--to zmq`), repeatable: peer_timeout, max_deliveries, fsync, heartbeat, codec...'
 
 
 def _get_config() -> Config:
@@ -140,13 +143,7 @@ def _core_zeromq_direction(previous: str | None, name: str | None) -> str | None
 @click.option(
     '--start-timeout', type=click.IntRange(min=1), help='Seconds a client waits for the broker (only `--to zmq`).'
 )
-@click.option(
-    '--set',
-    'settings',
-    multiple=True,
-    metavar='OPTION=VALUE',
-    help='Set a broker option (only `--to zmq`), repeatable: peer_timeout, max_deliveries, fsync, heartbeat, codec...',
-)
+@repeated('--set', 'settings', 'OPTION=VALUE', SET_HELP)
 @click.option('--force', is_flag=True, help='Store a RabbitMQ configuration even if no RabbitMQ server answers.')
 @click.option('--dry-run', is_flag=True, help='Show what would change and which tasks would move; change nothing.')
 def configure(

@@ -16,6 +16,7 @@ import click
 
 from .. import discovery
 from ..circus import HealthOptions, LogRotation, broker_watchers, render_ini, watcher_name
+from .options import repeated, shown
 
 if t.TYPE_CHECKING:
     from aiida.manage.configuration.profile import Profile
@@ -127,40 +128,18 @@ def _with_option(args: list[str], option: str, value: str) -> list[str]:
 @click.option('--controller', help='circus controller endpoint.  [default: ipc://DATA_DIR/circus-c.sock]')
 @click.option('--pubsub', help='circus pub/sub endpoint.  [default: ipc://DATA_DIR/circus-p.sock]')
 @click.option('--stats', is_flag=True, help='Also run circusd-stats (stats endpoint ipc://DATA_DIR/circus-s.sock).')
-@click.option('--bind', 'binds', multiple=True, metavar='ENDPOINT', help='Broker endpoint (repeatable), see `serve`.')
+@repeated('--bind', 'binds', 'ENDPOINT', 'Broker endpoint (repeatable), see `serve`.')
 @click.option('--heartbeat', type=float, help='Broker heartbeat interval in seconds (see `serve`).')
 @click.option('--peer-timeout', type=float, help='Seconds of client silence before its tasks go to others.')
 @click.option('--no-plugins', is_flag=True, help='Only the broker: no events plugin, no health plugin.')
-@click.option(
-    '--health-interval',
-    type=float,
-    default=HealthOptions.interval,
-    show_default=True,
-    help='Seconds between health checks.',
+@shown('--health-interval', float, HealthOptions.interval, 'Seconds between health checks.')
+@shown('--health-timeout', float, HealthOptions.timeout, 'Seconds a check waits.')
+@shown('--health-failures', int, HealthOptions.max_failures, 'Failed checks in a row before a kill.')
+@shown(
+    '--log-max-bytes', click.IntRange(min=0), LogRotation.max_bytes, 'Rotate a watcher log past this size (0: never).'
 )
-@click.option(
-    '--health-timeout', type=float, default=HealthOptions.timeout, show_default=True, help='Seconds a check waits.'
-)
-@click.option(
-    '--health-failures',
-    type=int,
-    default=HealthOptions.max_failures,
-    show_default=True,
-    help='Failed checks in a row before a kill.',
-)
-@click.option(
-    '--log-max-bytes',
-    type=click.IntRange(min=0),
-    default=LogRotation.max_bytes,
-    show_default=True,
-    help='Rotate a watcher log past this size (0: never).',
-)
-@click.option(
-    '--log-backups',
-    type=click.IntRange(min=0),
-    default=LogRotation.backup_count,
-    show_default=True,
-    help='Rotated logs kept per watcher (NAME.log.1 ...).',
+@shown(
+    '--log-backups', click.IntRange(min=0), LogRotation.backup_count, 'Rotated logs kept per watcher (NAME.log.1 ...).'
 )
 def circus_config(
     profile_name: str | None,

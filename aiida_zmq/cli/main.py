@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing as t
 
 import click
 
@@ -15,6 +16,7 @@ from .circus import circus_config
 from .curve import curve_client
 from .demo import demo
 from .explain import explain, tasks_show
+from .options import repeated, shown
 from .store import accept_store_command
 from .stores import stores
 from .top import top
@@ -22,6 +24,38 @@ from .top import top
 LOG_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
 # Under circus the watcher's FileStream stamps every line already (``aiida_zmq.circus``): one time stamp is enough.
 LOG_FORMAT_NO_TIME = '%(levelname)s %(name)s: %(message)s'
+
+
+# The broker's tunables that ``serve`` takes as they are: the option (the field of ``BrokerConfig``, its default there)
+# -> its type and help.
+_POSITIVE = click.IntRange(min=1)
+BIND_HELP = (
+    'Endpoint to bind, repeatable: ipc://PATH or tcp://HOST:PORT (needs --curve). Default: ipc://DATA_DIR/broker.sock.'
+)
+TUNABLES: dict[str, tuple[t.Any, str]] = {
+    '--heartbeat': (float, 'Heartbeat interval in seconds.'),
+    '--peer-timeout': (float, 'Seconds of silence after which a client is dead and its tasks go to others.'),
+    '--max-deliveries': (int, 'Deliveries before dead-lettering.'),
+    '--max-message-bytes': (
+        _POSITIVE,
+        'Largest message a client may send, in bytes (all its frames together); larger ones are refused.',
+    ),
+    '--max-queues': (
+        _POSITIVE,
+        'Queues the broker holds at once; an empty queue nobody consumes gives its place to a new one.',
+    ),
+    '--outbound-bytes': (
+        _POSITIVE,
+        'Bytes waiting for a client that does not read before its broadcasts are dropped, then its session ends.',
+    ),
+}
+
+
+def tunable(flag: str) -> t.Callable[[t.Callable[..., t.Any]], t.Callable[..., t.Any]]:
+    """The option ``flag`` of :data:`TUNABLES`, its default shown."""
+    kind, text = TUNABLES[flag]
+    default = getattr(DEFAULTS, flag[2:].replace('-', '_'))
+    return shown(flag, kind, default, text)
 
 
 @click.group(context_settings={'help_option_names': ['-h', '--help']})
@@ -37,53 +71,15 @@ def main() -> None:
     type=click.Path(file_okay=False),
     help='Directory for the task store, lock and socket (created with mode 0700).',
 )
-@click.option(
-    '--bind',
-    'binds',
-    multiple=True,
-    metavar='ENDPOINT',
-    help='Endpoint to bind, repeatable: ipc://PATH or tcp://HOST:PORT (needs --curve). Default: ipc://DATA_DIR/broker.sock.',
-)
+@repeated('--bind', 'binds', 'ENDPOINT', BIND_HELP)
 @click.option('--curve', is_flag=True, help='CURVE-encrypt and authenticate tcp:// endpoints (keys in DATA_DIR/curve).')
 @click.option('--insecure-tcp', is_flag=True, help='Allow plain tcp:// on 127.0.0.1 without CURVE (tests only).')
-@click.option(
-    '--heartbeat', type=float, default=DEFAULTS.heartbeat, show_default=True, help='Heartbeat interval in seconds.'
-)
-@click.option(
-    '--peer-timeout',
-    type=float,
-    default=DEFAULTS.peer_timeout,
-    show_default=True,
-    help='Seconds of silence after which a client is dead and its tasks go to others.',
-)
-@click.option(
-    '--max-deliveries',
-    type=int,
-    default=DEFAULTS.max_deliveries,
-    show_default=True,
-    help='Deliveries before dead-lettering.',
-)
-@click.option(
-    '--max-message-bytes',
-    type=click.IntRange(min=1),
-    default=DEFAULTS.max_message_bytes,
-    show_default=True,
-    help='Largest message a client may send, in bytes (all its frames together); larger ones are refused.',
-)
-@click.option(
-    '--max-queues',
-    type=click.IntRange(min=1),
-    default=DEFAULTS.max_queues,
-    show_default=True,
-    help='Queues the broker holds at once; an empty queue nobody consumes gives its place to a new one.',
-)
-@click.option(
-    '--outbound-bytes',
-    type=click.IntRange(min=1),
-    default=DEFAULTS.outbound_bytes,
-    show_default=True,
-    help='Bytes waiting for a client that does not read before its broadcasts are dropped, then its session ends.',
-)
+@tunable('--heartbeat')
+@tunable('--peer-timeout')
+@tunable('--max-deliveries')
+@tunable('--max-message-bytes')
+@tunable('--max-queues')
+@tunable('--outbound-bytes')
 @click.option(
     '--lock-timeout',
     type=float,
