@@ -8,7 +8,6 @@ import typing as t
 
 import click
 
-from .. import __version__
 from ..broker.config import DEFAULTS
 from .admin import dead_letter, migrate, status, tasks
 from .aiida import configure, presto
@@ -59,7 +58,7 @@ def tunable(flag: str) -> t.Callable[[t.Callable[..., t.Any]], t.Callable[..., t
 
 
 @click.group(context_settings={'help_option_names': ['-h', '--help']})
-@click.version_option(__version__, prog_name='aiida-zmq')
+@click.version_option(package_name='aiida-zmq', prog_name='aiida-zmq')  # read from the metadata when asked
 def main() -> None:
     """aiida-zmq: the message broker for AiiDA that needs no RabbitMQ."""
 
