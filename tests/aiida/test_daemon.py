@@ -174,6 +174,9 @@ def _wait_job_running(profile: AiidaZmqProfile, pks: list[int]) -> None:
     wait_until(running, timeout=60, interval=0.5, what=f'the held jobs {pks} to run')
 
 
+# Dozens of subprocesses in sequence (verdi, the driver), each loading AiiDA: under 90 s at load 6, 260-330 s beside
+# stress-ng --cpu 2 on two busy cores, past pytest-timeout's 300 s. Every wait inside has its own bound.
+@pytest.mark.timeout(900)
 def test_kill_pause_play(aiida_zmq_profile: AiidaZmqProfile, tmp_path: Path) -> None:
     """``verdi process kill/pause/play/status`` on processes a worker runs (RPCs through the broker).
 
