@@ -104,8 +104,9 @@ def calls(stubs: Path) -> list[str]:
 
 def test_run_sh_uses_rabbitmq_sh() -> None:
     text = (ROOT / 'tests' / 'run.sh').read_text()
-    assert '. tests/rabbitmq.sh\ntrap rabbitmq_stop EXIT\n' in text
-    assert text.index('trap rabbitmq_stop EXIT') < text.index('rabbitmq_start') < text.index('pytest')
+    trap = "trap 'rabbitmq_stop; temproot_remove' EXIT"  # one EXIT trap: a second would replace the first
+    assert '. tests/rabbitmq.sh\n' in text and text.count('EXIT') == 1 and trap in text
+    assert text.index('. tests/rabbitmq.sh') < text.index(trap) < text.index('rabbitmq_start') < text.index('pytest')
 
 
 def test_the_rabbitmq_it_started_is_stopped_when_the_tests_fail(stubs: Path) -> None:
