@@ -75,7 +75,7 @@ class Peer:
                 return None
 
     def drain(self, quiet: float = 0.5, bound: float = 10.0) -> list[protocol.Message]:
-        """What the broker sends (heartbeats aside) until it has been quiet for ``quiet`` seconds (at most ``bound``)."""
+        """What the broker sends (heartbeats aside) until it was quiet for ``quiet`` seconds (at most ``bound``)."""
         messages: list[protocol.Message] = []
         end = time.monotonic() + bound
         last = time.monotonic()
