@@ -194,7 +194,7 @@ class Channel:
         correlation = self.correlation()
         # The session gets the result (unless no_reply), and the confirm says whether the task went to it.
         frames = protocol.encode(
-            Command.TASK_SUBMIT, correlation, self.routing_id, queue_frame, protocol.flag(no_reply), payload
+            Command.TASK_SUBMIT, correlation, self.session.secret, queue_frame, protocol.flag(no_reply), payload
         )
         result: kiwipy.Future | None = None
         if not no_reply:

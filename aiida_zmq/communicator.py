@@ -265,7 +265,7 @@ class ZmqCommunicator(kiwipy.Communicator):
                 raise unreachable
             return future
         # To another client: on this thread's own socket, the reply to the session (known before the send).
-        frames = protocol.encode(Command.RPC_SUBMIT, correlation, channel.routing_id, identifier, payload)
+        frames = protocol.encode(Command.RPC_SUBMIT, correlation, channel.session.secret, identifier, payload)
         channel.pending.add(correlation, Command.RPC_RESULT, future)
         try:
             answer = channel.direct(correlation, frames, channel.broker_timeout)

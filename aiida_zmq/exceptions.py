@@ -11,6 +11,7 @@ import kiwipy
 __all__ = (
     'AdminError',
     'AdminRequestError',
+    'BadArgument',
     'BrokerNotFound',
     'BrokerNotRunning',
     'BrokerRestarted',
@@ -109,6 +110,15 @@ class VersionMismatch(ProtocolError):
             'install the same aiida-zmq version for the broker and its clients'
         )
         self.signature = signature
+
+
+class BadArgument(ProtocolError):
+    """An argument past its bound (:data:`aiida_zmq.protocol.FIELD_BYTES`), or a name that is not one (not UTF-8, a
+    control character): the request is answered ``ERROR malformed`` with this text."""
+
+    def __init__(self, argument: str, text: str) -> None:
+        super().__init__(text)
+        self.argument = argument
 
 
 class AdminRequestError(ValueError):

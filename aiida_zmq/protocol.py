@@ -1,8 +1,8 @@
-"""The aiida-zmq wire protocol (AZMQ/2): the one place that knows how messages look on the wire.
+"""The aiida-zmq wire protocol (AZMQ/3): the one place that knows how messages look on the wire.
 
 Every message is a ZeroMQ multipart message. Seen from a client's DEALER socket it is::
 
-    frame 0   signature  b'AZMQ/2'  (protocol name and version)
+    frame 0   signature  b'AZMQ/3'  (protocol name and version)
     frame 1   command    one byte (see :class:`Command`)
     frame 2.. arguments  a fixed number per command (see :data:`SPECS`)
 
@@ -17,12 +17,15 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .exceptions import ProtocolError, VersionMismatch
+from .exceptions import BadArgument, ProtocolError, VersionMismatch
+from .names import MAX_NAME_BYTES, check_name
 
 __all__ = (
     'ANSWERS',
     'ARGUMENTS',
+    'FIELD_BYTES',
     'FROM_CLIENT',
+    'NAME_FIELDS',
     'REQUESTS',
     'SESSIONLESS',
     'SIGNATURE',
@@ -34,13 +37,14 @@ __all__ = (
     'ProtocolError',
     'Spec',
     'VersionMismatch',
+    'check_arguments',
     'decode',
     'encode',
     'to_int',
 )
 
 PROTOCOL_NAME = b'AZMQ'
-VERSION = 2
+VERSION = 3
 SIGNATURE = b'AZMQ/%d' % VERSION
 
 FLAG_TRUE = b'1'
@@ -52,8 +56,10 @@ class Command(enum.IntEnum):
     code)."""
 
     # Session
-    HELLO = 0x01  # C: name, heartbeat_ms, reclaim ("id:attempt,id:attempt" still being processed), pid
-    WELCOME = 0x02  # B: epoch, heartbeat_ms, max_message_bytes
+    # C: name, heartbeat_ms, reclaim ("id:attempt,id:attempt" still being processed), pid, secret (the one the broker
+    # handed this session in an earlier WELCOME; empty for a new session)
+    HELLO = 0x01
+    WELCOME = 0x02  # B: epoch, heartbeat_ms, max_message_bytes, secret (this session's, for it only)
     HEARTBEAT = 0x03  # C/B: (none)
     BYE = 0x04  # C: (none); a clean goodbye: held tasks go back without counting as a failed delivery
     # B: correlation; the request with that correlation is in force (SUBSCRIBE, CONSUME, CANCEL, RPC_UNREGISTER), done
@@ -75,8 +81,8 @@ class Command(enum.IntEnum):
     TASK_RESULT = 0x18  # B: correlation, final flag, payload (a consumer's reply, forwarded to the sender)
     TASK_GET = 0x19  # C: correlation, queue
     TASK_GOT = 0x1A  # B: correlation, task_id ('' when the queue is empty), attempt, no_reply flag, payload
-    # C, from a sender socket without a session: correlation, session (the routing id of the sender's session, which
-    # gets the results unless no_reply), queue, no_reply flag, payload. Answered like TASK_SEND (TASK_CONFIRM or ERROR)
+    # C, from a sender socket without a session: correlation, session (the secret of the sender's session, which gets
+    # the results unless no_reply), queue, no_reply flag, payload. Answered like TASK_SEND (TASK_CONFIRM or ERROR)
     # on the socket it came from.
     TASK_SUBMIT = 0x1B
 
@@ -89,9 +95,9 @@ class Command(enum.IntEnum):
     RPC_REPLY = 0x25  # C: call_id, final flag, payload
     RPC_RESULT = 0x26  # B: correlation, final flag, payload
     RPC_UNROUTABLE = 0x27  # B: correlation, reason
-    # C, from a socket without a session (like TASK_SUBMIT): correlation, session (whose RPC_RESULTs it is), identifier,
-    # payload. Answered DONE / RPC_UNROUTABLE on the socket it came from; ERROR unknown-client when the broker has no
-    # such session (yet): send it again once welcomed.
+    # C, from a socket without a session (like TASK_SUBMIT): correlation, session (the secret of the session whose
+    # RPC_RESULTs it is), identifier, payload. Answered DONE / RPC_UNROUTABLE on the socket it came from; ERROR
+    # unknown-client when the broker has no such session (yet): send it again once welcomed.
     RPC_SUBMIT = 0x28
 
     # Broadcast
@@ -140,8 +146,8 @@ class Spec:
 _C, _B, _CB = Direction.TO_BROKER, Direction.TO_CLIENT, Direction.BOTH
 
 SPECS: dict[Command, Spec] = {
-    Command.HELLO: Spec(_C, ('name', 'heartbeat_ms', 'reclaim', 'pid')),
-    Command.WELCOME: Spec(_B, ('epoch', 'heartbeat_ms', 'max_message_bytes')),
+    Command.HELLO: Spec(_C, ('name', 'heartbeat_ms', 'reclaim', 'pid', 'secret')),
+    Command.WELCOME: Spec(_B, ('epoch', 'heartbeat_ms', 'max_message_bytes', 'secret')),
     Command.HEARTBEAT: Spec(_CB, ()),
     Command.BYE: Spec(_C, ()),
     Command.DONE: Spec(_B, ('correlation',)),
@@ -196,6 +202,53 @@ ANSWERS: frozenset[Command] = frozenset(
     {Command.ERROR, *(answer for spec in SPECS.values() for answer in spec.answers)}
 )
 
+#: The most bytes an argument of this name may carry, in every command that has it. Answers echo correlations and
+#: names (an ERROR its request's correlation, RPC_UNROUTABLE the identifier), so these bound every answer too: a
+#: peer that never reads can make the broker hold at most ZeroMQ's queue of such small answers, not of 8 MiB echoes.
+#: Payloads, ADMIN requests and the reclaim list are bounded by the message size only.
+FIELD_BYTES: dict[str, int] = {
+    'correlation': 128,  # the communicator's are short decimals
+    'session': 128,  # a session's secret (WELCOME)
+    'secret': 128,
+    'name': MAX_NAME_BYTES,
+    'queue': MAX_NAME_BYTES,
+    'identifier': MAX_NAME_BYTES,
+    'heartbeat_ms': 20,
+    'pid': 20,
+    'task_id': 20,
+    'attempt': 20,
+    'call_id': 20,
+    'prefetch': 20,
+    'no_reply': 1,
+    'final': 1,
+    'rejected': 1,
+}
+#: Arguments that are names a peer chooses: UTF-8 without control characters (:mod:`aiida_zmq.names`).
+NAME_FIELDS: dict[str, str] = {'name': 'client name', 'queue': 'queue name', 'identifier': 'RPC identifier'}
+#: Names that may be empty (a client without a name).
+_MAY_BE_EMPTY = frozenset({'name'})
+
+
+def check_arguments(message: Message) -> None:
+    """Check the arguments of a message from a client against their bounds (:data:`FIELD_BYTES`) and names against
+    :func:`aiida_zmq.names.check_name`.
+
+    :raises BadArgument: naming the first argument that is not what it must be.
+    """
+    for field, value in zip(ARGUMENTS[message.command], message.args, strict=True):
+        bound = FIELD_BYTES.get(field)
+        if bound is not None and len(value) > bound:
+            raise BadArgument(
+                field, f'{message.command.name}: the {field} has at most {bound} bytes, got {len(value)} bytes'
+            )
+        kind = NAME_FIELDS.get(field)
+        if kind is not None and (value or field not in _MAY_BE_EMPTY):
+            try:
+                check_name(kind, bytes(value))
+            except ValueError as exception:
+                raise BadArgument(field, f'{message.command.name}: {exception}') from None
+
+
 _COMMAND_BYTES: dict[int, bytes] = {command: bytes((command,)) for command in Command}
 _ARITY: dict[int, int] = {command: len(names) for command, names in ARGUMENTS.items()}
 
@@ -219,6 +272,8 @@ class ErrorCode:
     MALFORMED = b'malformed'  # wrong frame count or an unparsable argument
     STORE = b'store'  # the store could not commit the task (disk full, read-only): the task was not accepted
     LIMIT = b'limit'  # a bound of the broker was reached (queues per client, queues in all): the request was refused
+    # HELLO for a routing id whose session lives, without that session's secret: refused, the session stays its owner's
+    SESSION_TAKEN = b'session-taken'
 
 
 @dataclass(frozen=True, slots=True)

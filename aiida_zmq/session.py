@@ -99,6 +99,10 @@ class Session:
         self._welcomed = False
         self._epoch: str | None = None
         self.welcomes = 0  # WELCOMEs so far; a direct socket sends again what a broker may have lost when it changes
+        # The secret the broker handed this session in its first WELCOME; said again in every HELLO (after a broker
+        # restart too), it proves that this session is the one that holds its tasks and gets its results. Written by
+        # the I/O thread; read by caller threads for TASK_SUBMIT / RPC_SUBMIT, once start() returned (it is set then).
+        self.secret = b''
         self._last_heard = 0.0
         self._last_sent = 0.0
         self._last_hello = 0.0
@@ -375,6 +379,7 @@ class Session:
                 protocol.number(int(self._heartbeat * 1000)),
                 self._io_owner().reclaim(),
                 protocol.number(os.getpid()),
+                self.secret,
             )
         )
 
@@ -415,6 +420,10 @@ class Session:
         max_message_bytes = protocol.to_int(args[2])
         if max_message_bytes <= 0:  # would refuse every send from now on
             raise protocol.ProtocolError(f'WELCOME with max_message_bytes {max_message_bytes}')
+        secret = bytes(args[3])
+        if not secret or (self.secret and secret != self.secret):
+            raise protocol.ProtocolError('WELCOME without the secret this session said in its HELLO')
+        self.secret = secret
         restarted = self._epoch is not None and epoch != self._epoch
         resumed = self._epoch is not None
         self._epoch = epoch

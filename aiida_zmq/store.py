@@ -329,7 +329,8 @@ class TaskStore:
         return cursor.lastrowid
 
     def stage(self, task_id: int, state: int, attempts: int, reason: str | None = None) -> None:
-        """Record the task's state and delivery count with the batch (the last write of a task in a batch wins)."""
+        """Record the task's state and delivery count with the batch (the last write of a task in a batch wins).
+        ``reason`` is why a dead task is dead, or who holds a delivered one (:meth:`delivered_holders`)."""
         self._staged[task_id] = (state, attempts, reason)
 
     def delete(self, task_ids: Iterable[int]) -> None:
@@ -359,6 +360,12 @@ class TaskStore:
         """Tasks that were handed out when the broker last stopped: their holders may reclaim them."""
         rows = self._db.execute(f'SELECT {_COLUMNS} FROM tasks WHERE state={DELIVERED} ORDER BY id').fetchall()
         return [_row_to_task(row) for row in rows]
+
+    def delivered_holders(self) -> dict[int, str]:
+        """Who held each delivered task: the proof of its holder's session secret, which a delivery stores in the row's
+        reason (:meth:`stage`; ``aiida_zmq.broker.sessions``). Rows stored before that have none."""
+        rows = self._db.execute(f'SELECT id, dead_reason FROM tasks WHERE state={DELIVERED}').fetchall()
+        return {task_id: holder for task_id, holder in rows if holder}
 
     def ready_counts(self) -> dict[str, int]:
         rows = self._db.execute(f'SELECT queue, count(*) FROM tasks WHERE state={READY} GROUP BY queue').fetchall()

@@ -46,7 +46,7 @@ def session(name, **options):
     for option, value in options.items():
         socket.setsockopt(getattr(zmq, option), value)
     socket.connect(endpoint)
-    socket.send_multipart(protocol.encode(Command.HELLO, name.encode(), b'1000', b'', b'0'))
+    socket.send_multipart(protocol.encode(Command.HELLO, name.encode(), b'1000', b'', b'0', b''))
     assert socket.poll(10000), 'no WELCOME'
     socket.recv_multipart()
     return socket

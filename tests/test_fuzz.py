@@ -58,7 +58,7 @@ class Rig:
         socket.setsockopt(zmq.SNDTIMEO, 2000)
         socket.connect(self.broker.endpoint)
         if hello:
-            socket.send_multipart(protocol.encode(Command.HELLO, b'fuzz', b'200', b'', b'0'))
+            socket.send_multipart(protocol.encode(Command.HELLO, b'fuzz', b'200', b'', b'0', b''))
             assert socket.poll(5000), 'no WELCOME for a fuzzing client'
             assert protocol.decode(socket.recv_multipart()).command is Command.WELCOME
         return socket
@@ -234,7 +234,7 @@ HUGE_SENDER = """
 import sys, zmq
 socket = zmq.Context().socket(zmq.DEALER)
 socket.connect(sys.argv[1])
-socket.send_multipart([b'AZMQ/2', bytes([0x10]), b'1', b'q', b'1', b'x' * int(sys.argv[2])])
+socket.send_multipart([b'AZMQ/3', bytes([0x10]), b'1', b'q', b'1', b'x' * int(sys.argv[2])])
 socket.send_multipart([b'x' * int(sys.argv[2])])
 socket.close(linger=2000)
 """
@@ -298,7 +298,7 @@ flooder = zmq.Context().socket(zmq.DEALER)
 flooder.setsockopt(zmq.SNDHWM, 0)  # no limit on this side: everything goes at the broker
 flooder.connect(endpoint)
 if kind == 'tasks':
-    flooder.send_multipart(protocol.encode(Command.HELLO, b'flooder', b'200', b'', b'0'))
+    flooder.send_multipart(protocol.encode(Command.HELLO, b'flooder', b'200', b'', b'0', b''))
     assert flooder.poll(5000)
     flooder.recv_multipart()
 payload = b'\\x00J"' + b'f' * 1000 + b'"'
@@ -397,15 +397,18 @@ class FakeBroker:
             decoded = protocol.decode(message)
             if decoded.command is Command.HELLO:
                 self.client = routing_id  # the session: garbage goes there (not to a direct socket)
-                self.router.send_multipart([routing_id, *protocol.encode(Command.WELCOME, b'e1', b'200', b'1000000')])
+                self.router.send_multipart(
+                    [routing_id, *protocol.encode(Command.WELCOME, b'e1', b'200', b'1000000', b's1')]
+                )
                 self.welcomed.set()
             elif decoded.command is Command.RPC_SUBMIT:
                 # From the caller's direct socket: routed (DONE there), the result to the session it names.
                 correlation, session, _identifier, payload = decoded.args
                 response = self.codec.encode({'result': self.codec.decode(payload)})
                 self.router.send_multipart([routing_id, *protocol.encode(Command.DONE, correlation)])
+                assert bytes(session) == b's1'  # the secret of its session (WELCOME)
                 self.router.send_multipart(
-                    [bytes(session), *protocol.encode(Command.RPC_RESULT, correlation, b'1', response)]
+                    [self.client, *protocol.encode(Command.RPC_RESULT, correlation, b'1', response)]
                 )
             elif decoded.command is Command.RPC_CALL:
                 correlation, _identifier, payload = decoded.args

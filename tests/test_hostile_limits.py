@@ -57,7 +57,7 @@ def test_answers_echoing_large_fields_to_a_socket_that_never_reads_are_bounded(z
             deaf.send(Command.TASK_SUBMIT, correlation=BIG, session=b'', queue=b'q', no_reply=b'1', payload=b'x')
     growth = peak_growth(zmq_broker.pid, baseline)
     assert growth < 48 * MIB, f'the broker grew by {growth / MIB:.0f} MiB'
-    owner.admin('status')  # still answering
+    assert status(zmq_broker.endpoint)['pid'] == zmq_broker.pid  # still answering
     deaf.close()
     owner.close()
 

@@ -319,7 +319,8 @@ def test_late_answer_after_takeover_is_refused_and_counted(zmq_broker):
                     return message
 
         def hello() -> None:
-            raw.send_multipart(protocol.encode(Command.HELLO, b'slow consumer', b'200', b'', str(os.getpid()).encode()))
+            pid = str(os.getpid()).encode()
+            raw.send_multipart(protocol.encode(Command.HELLO, b'slow consumer', b'200', b'', pid, b''))
             receive(Command.WELCOME)
 
         hello()
@@ -340,11 +341,13 @@ def test_late_answer_after_takeover_is_refused_and_counted(zmq_broker):
 
         # Its late answer, first without a session, then after a new HELLO: both refused, neither acknowledges.
         raw.send_multipart(protocol.encode(Command.TASK_ACK, task_id, attempt))
-        wait_until(lambda: producer.admin('status')['stats'].get('late_acks_refused') == 1, 10, what='first refusal')
+        wait_until(
+            lambda: producer.admin('status')['stats'].get('sessionless_answers_refused') == 1, 10, what='first refusal'
+        )
         hello()
         raw.send_multipart(protocol.encode(Command.TASK_ACK, task_id, attempt))
         stats = wait_until(
-            lambda: (s := producer.admin('status')['stats']).get('late_acks_refused') == 2 and s, 10, what='refusals'
+            lambda: (s := producer.admin('status')['stats']).get('late_acks_refused') == 1 and s, 10, what='refusals'
         )
         assert stats['tasks_acked'] == 1  # still the taker's answer only
         log = zmq_broker.log()

@@ -179,7 +179,7 @@ def test_curve_client_without_an_authorized_key_cannot_connect_or_read(curve_bro
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(curve_broker.endpoint)
-    raw.send_multipart(protocol.encode(protocol.Command.HELLO, b'spy', b'200', b'', b'0'), zmq.NOBLOCK)
+    raw.send_multipart(protocol.encode(protocol.Command.HELLO, b'spy', b'200', b'', b'0', b''), zmq.NOBLOCK)
     insider.broadcast_send('another secret')
     assert raw.poll(1500) == 0
     raw.close(0)

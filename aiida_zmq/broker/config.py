@@ -38,6 +38,14 @@ class BrokerConfig:
     quick_release: float = 10.0  # a pushed task given back cleanly sooner than this after its delivery counts as one
     max_queues: int = 10_000  # queues in all (each costs memory whether or not it holds tasks)
     max_queues_per_client: int = 1_000  # queues one client consumes at once
+    # What one client, and all of them, can make the broker hold (issue 21.4); past each, the request is answered
+    # ERROR limit with a text naming the bound. An AiiDA daemon worker holds an RPC identifier per running process.
+    max_rpc_per_client: int = 10_000  # RPC identifiers one client holds
+    max_rpc: int = 100_000  # RPC identifiers in all
+    max_open_calls_per_client: int = 10_000  # RPC calls of one client waiting for their answer
+    max_open_calls: int = 100_000  # in all
+    max_sessions: int = 4_096  # sessions in all (each holds a connection, hence a descriptor)
+    status_top: int = 100  # queues and clients `status` lists (the largest first), with the count of the rest
     store_retry: float = 0.5  # after the store failed (disk full), first wait before trying again; doubles
     store_retry_max: float = 10.0
     queue_expiry: float = 60.0  # an empty queue nobody consumes is forgotten after this long (RabbitMQ's x-expires)

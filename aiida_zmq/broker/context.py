@@ -23,6 +23,7 @@ from .liveness import ListeningClock
 from .peers import Client, Outbound, Sender
 from .queues import TaskQueues
 from .rpc_routes import RpcRoutes
+from .sessions import Sessions
 from .store_fault import StoreFault
 
 __all__ = ('Batch', 'Context', 'Peer')
@@ -63,6 +64,7 @@ class Context(t.Protocol):
     endpoints: list[str]
     data_dir: Path
     clients: dict[bytes, Client]
+    sessions: Sessions  # the same sessions by secret (sessions.py)
     queues: TaskQueues
     deliveries: Deliveries
     rpc: RpcRoutes

@@ -185,7 +185,12 @@ class DataDirectory:
             elif self.config.curve:
                 socket.setsockopt(zmq.AFFINITY, security.CurveServer.PLAIN_AFFINITY)  # off the CURVE I/O thread
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
-            socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over its old pipe
+            # No handover: a second connection with a live one's routing id is not attached, so it cannot take the
+            # first one's deliveries and RPCs (issue 21.2). A client's own reconnection gets in once its old pipe is
+            # closed: at once on ipc, within the ZMTP heartbeat timeout below over a TCP connection that died.
+            socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
+            socket.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.config.heartbeat * 1000)))
+            socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.config.peer_timeout * 1000)))
             # ZeroMQ counts its queues in messages; bytes are bounded by the broker's own outbound queue
             # (outbound_bytes) and the message size: a short queue here keeps what waits for a peer within that.
             socket.setsockopt(zmq.SNDHWM, self.config.send_hwm)

@@ -31,6 +31,7 @@ import math
 import time
 import typing as t
 
+from ..names import printable_id
 from ..ratelimit import RateLimitedLog
 from ..store import DEAD, DELIVERED, READY, StoredTask, TaskStore
 from .config import BrokerConfig
@@ -78,6 +79,7 @@ class Holder(t.Protocol):
     routing_id: bytes
     held: Held
     pid: int
+    proof: str  # of its session's secret (sessions.py): stored with what it holds, checked when it reclaims
 
 
 class Deliveries:
@@ -92,6 +94,7 @@ class Deliveries:
         self.limited_log = log
         self._store: TaskStore | None = None
         self.orphans: dict[int, StoredTask] = {}  # tasks delivered before a restart, waiting for their holder
+        self._orphan_holders: dict[int, str] = {}  # orphan id -> proof of its holder's secret, as stored
         self._orphan_deadline = 0.0
         self._delayed: list[tuple[float, int, StoredTask]] = []  # (due, id, task): tasks backing off
 
@@ -106,6 +109,7 @@ class Deliveries:
         self._store = store
         for task in store.load_delivered():
             self.orphans[task.id] = task
+        self._orphan_holders = store.delivered_holders()
         self._orphan_deadline = now + self.config.grace
 
     def close(self) -> None:
@@ -128,7 +132,9 @@ class Deliveries:
         task.attempts += 1
         task.state = DELIVERED
         self._hold(holder, task, time.monotonic(), fetched)
-        self.store.stage(task.id, DELIVERED, task.attempts)
+        # Who holds it is stored with it (the proof of its session's secret, in the row's reason): after a restart,
+        # only that session may reclaim it.
+        self.store.stage(task.id, DELIVERED, task.attempts, holder.proof)
         how = 'taken (next_task)' if fetched else 'pushed'
         self.store.history.record(
             task.id, 'delivered', f'to {holder.name} (pid {holder.pid}), delivery {task.attempts}, {how}'
@@ -214,6 +220,9 @@ class Deliveries:
         for task_id, attempt in claimed.items():
             orphan = self.orphans.get(task_id)
             if orphan is not None and orphan.attempts == attempt:
+                if self._orphan_holders.get(task_id) != holder.proof:
+                    self._refuse_claim(holder, task_id)
+                    continue
                 del self.orphans[task_id]
                 self._hold(holder, orphan, since=-math.inf, fetched=False)  # held since before the restart
                 self.store.history.record(task_id, 'reclaimed', f'by {holder.name} (pid {holder.pid}) after a restart')
@@ -225,30 +234,28 @@ class Deliveries:
         for task in holder.held.newest_first():
             self.give_back(holder, task, RELEASED if released else LOST, why)
 
-    def answered_without_session(
-        self, routing_id: bytes, task_id: int, attempt: int, final: bool
-    ) -> tuple[bool, StoredTask | None]:
-        """An answer from a client without a session (the broker restarted, or declared it dead): accepted for an
-        unclaimed orphan of that attempt. Returns whether it was accepted, and the orphan a ``final`` answer finished
-        (deleted); a refused answer is counted and logged."""
-        task = self.orphans.get(task_id)
-        if task is not None and task.attempts == attempt:
-            if not final:
-                return True, None
-            del self.orphans[task_id]
-            self.store.delete((task_id,))
-            self.store.history.record(task_id, 'answered', 'by its holder from before the restart, without a session')
-            return True, task
-        # The delivery was taken away (declared dead, then given to another consumer) or is already finished.
-        self.stats['late_acks_refused'] += 1
+    def _refuse_claim(self, holder: Holder, task_id: int) -> None:
+        self.stats['reclaims_refused'] += 1
         self.limited_log.warning(
-            'refused an answer for task %d (attempt %d) from a client without a session: it was declared dead '
-            'and the delivery taken away',
+            'refused the reclaim of task %d by %s (pid %d): another session held it before the restart',
             task_id,
-            attempt,
+            holder.name,
+            holder.pid,
+            key=('reclaim-refused', holder.routing_id),
+        )
+
+    def refuse_sessionless_answer(self, routing_id: bytes, args: t.Sequence[bytes]) -> None:
+        """An answer (ACK, REPLY, NACK) from a socket without a session: refused and counted. Only the session that
+        holds a task may answer it; an orphan's holder says HELLO with its secret, reclaims it, and answers it then
+        (an answer sent to a restarted broker before that is lost, once, and the task redelivered: at least once)."""
+        self.stats['sessionless_answers_refused'] += 1
+        self.limited_log.warning(
+            'refused an answer for task %s from a client without a session (%s): only the session holding a task '
+            'answers it',
+            printable_id(bytes(args[0]))[:24] if args else '?',
+            printable_id(routing_id),
             key=('late-answer', routing_id),
         )
-        return False, None
 
     # Time ---------------------------------------------------------------------------------------------------------
 
@@ -271,6 +278,7 @@ class Deliveries:
                 self.store.history.record(task.id, 'requeued', 'not reclaimed by its holder after the broker restarted')
                 self._requeue(task)
             self.orphans.clear()
+            self._orphan_holders.clear()
 
     # The batch ----------------------------------------------------------------------------------------------------
 

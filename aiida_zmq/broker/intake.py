@@ -6,19 +6,23 @@ peer)."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
 from .. import protocol
+from ..exceptions import BadArgument
+from ..names import printable_id
 from ..protocol import Command, ErrorCode
 from ..ratelimit import RateLimitedLog
 from .config import BrokerConfig
+from .peers import Client
 
 __all__ = ('MAX_CORRELATION', 'Intake')
 
-# A correlation the broker echoes in an ERROR; the communicator's are short decimals, a longer one is not a request.
-MAX_CORRELATION = 1024
+# A correlation the broker echoes in an ERROR: at most what the protocol lets a correlation be (a longer one is not a
+# request, and echoing it is what a peer that never reads would make the broker hold).
+MAX_CORRELATION = protocol.FIELD_BYTES['correlation']
 _COMMANDS = frozenset(Command)
 _NO_SESSION = b'no session: send HELLO'
 
@@ -116,6 +120,41 @@ class Intake:
             self.send_raw(socket, frames[0], Command.ERROR, frames[3], code, text.encode())
         elif code == ErrorCode.TOO_LARGE:
             self.send_raw(socket, frames[0], Command.ERROR, b'', code, text.encode())
+
+    def bad_argument(
+        self,
+        socket: zmq.Socket,
+        routing_id: bytes,
+        message: protocol.Message,
+        error: BadArgument,
+        *,
+        session: Client | None,
+        send: Callable[..., None],
+    ) -> None:
+        """An argument past its bound or a name that is none (``protocol.check_arguments``): ``ERROR malformed``, by
+        the request's correlation unless the correlation is what is wrong; through the client's session when it has
+        one (``send``), so that the answer counts in its outbound bytes."""
+        self.stats['malformed'] += 1
+        self.limited_log.warning(
+            'dropped a malformed %s from %s: %s',
+            message.command.name,
+            printable_id(routing_id),
+            error,
+            key=('malformed', routing_id),
+        )
+        correlated = message.command in protocol.REQUESTS and error.argument != 'correlation'
+        if not correlated and message.command is not Command.HELLO and error.argument != 'correlation':
+            return  # not a request: nobody waits for an answer
+        answer = (
+            Command.ERROR,
+            bytes(message.args[0]) if correlated else b'',
+            ErrorCode.MALFORMED,
+            str(error).encode(),
+        )
+        if session is not None:
+            send(session, *answer)
+        else:
+            self.send_raw(socket, routing_id, *answer)
 
     @staticmethod
     def send_raw(socket: zmq.Socket, routing_id: bytes, command: Command, *args: bytes) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from ..names import printable_id
 from ..ratelimit import RateLimitedLog
 from .config import BrokerConfig
 from .deliveries import Held
@@ -58,8 +59,11 @@ class Client:
     held: Held = field(default_factory=Held)  # the deliveries it holds (see deliveries.py)
     prefetch: dict[str, int] = field(default_factory=dict)  # queue -> prefetch (0 = unlimited)
     pid: int = 0  # the client's process id, as it said in its HELLO (0 when unknown)
+    secret: bytes = b''  # handed to this session only, in its WELCOME (see sessions.py)
+    proof: str = ''  # what outlives the session of its secret: a hash, stored with what it holds and is owed
     rpc_identifiers: set[str] = field(default_factory=set)
     calls_in: set[int] = field(default_factory=set)  # RPC calls this client must answer
+    calls_out: int = 0  # RPC calls this client made that wait for their final answer
     subscribed: bool = False
 
     @property
@@ -179,7 +183,7 @@ class Outbound:
         self.limited_log.warning(
             'client %s (%s) is not reading its broadcasts: %d dropped (%d bytes of broadcasts waiting for it)',
             client.name,
-            client.routing_id.decode(errors='replace'),
+            printable_id(client.routing_id),
             count,
             client.broadcast_bytes,
             key=('broadcasts-dropped', client.routing_id),
@@ -194,7 +198,7 @@ class Outbound:
             'client %s (%s) is not reading: %d message(s), %d bytes waiting for it%s: its session ends, %d held '
             'task(s) go to other consumers',
             client.name,
-            client.routing_id.decode(errors='replace'),
+            printable_id(client.routing_id),
             len(client.outbound) + len(client.broadcasts),
             client.outbound_bytes + client.broadcast_bytes,
             f' (and {size} more)' if size else f', none taken for {self.config.peer_timeout:g}s',

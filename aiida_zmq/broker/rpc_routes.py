@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from .config import BrokerConfig
 from .peers import Client
 
 __all__ = ('RpcCall', 'RpcRoutes')
@@ -23,10 +24,34 @@ class RpcCall:
 
 
 class RpcRoutes:
-    def __init__(self) -> None:
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
         self.owners: dict[str, Client] = {}
         self.calls: dict[int, RpcCall] = {}
         self._call_ids = itertools.count(1)
+
+    def register_refusal(self, client: Client, identifier: str) -> str | None:
+        """Why ``client`` may not hold one more identifier (its limit, or the broker's), or None when it may."""
+        if identifier in client.rpc_identifiers:
+            return None
+        mine, limit = len(client.rpc_identifiers), self.config.max_rpc_per_client
+        if mine >= limit:
+            return f'this client holds {mine} RPC identifiers, the most one client may (max_rpc_per_client={limit})'
+        if len(self.owners) >= self.config.max_rpc:
+            return f'the broker holds {len(self.owners)} RPC identifiers, its maximum (max_rpc={self.config.max_rpc})'
+        return None
+
+    def call_refusal(self, caller: Client) -> str | None:
+        """Why ``caller`` may not open one more call (never-answered calls are held until answered), or None."""
+        limit = self.config.max_open_calls_per_client
+        if caller.calls_out >= limit:
+            return (
+                f'this client has {caller.calls_out} RPC calls waiting for an answer, the most one client may '
+                f'(max_open_calls_per_client={limit})'
+            )
+        if len(self.calls) >= self.config.max_open_calls:
+            return f'the broker holds {len(self.calls)} unanswered RPC calls, its maximum (max_open_calls)'
+        return None
 
     def register(self, client: Client, identifier: str) -> bool:
         """Give ``identifier`` to ``client``; ``False`` if another client holds it."""
@@ -50,6 +75,7 @@ class RpcRoutes:
         call_id = next(self._call_ids)
         self.calls[call_id] = RpcCall(caller, correlation, owner)
         owner.calls_in.add(call_id)
+        caller.calls_out += 1
         return call_id, owner
 
     def answer(self, client: Client, call_id: int, final: bool) -> RpcCall | None:
@@ -60,6 +86,7 @@ class RpcRoutes:
         if final:
             del self.calls[call_id]
             client.calls_in.discard(call_id)
+            call.caller.calls_out -= 1
         return call
 
     def forget(self, client: Client) -> list[RpcCall]:
@@ -68,6 +95,8 @@ class RpcRoutes:
             if self.owners.get(identifier) is client:
                 del self.owners[identifier]
         unanswered = [call for call_id in client.calls_in if (call := self.calls.pop(call_id, None)) is not None]
+        for call in unanswered:
+            call.caller.calls_out -= 1
         for call_id in [call_id for call_id, call in self.calls.items() if call.caller is client]:
             del self.calls[call_id]
         return unanswered

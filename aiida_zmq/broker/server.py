@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import zmq
 
 from .. import protocol
-from ..exceptions import StoreError
+from ..exceptions import BadArgument, StoreError
 from ..protocol import Command, ErrorCode
 from ..ratelimit import RateLimitedLog
 from ..security import ensure_private_dir
@@ -45,6 +45,7 @@ from .liveness import ListeningClock
 from .peers import Client, Outbound, Sender
 from .queues import QueueState, TaskQueues
 from .rpc_routes import RpcRoutes
+from .sessions import Sessions
 from .store_fault import StoreFault
 
 __all__ = ('Broker', 'BrokerConfig', 'default_endpoint')
@@ -123,8 +124,9 @@ class Broker:
         self._ready = threading.Event()
 
         self.clients: dict[bytes, Client] = {}
+        self.sessions = Sessions(self.clients)
         self.queues = TaskQueues(self.config)
-        self.rpc = RpcRoutes()
+        self.rpc = RpcRoutes(self.config)
         self.batch = Batch()  # what this turn did that waits for its commit
         self.trim = HeapTrim()  # gives freed memory back to the system
         self._dispatch_more = False  # the last dispatch left work for a consumer that had its burst
@@ -443,6 +445,11 @@ class Broker:
             return
         command = message.command
         client = self.clients.get(routing_id)
+        try:
+            protocol.check_arguments(message)
+        except BadArgument as error:
+            self.intake.bad_argument(socket, routing_id, message, error, session=client, send=self.send)
+            return
         peer: Peer
         if command is Command.HELLO or (client is None and command in protocol.SESSIONLESS):
             peer = Sender(routing_id, socket)  # HELLO starts a session; a direct socket never says HELLO

@@ -15,20 +15,25 @@ from ...store import StoredTask
 from ..context import Context, Peer
 from ..peers import Client
 from ..queues import QueueState
+from ..sessions import reply_address
 
 LOGGER = logging.getLogger(__name__)
 
 
 def send(broker: Context, client: Client, args: Sequence[bytes]) -> None:
     correlation, queue_name, no_reply, payload = args
-    store_task(broker, client, correlation, queue_name, no_reply == protocol.FLAG_TRUE, client.routing_id, payload)
+    store_task(broker, client, correlation, queue_name, no_reply == protocol.FLAG_TRUE, client, payload)
 
 
 def submit(broker: Context, sender: Peer, args: Sequence[bytes]) -> None:
     """A task from a caller thread's own socket (no session): the result goes to the session it names."""
     correlation, session, queue_name, no_reply, payload = args
-    no_reply_flag = no_reply == protocol.FLAG_TRUE
-    store_task(broker, sender, correlation, queue_name, no_reply_flag, bytes(session) or None, payload)
+    owner = broker.sessions.named(bytes(session))
+    if owner is None and session:
+        # Not a live session's secret (yet: the broker restarted and the session has not said HELLO again).
+        broker.answer(sender, Command.ERROR, correlation, ErrorCode.UNKNOWN_CLIENT, b'no such session: say HELLO')
+        return
+    store_task(broker, sender, correlation, queue_name, no_reply == protocol.FLAG_TRUE, owner, payload)
 
 
 def store_task(
@@ -37,7 +42,7 @@ def store_task(
     correlation: bytes,
     queue_name: bytes,
     no_reply: bool,
-    session: bytes | None,
+    session: Client | None,
     payload: bytes,
 ) -> None:
     """Store a task in this batch; its confirm goes to ``peer`` once the batch is committed.
@@ -56,7 +61,7 @@ def store_task(
         broker.limited_log.warning('%s (queue %r)', text, name[:80], key=('queue-limit',))
         broker.answer(peer, Command.ERROR, correlation, ErrorCode.STORE, text.encode())
         return
-    reply_to = None if no_reply else session
+    reply_to = None if no_reply or session is None else reply_address(session)
     try:
         task_id = broker.store.insert(name, payload, no_reply, reply_to, correlation)
     except StoreError as exception:
@@ -66,7 +71,7 @@ def store_task(
     task = StoredTask(task_id, name, payload, no_reply, reply_to, correlation, 0)
     queue.add_new(task, broker.config)
     broker.queues.wake(name)
-    broker.batch.stored(task, peer, correlation, session)
+    broker.batch.stored(task, peer, correlation, None if session is None else session.routing_id)
     broker.stats['tasks_stored'] += 1
 
 
@@ -209,7 +214,7 @@ def forward_result(broker: Context, task: StoredTask, payload: bytes, final: boo
     """A holder's reply goes to the session that sent the task (if it wants results and is still there)."""
     if task.no_reply or task.reply_to is None or task.correlation is None:
         return
-    sender = broker.clients.get(task.reply_to)
+    sender = broker.sessions.results_to(task.reply_to)
     if sender is None:
         LOGGER.debug('sender of task %d is gone: its result is dropped', task.id)
         return
