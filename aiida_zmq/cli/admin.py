@@ -27,6 +27,8 @@ from pathlib import Path
 
 import click
 
+from ..names import printable
+
 if t.TYPE_CHECKING:
     from ..store import TaskStore
 
@@ -378,7 +380,8 @@ def status(target: Target, as_json: bool) -> None:
             click.secho(f'aiida-zmq broker for {target.label}: not running', fg='red', bold=True)
             click.echo(f'  {target.start_hint}')
             if depths:
-                click.echo('  tasks waiting in its store: ' + ', '.join(f'{q} {n}' for q, n in sorted(depths.items())))
+                waiting = ', '.join(f'{printable(q)} {n}' for q, n in sorted(depths.items()))
+                click.echo('  tasks waiting in its store: ' + waiting)
             if unread:
                 click.echo(f'  its store was not read: {unread}')
             _print_circus(circus)
@@ -444,15 +447,24 @@ def _print_status(answer: dict[str, t.Any]) -> None:
             f'{settings["max_deliveries"]} deliveries before dead-lettering, '
             f'fsync {"on" if settings["fsync"] else "off (--no-fsync: survives crashes, not power cuts)"}'
         )
-    queues = answer['queues']
-    click.echo(f'  queues     {len(queues)}' + ('' if queues else ' (none yet)'))
+    # Names are printed escaped (aiida_zmq.names): a store written before names were checked may hold any.
+    queues, more_queues = answer['queues'], answer.get('queues_not_listed', 0)
+    click.echo(f'  queues     {len(queues) + more_queues}' + ('' if queues else ' (none yet)'))
     for name, queue in sorted(queues.items()):
-        click.echo(f'    {name}: {queue["depth"]} waiting, {_tasks(queue["consumers"], "consumer")}')
-    clients = answer['clients']
-    click.echo(f'  clients    {len(clients)}')
+        click.echo(f'    {printable(name)}: {queue["depth"]} waiting, {_tasks(queue["consumers"], "consumer")}')
+    if more_queues:
+        click.echo(f'    ... and {more_queues} more (the deepest are listed)')
+    clients, more_clients = answer['clients'], answer.get('clients_not_listed', 0)
+    click.echo(f'  clients    {len(clients) + more_clients}')
     for client in clients:
-        prefetch = ', '.join(f'{q} prefetch {p or "unlimited"}' for q, p in client['prefetch'].items()) or 'no queue'
-        click.echo(f'    {client["name"]} (pid {client["pid"]}): {_tasks(client["held"])} in flight; {prefetch}')
+        prefetch = (
+            ', '.join(f'{printable(q)} prefetch {p or "unlimited"}' for q, p in client['prefetch'].items())
+            or 'no queue'
+        )
+        name = printable(client['name'])
+        click.echo(f'    {name} (pid {client["pid"]}): {_tasks(client["held"])} in flight; {prefetch}')
+    if more_clients:
+        click.echo(f'    ... and {more_clients} more (those holding the most are listed)')
     stats = answer.get('stats', {})
     if stats:
         click.echo('  counters   ' + ', '.join(f'{key} {value}' for key, value in sorted(stats.items())))
@@ -501,7 +513,7 @@ def tasks_list(target: Target, queue: str | None, limit: int, as_json: bool) -> 
             state = (row['process_state'] or ('not in profile' if row.get('process') else '-')).ljust(20) + '  '
         click.echo(
             f'{row["id"]:>8}  {row["state"]:<9} {row["attempts"]:>10} {row["bytes"]:>8}  {age:>8}  {pk:>8}  '
-            f'{state}{row["queue"]}'
+            f'{state}{printable(row["queue"])}'
         )
 
 
@@ -594,7 +606,7 @@ def dead_letter_list(target: Target, queue: str | None, as_json: bool) -> None:
     if _emitted(letters, as_json, 'No dead letters.' if queue is None else f'No dead letters in queue {queue}.'):
         return
     for letter in letters:
-        click.echo(f'{letter["id"]:>8}  {letter["queue"]}  {letter["reason"]}')
+        click.echo(f'{letter["id"]:>8}  {printable(letter["queue"])}  {printable(letter["reason"] or "")}')
 
 
 def _ids(ids: tuple[int, ...], all_: bool) -> list[int] | None:
