@@ -38,6 +38,7 @@ from .config import BrokerConfig
 from .context import Batch, Peer
 from .datadir import DataDirectory, default_endpoint
 from .deliveries import Deliveries
+from .descriptors import raise_soft_limit
 from .handlers import HANDLERS, session, tasks
 from .handlers import admin as admin_handlers
 from .intake import Intake
@@ -147,6 +148,7 @@ class Broker:
 
     def open(self) -> None:
         """Take the data directory's lock, load the store and bind the sockets."""
+        raise_soft_limit()  # before any connection: libzmq aborts the process when accept() runs out of descriptors
         try:
             self.directory.take_lock()
             self.directory.check_binds()  # before the store is touched: a bad --bind changes nothing
