@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .exceptions import CoreZeromqRunning
+from .fsync import write_whole
 
 __all__ = ('CoreZeromqDir', 'CoreZeromqRunning', 'TaskFile', 'encode_task', 'is_core_zeromq_broker')
 
@@ -261,11 +262,15 @@ class CoreZeromqDir:
         temporary = self.pending_dir / f'{TEMP_PREFIX}{task_id}{TEMP_SUFFIX}'
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(descriptor, content)
+            write_whole(descriptor, content)  # whole, or OSError: a file cut short must never get its name
             os.fsync(descriptor)
-        finally:
+        except BaseException:
             os.close(descriptor)
-        os.rename(temporary, path)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        os.close(descriptor)
+        os.rename(temporary, path)  # the directory is synced (sync()) before the task is forgotten elsewhere
         return path
 
     def remove_temporary_files(self) -> int:

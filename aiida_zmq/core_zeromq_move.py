@@ -16,11 +16,12 @@ import logging
 import os
 import re
 import typing as t
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core_zeromq import CoreZeromqDir, CoreZeromqRunning, TaskFile
+from .exceptions import MoveStopped, StoreError
 from .store import DEAD, STORE_FILENAME, MoveEntry, TaskStore, broker_lock, ensure_private_dir, peek_moves
 
 __all__ = (
@@ -151,8 +152,9 @@ def import_from_core_zeromq(
     with broker_lock(directory, blocking=False):
         journal = MoveJournal(directory / STORE_FILENAME)
         try:
-            _settle_import(journal, source, report, on_event)
-            _import_files(journal, source, queue, encoder, report, batch_size, on_event)
+            with _stops_saying_what_moved(report, lambda: f'{len(source.task_files())} still in {source.tasks_dir}'):
+                _settle_import(journal, source, report, on_event)
+                _import_files(journal, source, queue, encoder, report, batch_size, on_event)
             source.tidy()
         except BaseException:
             # Ctrl-C or an error inside a batch: ``close()`` would commit it, maybe a row without its journal entry.
@@ -371,8 +373,9 @@ def export_to_core_zeromq(
         try:
             _settle_export(journal, target, report, on_event)
             waiting = _waiting_tasks(journal.store, queue)
-            for start in range(0, len(waiting), batch_size):
-                _export_batch(journal, target, waiting[start : start + batch_size], decoder, report, on_event)
+            with _stops_saying_what_moved(report, lambda: f'{len(waiting) - report.moved} still in the store'):
+                for start in range(0, len(waiting), batch_size):
+                    _export_batch(journal, target, waiting[start : start + batch_size], decoder, report, on_event)
             _left_in_store(journal.store, queue, report)
         except BaseException:
             journal.store.rollback()  # as above: a row deleted without its journal entry reads as run here
@@ -456,17 +459,35 @@ def _export_batch(
     created = {task_id: when for task_id, when, _ in batch}
     states = {task_id: state for task_id, _, state in batch}
     written: list[tuple[int, str]] = []
+    stopped: OSError | None = None
     for task in journal.store.load_tasks(created):
         zeromq_id = export_id(journal.store_id, task.id)
         try:
-            target.write_pending(zeromq_id, decoder(task.payload), created[task.id])
+            body = decoder(task.payload)
+            target.write_pending(zeromq_id, body, created[task.id])
+        except OSError as exception:  # the disk is full (or failing): finish what was written whole, then stop
+            stopped = exception
+            break
         except Exception as exception:  # a body core.zeromq cannot carry, or one that does not decode
             report.left.append(f'task {task.id}: cannot be written for core.zeromq ({exception}); left in the store')
             continue
         written.append((task.id, zeromq_id))
         _notify(on_event, 'written', zeromq_id)
-    if not written:
-        return
+    if written:
+        _forget_exported(journal, target, written, states, report, on_event)
+    if stopped is not None:
+        raise stopped
+
+
+def _forget_exported(
+    journal: MoveJournal,
+    target: CoreZeromqDir,
+    written: list[tuple[int, str]],
+    states: dict[int, str],
+    report: CoreZeromqMove,
+    on_event: Event | None,
+) -> None:
+    """Step 2 of the tasks whose files are written whole: the files and their names synced, then the rows go."""
     target.sync()  # step 1 durable before the rows go
     journal.store.delete([task_id for task_id, _ in written])
     for task_id, zeromq_id in written:
@@ -477,6 +498,22 @@ def _export_batch(
         report.pending += states[task_id] == 'ready'
         report.processing += states[task_id] != 'ready'
         _notify(on_event, 'moved', zeromq_id)
+
+
+@contextlib.contextmanager
+def _stops_saying_what_moved(report: CoreZeromqMove, left: Callable[[], str]) -> Iterator[None]:
+    """A full (or failing) disk in the middle of a move: what was moved stays moved (each task once), the rest where
+    it was (``left()`` says how many, and where); the error says both, never that nothing was moved."""
+    try:
+        yield
+    except (OSError, StoreError) as exception:
+        if isinstance(exception, MoveStopped):
+            raise
+        raise MoveStopped(
+            f'{exception}. The move stopped there: {report.moved} task(s) moved, each once, {left()}, where they '
+            'were. Free space (`df -h`), then run the same command again to move the rest',
+            report.moved,
+        ) from exception
 
 
 def _left_in_store(task_store: TaskStore, queue: str, report: CoreZeromqMove) -> None:

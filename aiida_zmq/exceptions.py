@@ -21,6 +21,7 @@ __all__ = (
     'CircusCallError',
     'CoreZeromqRunning',
     'MessageTooLarge',
+    'MoveStopped',
     'NoAnswer',
     'ProtocolError',
     'StoreError',
@@ -34,6 +35,15 @@ __all__ = (
 
 class StoreError(RuntimeError):
     """The task store cannot be opened or written (corrupt file, disk full, read-only directory, wrong schema)."""
+
+
+class MoveStopped(StoreError):
+    """A move between core.zeromq and the store stopped on the way (a full disk): ``moved`` tasks were moved, each
+    once, the rest are where they were; the message says both, and that a rerun moves the rest."""
+
+    def __init__(self, message: str, moved: int) -> None:
+        super().__init__(message)
+        self.moved = moved
 
 
 class StoreReplaced(StoreError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ('sync_directory', 'write_synced')
+__all__ = ('sync_directory', 'write_synced', 'write_whole')
 
 
 def sync_directory(path: str | os.PathLike[str]) -> None:
@@ -19,6 +19,17 @@ def sync_directory(path: str | os.PathLike[str]) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def write_whole(descriptor: int, data: bytes) -> None:
+    """Write all of ``data``: ``os.write`` may write less than it was given, without an error (a full disk does,
+    before the next write raises ``ENOSPC``).
+
+    :raises OSError: when it cannot be written whole.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view) :]
 
 
 def write_synced(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -> None:
@@ -31,9 +42,7 @@ def write_synced(path: str | os.PathLike[str], data: bytes, mode: int = 0o600) -
     tmp = f'{path}.tmp'
     descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_CLOEXEC', 0), mode)
     try:
-        view = memoryview(data)
-        while view:  # os.write may write less than it was given (a full disk does)
-            view = view[os.write(descriptor, view) :]
+        write_whole(descriptor, data)
         os.fsync(descriptor)
     finally:
         os.close(descriptor)

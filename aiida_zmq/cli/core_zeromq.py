@@ -14,7 +14,7 @@ import click
 
 from ..core_zeromq import CoreZeromqDir
 from ..core_zeromq_move import INTO_STORE, CoreZeromqMove, export_to_core_zeromq, import_from_core_zeromq
-from ..exceptions import BrokerRunning, CoreZeromqRunning, StoreError
+from ..exceptions import BrokerRunning, CoreZeromqRunning, MoveStopped, StoreError
 
 if t.TYPE_CHECKING:
     from aiida.manage.configuration.profile import Profile
@@ -62,6 +62,8 @@ def move_core_zeromq_tasks(
         raise click.ClickException(f'{exception}; {again}.')
     except BrokerRunning:
         raise click.ClickException(f'{_lock_refusal(data_dir, again)}. Nothing was moved or changed.')
+    except MoveStopped as exception:  # part of it was moved: says how much, and where the rest is
+        raise click.ClickException(f'{exception}: `{command}`.')
     except StoreError as exception:
         raise click.ClickException(f'{exception}. Nothing was moved or changed.')
 

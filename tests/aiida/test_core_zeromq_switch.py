@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from aiida_profile import BIN, AiidaZmqProfile
 from aiida_zmq.codec import default_codec
 from aiida_zmq.core_zeromq import CoreZeromqDir
 from aiida_zmq.core_zeromq_move import import_from_core_zeromq
+from aiida_zmq.store import STORE_FILENAME, TaskStore
 from aiida_zmq.testing import wait_until
 
 pytestmark = pytest.mark.aiida
@@ -313,3 +315,58 @@ def test_a_move_while_another_holds_the_store_says_what_holds_it(core_zeromq_pro
     assert 'broker is running' not in refused.stderr, refused.stderr
     assert f'pid {holder.pid}' in refused.stderr and 'another' in refused.stderr, refused.stderr
     assert 'Nothing was moved or changed' in refused.stderr, refused.stderr
+
+
+def _can_mount() -> bool:
+    if os.geteuid() != 0:
+        return False
+    probe = Path(tempfile.mkdtemp(prefix='azmnt-'))
+    try:
+        command = ['mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(probe)]
+        if subprocess.run(command, capture_output=True, check=False).returncode != 0:
+            return False
+        subprocess.run(['umount', str(probe)], check=True)
+        return True
+    finally:
+        probe.rmdir()
+
+
+@pytest.mark.skipif(not _can_mount(), reason='needs root (or CAP_SYS_ADMIN) to mount a small tmpfs')
+def test_a_move_into_a_full_store_says_what_it_moved(core_zeromq_profile_factory, tmp_path: Path) -> None:
+    """Issue 20.4: the store's disk fills after the first batch of 500. Before, the CLI said "Nothing was moved or
+    changed" with 500 moved; now it says how many moved and how many are still in core.zeromq, and a rerun with room
+    moves the rest, none twice."""
+    profile = core_zeromq_profile_factory('czmq-full')
+    for pid in range(700):
+        body = {'task': 'continue', 'args': {'pid': pid, 'nowait': False, 'tag': None}, 'pad': 'x' * 3000}
+        profile.core_zeromq.write_pending(f'task-{pid}', body, 1_700_000_000 + pid)
+    disk = Path(tempfile.mkdtemp(prefix='azfd-'))
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=3m,mode=0700', 'tmpfs', str(disk)], check=True)
+    try:
+        data_dir = disk / 'data'
+        stopped = profile.aiida_zmq(
+            'migrate', '--from', 'core.zeromq', '--profile', profile.name, '--data-dir', str(data_dir), check=False
+        )
+        assert stopped.returncode == 1, stopped
+        assert 'Nothing was moved' not in stopped.stderr, stopped.stderr
+        moved = int(stopped.stderr.split(' task(s) moved')[0].split()[-1])
+        assert 0 < moved < 700, stopped.stderr
+        assert f'{700 - moved} still in' in stopped.stderr and 'disk is full' in stopped.stderr, stopped.stderr
+        shutil.copytree(data_dir, tmp_path / 'roomy')
+    finally:
+        subprocess.run(['umount', '-l', str(disk)], check=False)
+        shutil.rmtree(disk, ignore_errors=True)
+    assert len(profile.core_zeromq.task_files()) == 700 - moved
+    profile.aiida_zmq(
+        'migrate', '--from', 'core.zeromq', '--profile', profile.name, '--data-dir', str(tmp_path / 'roomy')
+    )
+    assert profile.core_zeromq.task_files() == []
+    task_store = TaskStore(tmp_path / 'roomy' / STORE_FILENAME)
+    try:
+        rows = task_store.list_tasks(profile.queue, 10_000)
+        pids = [
+            default_codec().decode(task.payload)['args']['pid'] for task in task_store.load_tasks(r['id'] for r in rows)
+        ]
+    finally:
+        task_store.close()
+    assert sorted(pids) == list(range(700))
