@@ -5,8 +5,11 @@
 # broker's runtime directory `aiida-zmq-<uid>`, the calcjob folders of aiida-core's suite) and IPYTHONDIR
 # (`~/.ipython`, which importing aiida-core's shell support creates). It notes what $HOME holds.
 # temproot_check lists what the run left: in the root, anything but pytest's own basetemp (pytest keeps the last
-# three on purpose, for looking at a failure; they go with the root); in $HOME, any new entry. It returns 1 when it
-# found something. temproot_remove removes the root; run.sh calls it from its EXIT trap, however the run ends.
+# three on purpose, for looking at a failure; they go with the root), the broker's runtime directory when empty, and
+# aiida-core's circus socket directories (`tmpXXXXXXXX` with only `circus.*.sock`: aiida-core's DaemonClient makes
+# one whenever it is asked for the daemon's sockets while no daemon runs, and never removes it); in $HOME, any new
+# entry. It returns 1 when it found something. temproot_remove removes the root; run.sh calls it from its EXIT trap,
+# however the run ends.
 
 AZMQ_TEMP_ROOT=
 AZMQ_HOME_BEFORE=
@@ -17,9 +20,20 @@ temproot_start() {
     export TMPDIR="$AZMQ_TEMP_ROOT" IPYTHONDIR="$AZMQ_TEMP_ROOT/ipython"
 }
 
+# Whether $1 (in the root) is aiida-core's: a directory `tmp*` holding circus sockets only, or nothing.
+_temproot_circus_dir() {
+    case "$1" in tmp*) ;; *) return 1 ;; esac
+    [ -d "$AZMQ_TEMP_ROOT/$1" ] && [ -z "$(cd "$AZMQ_TEMP_ROOT/$1" && ls -A | grep -v -x 'circus\..\.sock')" ]
+}
+
 temproot_check() {
-    local left home_after new_home
-    left=$(cd "$AZMQ_TEMP_ROOT" && ls -A | grep -v -x -e "pytest-of-$(id -un)" -e ipython || true)
+    local left='' entry home_after new_home
+    for entry in $(cd "$AZMQ_TEMP_ROOT" && ls -A); do
+        case "$entry" in "pytest-of-$(id -un)" | ipython) continue ;; esac
+        [ "$entry" = "aiida-zmq-$(id -u)" ] && [ -z "$(ls -A "$AZMQ_TEMP_ROOT/$entry")" ] && continue
+        _temproot_circus_dir "$entry" && continue
+        left="$left $entry"
+    done
     home_after=$(ls -A "$HOME" 2>/dev/null | sort)
     new_home=$(comm -13 <(printf '%s\n' "$AZMQ_HOME_BEFORE") <(printf '%s\n' "$home_after") | grep -v '^$' || true)
     if [ -z "$left" ] && [ -z "$new_home" ]; then

@@ -604,6 +604,7 @@ def full_disk(size: str = '2m') -> Iterator[tuple[Path, Path]]:
         yield base, data
     finally:
         subprocess.run(['umount', '-l', str(data)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def fill(directory: Path) -> Path:

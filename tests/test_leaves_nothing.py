@@ -57,7 +57,9 @@ def _temproot(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
 def test_the_run_root_check_passes_on_a_clean_run_and_removes_the_root(tmp_path: Path) -> None:
     result = _temproot(
         tmp_path,
-        'mkdir -p "$TMPDIR/pytest-of-$(id -un)/pytest-0" "$IPYTHONDIR"; root=$TMPDIR\n'
+        'mkdir -p "$TMPDIR/pytest-of-$(id -un)/pytest-0" "$IPYTHONDIR" "$TMPDIR/aiida-zmq-$(id -u)"; root=$TMPDIR\n'
+        # aiida-core's DaemonClient leaves these (circus sockets only): not the tests'
+        'mkdir "$TMPDIR/tmpab12cd34"; touch "$TMPDIR/tmpab12cd34/circus.c.sock" "$TMPDIR/tmpab12cd34/circus.p.sock"\n'
         'temproot_check; temproot_remove; test ! -e "$root" && echo removed',
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -67,10 +69,13 @@ def test_the_run_root_check_passes_on_a_clean_run_and_removes_the_root(tmp_path:
 def test_the_run_root_check_names_what_a_run_left_and_fails(tmp_path: Path) -> None:
     result = _temproot(
         tmp_path,
-        'mkdir "$TMPDIR/azmq-x1"; touch "$HOME/.ipython-like"; root=$TMPDIR\n'
+        'mkdir "$TMPDIR/azmq-x1" "$TMPDIR/tmpzz" "$TMPDIR/aiida-zmq-$(id -u)"; touch "$HOME/.ipython-like"\n'
+        'touch "$TMPDIR/tmpzz/circus.c.sock" "$TMPDIR/tmpzz/calc.out" "$TMPDIR/aiida-zmq-$(id -u)/b.sock"\n'
+        'root=$TMPDIR\n'
         'if temproot_check; then echo passed; else echo failed; fi; temproot_remove; test ! -e "$root"',
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'failed' in result.stdout, result.stdout
     assert 'in $TMPDIR:' in result.stderr and 'azmq-x1' in result.stderr, result.stderr
+    assert 'tmpzz' in result.stderr and 'aiida-zmq-' in result.stderr, result.stderr
     assert 'in $HOME: .ipython-like' in result.stderr and 'already-there' not in result.stderr, result.stderr
