@@ -39,18 +39,6 @@ ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {
     ('aiida_zmq/cli/explain.py', 'from .admin import _tasks'): 1,
     ('aiida_zmq/cli/top.py', 'from .admin import _connect'): 1,
     ('aiida_zmq/cli/top.py', 'from .admin import _size'): 1,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._connected_tasks'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._data_dir'): 1,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._decoder'): 1,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._lock'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._online'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._open_mode'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._out_of_sync'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._prefetch'): 1,
-    ('aiida_zmq/aiida/communicator.py', 'communicator._tasks'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'self._communicator._online'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'self._communicator._open_mode'): 2,
-    ('aiida_zmq/aiida/communicator.py', 'self._communicator._send_task'): 1,
 }
 
 #: Sets of modules allowed to import each other in a circle (a cycle found must lie within one of them).

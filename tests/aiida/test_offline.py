@@ -217,3 +217,15 @@ def test_offline_rpc_to_someone_else_fails_at_once(tmp_path: Path) -> None:
         assert time.monotonic() - started < 1
     finally:
         communicator.close()
+
+
+def test_a_task_queue_is_one_object_per_name(tmp_path: Path) -> None:
+    """As the connection's ``task_queue``: asking again gives the same queue (it was a new object at every call, each
+    reading the communicator's private state), and a prefetch count given once stays with it."""
+    communicator = _profile_communicator(tmp_path / 'stopped', lambda: pytest.fail('no broker runs'))
+    try:
+        queue = communicator.task_queue(QUEUE, prefetch_count=3)
+        assert communicator.task_queue(QUEUE) is queue
+        assert queue.prefetch_count == 3
+    finally:
+        communicator.close()
