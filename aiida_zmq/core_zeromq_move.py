@@ -22,7 +22,16 @@ from pathlib import Path
 
 from .core_zeromq import CoreZeromqDir, CoreZeromqRunning, TaskFile
 from .exceptions import MoveStopped, StoreError
-from .store import DEAD, STORE_FILENAME, MoveEntry, TaskStore, broker_lock, ensure_private_dir, peek_moves
+from .store import (
+    DEAD,
+    STORE_FILENAME,
+    MoveEntry,
+    TaskStore,
+    broker_lock,
+    ensure_private_dir,
+    open_offline,
+    peek_moves,
+)
 
 __all__ = (
     'INTO_STORE',
@@ -65,7 +74,7 @@ class MoveJournal:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.store = TaskStore(path, fsync=True)
+        self.store = open_offline(path)  # synced (the default), its identity record kept as the broker keeps it
         self.store_id: str = self.store.open_move_journal()
 
     def entries(self, direction: str) -> dict[str, MoveEntry]:

@@ -41,6 +41,7 @@ __all__ = (
     'TaskStore',
     'accept_store',
     'broker_lock',
+    'open_offline',
     'peek_moves',
     'stopped_store',
     'submit_offline',
@@ -617,19 +618,31 @@ def stopped_store(data_dir: str | os.PathLike[str], *, create: bool = False) -> 
         if not create and not (directory / STORE_FILENAME).exists():  # removed before we held the lock
             yield None
             return
-        identity = StoreIdentity(directory, sync=True)
-        identity.check_before_open()
+        store = open_offline(directory / STORE_FILENAME)
         try:
-            store = TaskStore(directory / STORE_FILENAME)
-            try:
-                identity.verify_and_adopt(store)
-                yield store
-                store.commit()
-            finally:
-                store.close()
+            yield store
+            store.commit()
         finally:
-            identity.close()
+            store.close()
     os.chmod(directory / STORE_FILENAME, 0o600)
+
+
+def open_offline(path: str | os.PathLike[str]) -> TaskStore:
+    """Open the store of a stopped broker for an offline writer (under the broker's lock: :func:`stopped_store`,
+    a move): checked, and its identity record kept, each update synced, as the broker keeps it.
+
+    :raises aiida_zmq.exceptions.StoreReplaced: when the store is not the one the broker left (or is missing beside
+        its record: it is not created empty then).
+    """
+    identity = StoreIdentity(Path(path).parent, sync=True)
+    identity.check_before_open()
+    store = TaskStore(path)
+    try:
+        identity.verify_and_adopt(store)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def submit_offline(data_dir: str | os.PathLike[str], queue: str, payload: bytes, no_reply: bool = True) -> int:

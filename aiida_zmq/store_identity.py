@@ -68,7 +68,9 @@ class StoreIdentity:
         self.path = self.data_dir / IDENTITY_FILENAME
         self.identity: str | None = None
         self.high_water = 0
-        self.sync = sync  # sync every update in place (offline writers); the whole record is always synced
+        # Offline writers (a few commits each): every update synced, no descriptor kept open. The broker's updates
+        # are not synced (its commits are), and it keeps the record open. The whole record is always synced.
+        self.sync = sync
         self._fd: int | None = None
 
     def read(self) -> bool:
@@ -142,13 +144,19 @@ class StoreIdentity:
 
     def committed(self, store: IdentifiedStore) -> None:
         """After a commit: record a higher high-water mark, in place (the record has a fixed length)."""
-        if store.high_water <= self.high_water or self._fd is None:
+        if store.high_water <= self.high_water or self.identity is None:
             return
         self.high_water = store.high_water
         try:
-            os.pwrite(self._fd, self._record(), 0)
-            if self.sync:
-                os.fdatasync(self._fd)
+            if self._fd is not None:
+                os.pwrite(self._fd, self._record(), 0)
+            else:  # an offline writer keeps no descriptor open (nothing to close), and syncs the update
+                fd = os.open(self.path, os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0))
+                try:
+                    os.pwrite(fd, self._record(), 0)
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
         except OSError as exception:
             # The store committed; only the check at the next start is weaker. Say so, without repeating it.
             LIMITED.error('cannot update %s: %s', self.path, exception, key=('identity-write', str(self.path)))
@@ -164,13 +172,15 @@ class StoreIdentity:
 
     def _open_record(self) -> None:
         """Write the record whole (a new file, synced, renamed into place, the directory synced), then keep it open
-        for the updates in place. Unsynced, a power cut would leave an empty record: "damaged", a false alarm."""
+        for the updates in place (the broker). Unsynced, a power cut would leave an empty record: "damaged", a false
+        alarm."""
         self.close()
         try:
             write_synced(self.path, self._record())
         except OSError as exception:
             raise StoreError(f'cannot write {self.path}: {exception}') from exception
-        self._fd = os.open(self.path, os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0))
+        if not self.sync:
+            self._fd = os.open(self.path, os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0))
 
     def _accept_hint(self, lower: bool = False) -> str:
         text = (

@@ -161,6 +161,9 @@ def test_every_task_moves_once_in_core_zeromqs_order(core_zeromq: CoreZeromqDir,
 
     report = _import(core_zeromq, tmp_path / 'data')
     assert (report.moved, report.pending, report.processing, report.left) == (COUNT, COUNT - HELD, HELD, [])
+    # A move keeps the store's identity record as the broker does (issue 20.5): truncated later, it is refused.
+    record = (tmp_path / 'data' / 'tasks.sqlite3.identity').read_text()
+    assert record.endswith(f' {COUNT:020d}\n'), record
     assert _stored_pids(tmp_path / 'data') == list(range(COUNT))  # submission order, held ones in their place
     assert core_zeromq.task_files() == [] and not core_zeromq.retired_dir.exists()
     assert _import(core_zeromq, tmp_path / 'data').moved == 0
