@@ -72,10 +72,12 @@ class LazyFS:
         )
         # Opened before LazyFS starts: its fault thread opens the FIFO for writing and would block without a reader.
         self._done_fd = os.open(self.done_fifo, os.O_RDONLY | os.O_NONBLOCK)
-        command = [str(binary()), str(self.mount), '--config-path', str(config), '-o', 'allow_other']
+        # Relative, from LazyFS's working directory: LazyFS ignores a --config-path containing "-o" (any case), and
+        # a temporary directory's random name may (azlz-offf8cww did: the mount failed on config/default.toml).
+        command = [str(binary()), str(self.mount), '--config-path', config.name, '-o', 'allow_other']
         command += ['-o', 'modules=subdir', '-o', f'subdir={self.root}', '-f']
         with open(self.log_path, 'ab') as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.base)
         deadline = time.monotonic() + timeout
         # A mount has no event to wait on from here: poll, bounded.
         while not (os.path.ismount(self.mount) and self.fifo.exists()):
