@@ -143,6 +143,8 @@ class ZmqIncomingTask:
         self.attempt = attempt
         self._no_reply = no_reply
         self._payload = payload
+        # The holder's: the thread that runs its subscriber (the callback thread) or took it (next_task), and then
+        # whichever thread sets its outcome. One at a time, not guarded: kiwipy's RMQ task is no safer.
         self._state = TASK_PENDING
         self._decoded = False
         self._body: Any = None
