@@ -8,7 +8,7 @@ each case reads as a rule here. The cases, checked in this order (the first that
   ``sealed-with-task``: safe to drop);
 - ``daemon-not-running`` / ``broker-not-running``: nothing can run it until they are started;
 - ``dead-lettered``: its task was given up on (why), ``aiida-zmq dead-letter requeue ID``;
-- ``no-task``: an active process with no task anywhere: ``verdi process repair`` revives it (exactly once);
+- ``no-task``: an active process with no task anywhere: ``aiida-zmq repair`` revives it (exactly once);
 - ``paused``: paused (its node says so): ``verdi process play PK``;
 - ``checkpoint-paused``: its checkpoint says paused while its node does not (aiida-core saves no checkpoint on
   play, #6569: a daemon restart reloaded it paused): ``verdi process play PK``;
@@ -151,8 +151,8 @@ def _no_task(facts: Facts, live: list[dict[str, t.Any]]) -> Diagnosis | None:
     return Diagnosis(
         'no-task',
         f'Process {facts.pk} is {facts.process["state"] if facts.process else "?"} but has no task in the broker'
-        f'{seen}: it was lost before this broker or sent to another one. `verdi process repair` revives it, exactly '
-        'once.',
+        f'{seen}: it was lost before this broker or sent to another one. `aiida-zmq repair` revives it, exactly '
+        'once, with the daemon running (`verdi process repair` too, with the daemon stopped).',
     )
 
 

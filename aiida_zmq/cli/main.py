@@ -16,6 +16,7 @@ from .curve import curve_client
 from .demo import demo
 from .explain import explain, tasks_show
 from .options import repeated, shown
+from .repair import repair
 from .store import accept_store_command
 from .stores import stores
 from .top import top
@@ -206,6 +207,7 @@ for _command in (
     demo,
     explain,
     top,
+    repair,
 ):
     main.add_command(_command)
 tasks.add_command(tasks_show)
