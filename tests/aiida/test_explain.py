@@ -8,6 +8,7 @@ import json
 import os
 import signal
 
+import pytest
 from aiida_profile import AiidaZmqProfile
 
 from aiida_zmq.testing import wait_until
@@ -64,6 +65,7 @@ def test_explain_with_the_daemon_stopped(aiida_zmq_profile_factory) -> None:
     assert 'daemon not running, broker not running' in text and lines[-2].startswith('=> The daemon is not'), text
 
 
+@pytest.mark.timeout(900)  # a daemon, a job, a 30 s peer timeout, on a loaded machine: beyond the default 300 s
 def test_explain_with_the_daemon_running(aiida_zmq_profile_factory, tmp_path) -> None:
     """Issue 23.1 with a daemon of one worker of two slots, each case produced for real: a process with no task, a
     parent waiting on its child, the child running in the worker, a third waiting for a free slot; then the worker
