@@ -211,6 +211,21 @@ def _run(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) ->
         return _admin(target, op, **arguments)
 
 
+def run_operation(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) -> dict[str, t.Any]:
+    """An ADMIN operation on the target's running broker, else on its store (for the other command modules)."""
+    return _run(target, op, quiet=quiet, **arguments)
+
+
+def profile_target(profile_name: str | None) -> Target:
+    """The broker of an AiiDA profile (default: the default profile), as ``--profile`` names it."""
+    return _profile_target(profile_name)
+
+
+def emit_json(value: t.Any) -> None:
+    """Print an answer as the commands' ``--json`` do."""
+    _emit_json(value)
+
+
 def _emitted(rows: list[t.Any], as_json: bool, nothing: str) -> bool:
     """Print ``rows`` as JSON, or ``nothing`` when there are none; whether that was all there is to print."""
     if as_json:

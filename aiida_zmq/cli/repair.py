@@ -7,7 +7,7 @@ import typing as t
 
 import click
 
-from .admin import JSON_HELP, _emit_json, _profile_target, _run
+from .admin import JSON_HELP, emit_json, profile_target, run_operation
 
 __all__ = ('repair',)
 
@@ -31,15 +31,15 @@ def repair(profile_name: str | None, dry_run: bool, min_age: float, as_json: boo
     from ..aiida.repair import repair as run_repair
     from ..exceptions import BrokerRunning
 
-    target = _profile_target(profile_name)
+    target = profile_target(profile_name)
     assert target.data_dir is not None
     load_storage(target.profile)
 
     def snapshot() -> list[dict[str, t.Any]]:
-        return _run(target, 'tasks', quiet=True, limit=100_000)['tasks']
+        return run_operation(target, 'tasks', quiet=True, limit=100_000)['tasks']
 
     def live_tasks_of(pk: int) -> int:
-        tasks = _run(target, 'task-info', quiet=True, processes=[pk])['tasks']
+        tasks = run_operation(target, 'task-info', quiet=True, processes=[pk])['tasks']
         return sum(1 for task in tasks if task['state'] in ('ready', 'delivered'))
 
     def revive(pk: int) -> None:
@@ -52,7 +52,7 @@ def repair(profile_name: str | None, dry_run: bool, min_age: float, as_json: boo
     except BrokerRunning as exception:
         raise click.ClickException(str(exception)) from None
     if as_json:
-        _emit_json(dataclasses.asdict(report))
+        emit_json(dataclasses.asdict(report))
         return
     _echo(report, dry_run)
 
