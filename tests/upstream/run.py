@@ -613,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     EXPECTED_ENTRIES.update(load_expected())
-    work = options.work / options.broker
+    work = options.work.resolve() / options.broker  # absolute: each session runs in its copy, with --rootdir in it
     python = ensure_venv(options.venv, options.work, not options.no_install)
     results = []
     started = time.monotonic()
