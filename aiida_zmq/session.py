@@ -138,30 +138,8 @@ class Session:
         :raises BrokerUnavailable: at once when the connection or its handshake is refused, else when no WELCOME
             came within ``connect_timeout`` seconds.
         """
-        socket = self.context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.ROUTING_ID, self._routing_id)
-        socket.setsockopt(zmq.LINGER, 2000)  # close() waits this long for a goodbye and last answers to go out
-        socket.setsockopt(zmq.SNDHWM, 100_000)
-        socket.setsockopt(zmq.RCVHWM, 100_000)
-        socket.setsockopt(zmq.RECONNECT_IVL, 100)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if self._curve is not None:
-            self._curve.apply(socket)
         deadline = time.monotonic() + connect_timeout
-        try:
-            monitor = socket.get_monitor_socket(_CONNECT_EVENTS)
-            try:
-                socket.connect(self.endpoint)
-                self._await_handshake(monitor, deadline)
-            finally:
-                socket.disable_monitor()
-                monitor.close(0)
-        except zmq.ZMQError as exception:
-            socket.close(0)
-            raise ValueError(f'cannot connect to {self.endpoint!r}: {exception}') from exception
-        except BaseException:
-            socket.close(0)
-            raise
+        socket = connect_socket(self.context, self.endpoint, self._routing_id, self._curve, deadline)
         self._socket = socket
         self._owner = owner
         self.thread.start()
@@ -170,31 +148,6 @@ class Session:
                 f'no aiida-zmq broker answered at {self.endpoint} within {connect_timeout:.0f}s. Is it running? '
                 + _START_HINT
             )
-
-    def _await_handshake(self, monitor: zmq.Socket, deadline: float) -> None:
-        """Wait until ZeroMQ's handshake with the broker succeeded; fail at once when the answer is already known.
-
-        A refused connection (nothing listens there) or a refused CURVE key is known within milliseconds: waiting
-        ``connect_timeout`` for a WELCOME that cannot come would only hide it.
-        """
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not monitor.poll(int(remaining * 1000) + 1):
-                return  # no verdict in time: the WELCOME wait reports it
-            event = zmq.utils.monitor.recv_monitor_message(monitor)['event']
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                return
-            if event == zmq.EVENT_CONNECT_RETRIED:
-                raise BrokerUnavailable(
-                    f'nothing listens at {self.endpoint} (connection refused): the broker is not running there. '
-                    + _START_HINT
-                )
-            if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-                raise BrokerUnavailable(
-                    f'the broker at {self.endpoint} refused the connection handshake (a CURVE key it does not know, or '
-                    'not an aiida-zmq broker): check the client keys (`aiida_zmq.security.client_keys`) and the '
-                    'endpoint.'
-                )
 
     def call(self, function: Callable[[], None]) -> None:
         """Run ``function`` on the I/O thread, in order with every other call."""
@@ -475,3 +428,60 @@ def broker_error(code: bytes, text: str) -> Exception:
     if code == ErrorCode.STORE:
         return TaskNotAccepted(f'the broker could not store the task: {text}')
     return kiwipy.DeliveryFailed(f'{code.decode(errors="replace")}: {text}')
+
+
+def connect_socket(
+    context: zmq.Context, endpoint: str, routing_id: bytes, curve: CurveKeys | None, deadline: float
+) -> zmq.Socket:
+    """A session's DEALER socket, connected, once ZeroMQ's handshake with the broker succeeded (or ``deadline``
+    passed: the WELCOME wait reports that).
+
+    A refused connection (nothing listens there) or a refused CURVE key is known within milliseconds: waiting for a
+    WELCOME that cannot come would only hide it.
+
+    :raises BrokerUnavailable: at once when the connection or its handshake is refused.
+    """
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.ROUTING_ID, routing_id)
+    socket.setsockopt(zmq.LINGER, 2000)  # close() waits this long for a goodbye and last answers to go out
+    socket.setsockopt(zmq.SNDHWM, 100_000)
+    socket.setsockopt(zmq.RCVHWM, 100_000)
+    socket.setsockopt(zmq.RECONNECT_IVL, 100)
+    socket.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if curve is not None:
+        curve.apply(socket)
+    try:
+        monitor = socket.get_monitor_socket(_CONNECT_EVENTS)
+        try:
+            socket.connect(endpoint)
+            _await_handshake(monitor, endpoint, deadline)
+        finally:
+            socket.disable_monitor()
+            monitor.close(0)
+    except zmq.ZMQError as exception:
+        socket.close(0)
+        raise ValueError(f'cannot connect to {endpoint!r}: {exception}') from exception
+    except BaseException:
+        socket.close(0)
+        raise
+    return socket
+
+
+def _await_handshake(monitor: zmq.Socket, endpoint: str, deadline: float) -> None:
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not monitor.poll(int(remaining * 1000) + 1):
+            return  # no verdict in time: the WELCOME wait reports it
+        event = zmq.utils.monitor.recv_monitor_message(monitor)['event']
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return
+        if event == zmq.EVENT_CONNECT_RETRIED:
+            raise BrokerUnavailable(
+                f'nothing listens at {endpoint} (connection refused): the broker is not running there. ' + _START_HINT
+            )
+        if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            raise BrokerUnavailable(
+                f'the broker at {endpoint} refused the connection handshake (a CURVE key it does not know, or '
+                'not an aiida-zmq broker): check the client keys (`aiida_zmq.security.client_keys`) and the '
+                'endpoint.'
+            )
