@@ -12,6 +12,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -188,3 +189,27 @@ def test_names_already_stored_are_printed_escaped(zmq_broker_factory, tmp_path):
         out = done.stdout
         assert '\x1b' not in out and '\x07' not in out, (arguments, out)
         assert not [line for line in out.splitlines() if line.strip().startswith('fake-queue')], (arguments, out)
+
+
+def test_sessions_past_the_broker_limit_are_refused(tmp_path_factory):
+    """Before: 2,000 sessions held +66 MiB and 2,018 descriptors, bounded only by the peer timeout. An in-process
+    broker with a small ``max_sessions`` (the default, 4,096, would need as many sockets here)."""
+    from aiida_zmq.broker.config import BrokerConfig
+    from aiida_zmq.broker.server import Broker
+
+    base = tempfile.mkdtemp(prefix='azls-')
+    endpoint = f'ipc://{base}/b.sock'
+    broker = Broker(f'{base}/data', [endpoint], BrokerConfig(max_sessions=5)).start_in_thread()
+    peers = [Peer(endpoint) for _ in range(6)]
+    try:
+        replies = [peer.hello(b'session-%d' % n) for n, peer in enumerate(peers)]
+        assert [reply.command for reply in replies[:5]] == [Command.WELCOME] * 5
+        assert replies[5].command is Command.ERROR and argument(replies[5], 'code') == ErrorCode.LIMIT
+        assert b'max_sessions' in argument(replies[5], 'text')
+        peers[0].send(Command.BYE)
+        with Peer(endpoint) as again:  # a place is free again once a session ended
+            assert wait_until(lambda: again.hello(b'again').command is Command.WELCOME, 5)
+    finally:
+        for peer in peers:
+            peer.close()
+        broker.stop()
