@@ -30,16 +30,7 @@ PUBLIC_UNDERSCORE = frozenset({'_replace', '_asdict', '_fields', '_make', '_fiel
 OWN = frozenset({'self', 'cls'})
 
 #: ``(file, expression)`` -> how many times the file may read that private attribute of another object.
-ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {
-    # cli/admin.py's helpers, shared with the newer command modules: to become public in a module of their own.
-    ('aiida_zmq/cli/explain.py', 'from .admin import _admin'): 1,
-    ('aiida_zmq/cli/explain.py', 'from .admin import _emit_json'): 1,
-    ('aiida_zmq/cli/explain.py', 'from .admin import _profile_target'): 1,
-    ('aiida_zmq/cli/explain.py', 'from .admin import _run'): 1,
-    ('aiida_zmq/cli/explain.py', 'from .admin import _tasks'): 1,
-    ('aiida_zmq/cli/top.py', 'from .admin import _connect'): 1,
-    ('aiida_zmq/cli/top.py', 'from .admin import _size'): 1,
-}
+ALLOWED_PRIVATE_READS: dict[tuple[str, str], int] = {}
 
 #: Sets of modules allowed to import each other in a circle (a cycle found must lie within one of them).
 ALLOWED_CYCLES: list[frozenset[str]] = [

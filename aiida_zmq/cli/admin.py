@@ -84,7 +84,7 @@ def target_options(
 
 
 def _resolve(endpoint: str | None, data_dir: str | None, profile_name: str | None) -> Target:
-    return _explicit_target(endpoint, data_dir) or _profile_target(profile_name)
+    return _explicit_target(endpoint, data_dir) or profile_target(profile_name)
 
 
 def _explicit_target(endpoint: str | None, data_dir: str | None, profile: t.Any = None) -> Target | None:
@@ -111,7 +111,7 @@ def _load_profile(profile_name: str | None, what_else: str) -> t.Any:
         raise click.UsageError(f'there is no default AiiDA profile ({exception}). Give {what_else}.') from None
 
 
-def _profile_target(profile_name: str | None) -> Target:
+def profile_target(profile_name: str | None) -> Target:
     profile = _load_profile(profile_name, '--profile, --data-dir or --endpoint')
     if profile.process_control_backend != 'zmq':
         raise click.UsageError(
@@ -144,7 +144,7 @@ def _open(target: Target, **options: t.Any) -> t.Any:
         sys.exit(EXIT_REFUSED)
 
 
-def _connect(target: Target, **options: t.Any) -> t.Any:
+def connect_broker(target: Target, **options: t.Any) -> t.Any:
     """Connect to the broker, or exit with code 3 and a line saying what to run."""
     from aiida_zmq.exceptions import BrokerUnavailable
 
@@ -156,10 +156,10 @@ def _connect(target: Target, **options: t.Any) -> t.Any:
         sys.exit(EXIT_NOT_RUNNING)
 
 
-def _admin(target: Target, op: str, **arguments: t.Any) -> dict[str, t.Any]:
+def ask_broker(target: Target, op: str, **arguments: t.Any) -> dict[str, t.Any]:
     from aiida_zmq.exceptions import AdminError
 
-    communicator = _connect(target)
+    communicator = connect_broker(target)
     try:
         return communicator.admin(op, timeout=30.0, **arguments)
     except (AdminError, TimeoutError) as exception:
@@ -194,7 +194,7 @@ def _stopped_store(target: Target, *, quiet: bool = False) -> Iterator[TaskStore
         sys.exit(EXIT_REFUSED)
 
 
-def _run(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) -> dict[str, t.Any]:
+def run_operation(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) -> dict[str, t.Any]:
     """Do an ADMIN operation: on the store of a stopped broker, else through the running broker.
 
     The store comes first because only its lock says for sure that no broker runs; holding it, no broker can start
@@ -208,28 +208,13 @@ def _run(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) ->
             # The broker's own operation, on the stopped store (the same answers, so the commands print the same).
             return admin_operations.run_stopped(op, store, **arguments)
     except BrokerRunning:
-        return _admin(target, op, **arguments)
-
-
-def run_operation(target: Target, op: str, *, quiet: bool = False, **arguments: t.Any) -> dict[str, t.Any]:
-    """An ADMIN operation on the target's running broker, else on its store (for the other command modules)."""
-    return _run(target, op, quiet=quiet, **arguments)
-
-
-def profile_target(profile_name: str | None) -> Target:
-    """The broker of an AiiDA profile (default: the default profile), as ``--profile`` names it."""
-    return _profile_target(profile_name)
-
-
-def emit_json(value: t.Any) -> None:
-    """Print an answer as the commands' ``--json`` do."""
-    _emit_json(value)
+        return ask_broker(target, op, **arguments)
 
 
 def _emitted(rows: list[t.Any], as_json: bool, nothing: str) -> bool:
     """Print ``rows`` as JSON, or ``nothing`` when there are none; whether that was all there is to print."""
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
         return True
     if not rows:
         click.echo(nothing)
@@ -237,11 +222,11 @@ def _emitted(rows: list[t.Any], as_json: bool, nothing: str) -> bool:
     return False
 
 
-def _emit_json(value: t.Any) -> None:
+def emit_json(value: t.Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
-def _size(count: float) -> str:
+def human_size(count: float) -> str:
     for unit in ('B', 'KiB', 'MiB', 'GiB'):
         if count < 1024 or unit == 'GiB':
             return f'{count:.0f} {unit}' if unit == 'B' else f'{count:.1f} {unit}'
@@ -249,7 +234,7 @@ def _size(count: float) -> str:
     return f'{count:.1f} GiB'
 
 
-def _tasks(count: int, what: str = 'task') -> str:
+def plural(count: int, what: str = 'task') -> str:
     """``1 task``, ``3 tasks``: the counts every message of these commands prints."""
     return f'{count} {what}' if count == 1 else f'{count} {what}s'
 
@@ -390,7 +375,7 @@ def status(target: Target, as_json: bool) -> None:
         circus = _circus_info(target, None)
         if as_json:
             report = {'running': False, 'target': target.label, 'error': str(exception), 'stored': depths}
-            _emit_json({**report, 'store_unread': unread, 'circus': circus})
+            emit_json({**report, 'store_unread': unread, 'circus': circus})
         else:
             click.secho(f'aiida-zmq broker for {target.label}: not running', fg='red', bold=True)
             click.echo(f'  {target.start_hint}')
@@ -412,7 +397,7 @@ def status(target: Target, as_json: bool) -> None:
     answer['clients'] = [client for client in answer['clients'] if client['name'] != CLIENT_NAME]
     answer['circus'] = _circus_info(target, answer.get('pid'))
     if as_json:
-        _emit_json(answer)
+        emit_json(answer)
         return
     _print_status(answer)
 
@@ -426,7 +411,7 @@ def _exit_if_silent(target: Target, as_json: bool) -> None:
         return
     pid, state = info['pid'], info['process_state']
     if as_json:
-        _emit_json({'running': True, 'answering': False, 'pid': pid, 'process_state': state, 'target': target.label})
+        emit_json({'running': True, 'answering': False, 'pid': pid, 'process_state': state, 'target': target.label})
         sys.exit(EXIT_REFUSED)
     hint = {
         'stopped': f'it is stopped (SIGSTOP, or a suspended terminal job?): `kill -CONT {pid}`',
@@ -444,7 +429,7 @@ def _print_status(answer: dict[str, t.Any]) -> None:
     up = f'{uptime // 3600}h{uptime // 60 % 60:02d}m{uptime % 60:02d}s'
     click.echo(f'  pid {answer["pid"]}, up {up}, epoch {answer["epoch"]}')
     click.echo(f'  endpoints  {", ".join(answer["endpoints"])}')
-    click.echo(f'  data dir   {answer["data_dir"]} (store {_size(answer["store_bytes"])})')
+    click.echo(f'  data dir   {answer["data_dir"]} (store {human_size(answer["store_bytes"])})')
     fault = answer.get('store_fault')
     if fault:  # the broker runs, but cannot write its store: it refuses new tasks and keeps what it holds
         since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(fault['since']))
@@ -466,7 +451,7 @@ def _print_status(answer: dict[str, t.Any]) -> None:
     queues, more_queues = answer['queues'], answer.get('queues_not_listed', 0)
     click.echo(f'  queues     {len(queues) + more_queues}' + ('' if queues else ' (none yet)'))
     for name, queue in sorted(queues.items()):
-        click.echo(f'    {printable(name)}: {queue["depth"]} waiting, {_tasks(queue["consumers"], "consumer")}')
+        click.echo(f'    {printable(name)}: {queue["depth"]} waiting, {plural(queue["consumers"], "consumer")}')
     if more_queues:
         click.echo(f'    ... and {more_queues} more (the deepest are listed)')
     clients, more_clients = answer['clients'], answer.get('clients_not_listed', 0)
@@ -477,7 +462,7 @@ def _print_status(answer: dict[str, t.Any]) -> None:
             or 'no queue'
         )
         name = printable(client['name'])
-        click.echo(f'    {name} (pid {client["pid"]}): {_tasks(client["held"])} in flight; {prefetch}')
+        click.echo(f'    {name} (pid {client["pid"]}): {plural(client["held"])} in flight; {prefetch}')
     if more_clients:
         click.echo(f'    ... and {more_clients} more (those holding the most are listed)')
     stats = answer.get('stats', {})
@@ -507,7 +492,7 @@ def tasks() -> None:
 def tasks_list(target: Target, queue: str | None, limit: int, as_json: bool) -> None:
     """List stored tasks, oldest first (id, queue, state, deliveries, size, the process each is for and, for a
     profile, that process's state in AiiDA; never the payload)."""
-    rows = _run(target, 'tasks', queue=queue, limit=limit)['tasks']
+    rows = run_operation(target, 'tasks', queue=queue, limit=limit)['tasks']
     states = _process_states(target, [row['process'] for row in rows if row.get('process') is not None])
     if states is not None:
         for row in rows:
@@ -556,8 +541,8 @@ def tasks_purge(target: Target, queue: str, yes: bool, as_json: bool) -> None:
     """Delete the waiting tasks of QUEUE (tasks a consumer holds stay). This cannot be undone."""
     if not yes:
         click.confirm(f'Delete every waiting task of queue {queue}?', abort=True)
-    answer = _run(target, 'tasks-purge', queue=queue)
-    _emit_json(answer) if as_json else click.echo(f'Purged {_tasks(answer["purged"], "waiting task")} of {queue}.')
+    answer = run_operation(target, 'tasks-purge', queue=queue)
+    emit_json(answer) if as_json else click.echo(f'Purged {plural(answer["purged"], "waiting task")} of {queue}.')
 
 
 def _process_alive(pid: int) -> bool:
@@ -591,12 +576,12 @@ def tasks_requeue(target: Target, pid: int, force: bool, as_json: bool) -> None:
             err=True,
         )
         sys.exit(EXIT_REFUSED)
-    answer = _admin(target, 'peer-gone', pid=pid)
+    answer = ask_broker(target, 'peer-gone', pid=pid)
     if as_json:
-        _emit_json(answer)
+        emit_json(answer)
     else:
         click.echo(
-            f'Requeued {_tasks(answer["requeued"])} held by {_tasks(answer["clients"], "session")} of process {pid}.'
+            f'Requeued {plural(answer["requeued"])} held by {plural(answer["clients"], "session")} of process {pid}.'
         )
 
 
@@ -617,7 +602,7 @@ def dead_letter() -> None:
 @click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def dead_letter_list(target: Target, queue: str | None, as_json: bool) -> None:
     """List dead-lettered tasks with the reason."""
-    letters = _run(target, 'dead-letters', queue=queue)['dead_letters']
+    letters = run_operation(target, 'dead-letters', queue=queue)['dead_letters']
     if _emitted(letters, as_json, 'No dead letters.' if queue is None else f'No dead letters in queue {queue}.'):
         return
     for letter in letters:
@@ -637,8 +622,8 @@ def _ids(ids: tuple[int, ...], all_: bool) -> list[int] | None:
 @click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def dead_letter_requeue(target: Target, ids: tuple[int, ...], all_: bool, as_json: bool) -> None:
     """Put dead-lettered tasks back in their queues with a fresh delivery count."""
-    answer = _run(target, 'dead-letters-requeue', ids=_ids(ids, all_))
-    _emit_json(answer) if as_json else click.echo(f'Requeued {_tasks(answer["requeued"])}.')
+    answer = run_operation(target, 'dead-letters-requeue', ids=_ids(ids, all_))
+    emit_json(answer) if as_json else click.echo(f'Requeued {plural(answer["requeued"])}.')
 
 
 @dead_letter.command('drop')
@@ -652,16 +637,16 @@ def dead_letter_drop(target: Target, ids: tuple[int, ...], all_: bool, yes: bool
     selection = _ids(ids, all_)
     if not yes:
         # Counted first, asked without holding anything (a broker that starts meanwhile must not wait for an answer).
-        letters = _run(target, 'dead-letters', quiet=True)['dead_letters']
+        letters = run_operation(target, 'dead-letters', quiet=True)['dead_letters']
         chosen = [letter for letter in letters if selection is None or letter['id'] in selection]
         if not chosen:
             which = '' if selection is None else f' with id {", ".join(map(str, selection))}'
-            _emit_json({'dropped': 0}) if as_json else click.echo(f'No dead letters{which} to drop.')
+            emit_json({'dropped': 0}) if as_json else click.echo(f'No dead letters{which} to drop.')
             return
-        count = _tasks(len(chosen), 'dead-lettered task')
+        count = plural(len(chosen), 'dead-lettered task')
         click.confirm(f'Delete {"all " if selection is None else ""}{count} for good?', abort=True)
-    answer = _run(target, 'dead-letters-drop', ids=selection)
-    _emit_json(answer) if as_json else click.echo(f'Dropped {_tasks(answer["dropped"])}.')
+    answer = run_operation(target, 'dead-letters-drop', ids=selection)
+    emit_json(answer) if as_json else click.echo(f'Dropped {plural(answer["dropped"])}.')
 
 
 # migrate ----------------------------------------------------------------------------------------------------------
@@ -769,7 +754,7 @@ def migrate(
     queues = queues or ((profile_queue,) if profile_queue else ())
     moved = _migrate_rabbitmq(target, direction, url, prefix, queues, dry_run)
     if as_json:
-        _emit_json(moved)
+        emit_json(moved)
     elif dry_run:
         for queue, count in moved['would_move'].items():
             click.echo(f'would move {count} task(s) of {queue} {direction} RabbitMQ')
@@ -865,7 +850,7 @@ def _migrate_core_zeromq(target: Target, direction: str, dry_run: bool, as_json:
         command=shlex.join(argv),
     )
     if as_json:
-        _emit_json(report.as_dict())
+        emit_json(report.as_dict())
     else:
         echo_core_zeromq_move(report, profile, target.data_dir)
 

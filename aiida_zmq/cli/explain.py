@@ -15,7 +15,7 @@ import typing as t
 
 import click
 
-from .admin import JSON_HELP, Target, _admin, _emit_json, _profile_target, _run, _tasks, broker_options
+from .admin import JSON_HELP, Target, ask_broker, broker_options, emit_json, plural, profile_target, run_operation
 
 __all__ = ('echo_task', 'explain', 'tasks_show', 'when')
 
@@ -26,9 +26,9 @@ __all__ = ('echo_task', 'explain', 'tasks_show', 'when')
 @click.option('--json', 'as_json', is_flag=True, help=JSON_HELP)
 def tasks_show(target: Target, task_ids: tuple[int, ...], as_json: bool) -> None:
     """Show tasks with their history: stored, delivered to whom, given back and why, answered, dead-lettered."""
-    answer = _run(target, 'task-info', ids=list(task_ids))
+    answer = run_operation(target, 'task-info', ids=list(task_ids))
     if as_json:
-        _emit_json(answer['tasks'])
+        emit_json(answer['tasks'])
         return
     found = {task['id'] for task in answer['tasks']}
     for task in answer['tasks']:
@@ -44,7 +44,7 @@ def echo_task(task: dict[str, t.Any], indent: str = '') -> None:
     if task['state'] == 'gone':
         click.echo(f'{indent}task {task["id"]}{process}: no longer stored')
     else:
-        line = f'{indent}task {task["id"]}{process}: {task["state"]}, {_tasks(task["attempts"], "delivery")}'
+        line = f'{indent}task {task["id"]}{process}: {task["state"]}, {plural(task["attempts"], "delivery")}'
         click.echo(f'{line}, queue {task["queue"]}')
     holder = task.get('holder')
     if holder:
@@ -77,11 +77,11 @@ def explain(pks: tuple[int, ...], profile_name: str | None, as_json: bool) -> No
     sentence saying what goes on and what to type. Works with the daemon and the broker stopped."""
     from ..aiida.diagnosis import diagnose
 
-    target = _profile_target(profile_name)
+    target = profile_target(profile_name)
     facts = _gather(target, list(dict.fromkeys(pks)))
     diagnoses = {pk: diagnose(fact) for pk, fact in facts.items()}
     if as_json:
-        _emit_json(
+        emit_json(
             {
                 str(pk): {**dataclasses.asdict(fact), 'case': diagnoses[pk].case, 'sentence': diagnoses[pk].sentence}
                 for pk, fact in facts.items()
@@ -111,7 +111,7 @@ def _gather(target: Target, pks: list[int]) -> dict[int, t.Any]:
     views = process_views(pks)
     child_views = process_views({child for view in views.values() for child in view.callees})
     broker_running = target.data_dir is not None and read_live_broker_info(target.data_dir) is not None
-    info = _run(target, 'task-info', quiet=True, processes=pks)
+    info = run_operation(target, 'task-info', quiet=True, processes=pks)
     workers = _workers(target, launch_queue_name(target.profile)) if broker_running else None
     running = daemon_running(target.profile)
     holders = {task['holder']['pid'] for task in info['tasks'] if task.get('holder')}
@@ -138,7 +138,7 @@ def _workers(target: Target, queue: str) -> list[t.Any]:
     """The daemon's workers as the broker sees them: the sessions consuming the launch queue, with their slots."""
     from ..aiida.diagnosis import Worker
 
-    clients = _admin(target, 'status')['clients']
+    clients = ask_broker(target, 'status')['clients']
     return [
         Worker(pid=client['pid'], slots=client['prefetch'][queue], held=client['held'])
         for client in clients

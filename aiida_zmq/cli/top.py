@@ -13,7 +13,7 @@ import typing as t
 
 import click
 
-from .admin import Target, _connect, _size, broker_options
+from .admin import Target, broker_options, connect_broker, human_size
 
 __all__ = ('Screen', 'top')
 
@@ -71,7 +71,7 @@ class Screen:
         rates = '  '.join(f'{label} {value:,.0f}/s' for label, value in self._rates.items())
         lines = [
             f'aiida-zmq top  broker pid {status.get("pid")}  up {status.get("uptime", 0):,.0f} s  memory '
-            f'{_memory(status.get("pid"))}  store {_size(status.get("store_bytes", 0))}',
+            f'{_memory(status.get("pid"))}  store {human_size(status.get("store_bytes", 0))}',
             f'  {rates}  dead letters {status.get("dead_letters", 0)}',
             '',
             *self._queues(),
@@ -130,7 +130,7 @@ def _memory(pid: t.Any) -> str:
     import psutil
 
     try:
-        return _size(psutil.Process(int(pid)).memory_info().rss)
+        return human_size(psutil.Process(int(pid)).memory_info().rss)
     except (psutil.Error, TypeError, ValueError):  # another machine's broker, or gone
         return '?'
 
@@ -144,7 +144,7 @@ def top(target: Target, interval: float) -> None:
     Keys: s sorts the queues by the next column, r reverses the order, q quits."""
     import curses
 
-    communicator = _connect(target)
+    communicator = connect_broker(target)
     try:
         curses.wrapper(_loop, communicator, interval)
     except KeyboardInterrupt:
