@@ -10,8 +10,9 @@ each case reads as a rule here. The cases, checked in this order (the first that
 - ``dead-lettered``: its task was given up on (why), ``aiida-zmq dead-letter requeue ID``;
 - ``no-task``: an active process with no task anywhere: ``aiida-zmq repair`` revives it (exactly once);
 - ``paused``: paused (its node says so): ``verdi process play PK``;
-- ``checkpoint-paused``: its checkpoint says paused while its node does not (aiida-core saves no checkpoint on
-  play, #6569: a daemon restart reloaded it paused): ``verdi process play PK``;
+- ``checkpoint-paused``: its checkpoint says paused while its node does not, and its worker took the task after
+  the node last changed (aiida-core saves no checkpoint on play, #6569: a daemon restart reloaded it paused):
+  ``verdi process play PK``;
 - ``holder-gone``: its task is held by a worker process that is gone or silent: the broker hands it out after the
   peer timeout, or ``aiida-zmq tasks requeue --pid P`` now;
 - ``orphan``: delivered before the broker restarted, waiting for its worker to reclaim it;
@@ -160,8 +161,14 @@ def _paused(facts: Facts, live: list[dict[str, t.Any]]) -> Diagnosis | None:
     process = facts.process or {}
     if process.get('paused'):
         return Diagnosis('paused', f'Process {facts.pk} is paused: `verdi process play {facts.pk}` resumes it.')
-    held = [task for task in live if task.get('holder')]
-    if process.get('checkpoint_paused') and held:
+    # Reloaded from a checkpoint that says paused: its worker took the task after the node last changed (the play
+    # that unpaused it). Played within the worker that still holds it, it runs: its checkpoint is only stale then.
+    reloaded = [
+        task
+        for task in live
+        if task.get('holder') and (task['holder'].get('since') or 0) > process.get('last_change', float('inf'))
+    ]
+    if process.get('checkpoint_paused') and reloaded:
         return Diagnosis(
             'checkpoint-paused',
             f'Process {facts.pk} was reloaded paused: its checkpoint says paused while its node does not (aiida-core '
