@@ -684,11 +684,15 @@ def test_tasks_refused_on_a_full_disk_do_not_count_as_stored_at_the_next_start()
             for index in range(3):
                 queue.task_send({'i': index}, no_reply=True)
                 confirmed.append(index)
+            # A commit that fits in the WAL's frames already on the disk succeeds on a full disk, rightly (its tasks
+            # are stored); each of these tasks is bigger than the whole WAL, so its commit needs blocks the disk lacks.
+            pad = b'x' * ((data / f'{STORE_FILENAME}-wal').stat().st_size + 8192)
             filler = fill(data)
             with Raw(broker.endpoint, name='burst') as burst:
                 # The inserts succeed (in SQLite's cache), the commit fails: the batch is rolled back, its ids freed.
                 for index in range(3, 8):
-                    burst.send(Command.TASK_SEND, b'%d' % index, b'work', b'1', b'\x00J{"i": %d}' % index)
+                    body = b'\x00J{"i": %d, "pad": "%s"}' % (index, pad)
+                    burst.send(Command.TASK_SEND, b'%d' % index, b'work', b'1', body)
                 answers = [burst.expect(None, 10, b'%d' % index) for index in range(3, 8)]
             assert all(answer.command is Command.ERROR and b'commit' in answer.args[2] for answer in answers), answers
             filler.unlink()
