@@ -120,6 +120,8 @@ def _live_status(profile: AiidaZmqProfile, pk: int) -> dict[str, t.Any]:
     return answer['status']
 
 
+# Each of these restarts a daemon and waits for real jobs: on a loaded machine one took over pytest-timeout's 300 s.
+@pytest.mark.timeout(900)
 def test_a_played_process_comes_back_paused_after_a_restart(profile: AiidaZmqProfile, tmp_path: Path) -> None:
     """aiida-core #6569: pause, play, restart: the checkpoint still says paused, the node does not."""
     hold = tmp_path / 'hold'
@@ -138,6 +140,7 @@ def test_a_played_process_comes_back_paused_after_a_restart(profile: AiidaZmqPro
     assert answer['states'][str(parent)]['ok'] is True, answer
 
 
+@pytest.mark.timeout(900)
 def test_killing_a_parent_that_came_back_paused_leaves_its_child(profile: AiidaZmqProfile, tmp_path: Path) -> None:
     """The parent is killed; its running job is not (whereas a parent that was never reloaded kills its children)."""
     hold = tmp_path / 'hold'
@@ -156,6 +159,11 @@ def test_killing_a_parent_that_came_back_paused_leaves_its_child(profile: AiidaZ
     hold.unlink()
 
 
+# A race inside aiida-core: the pause must land while the job waits for its scheduler poll, a moment this test does not
+# control. It showed the bug in 4 of 4 runs at load average 11-16 and missed it in 2 of 2 at 25-34 (no error within
+# 120 s): kept out of the default run until it can wait for that moment.
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_job_paused_while_its_poll_waits_breaks_the_jobs_list(profile: AiidaZmqProfile, tmp_path: Path) -> None:
     """Pausing a CalcJob in its scheduler poll: the worker's log shows the error once the job is played."""
     hold = tmp_path / 'hold'
