@@ -28,7 +28,7 @@ PROFILES: dict[str, tuple[str, list[str], str]] = {
 WORKERS = 2
 
 
-def _script(name: str) -> str:
+def script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
@@ -45,7 +45,7 @@ def modules_dir() -> Path:
     return path
 
 
-def _run(args: list[str], timeout: float, what: str) -> str:
+def run_command(args: list[str], timeout: float, what: str) -> str:
     modules = modules_dir()
     # AiiDA's daemon looks for `verdi` on PATH: the venv's, as when it is activated.
     env = child_env()
@@ -59,13 +59,13 @@ def _run(args: list[str], timeout: float, what: str) -> str:
     return proc.stdout
 
 
-def ensure_profile(broker: str) -> str:
-    """Create the profile for ``broker`` unless it exists; return its name."""
-    name, command, entry_point = PROFILES[broker]
-    listed = _run([_script('verdi'), 'profile', 'list'], 120, 'verdi profile list')
+def ensure_profile(broker: str, profiles: dict[str, tuple[str, list[str], str]] = PROFILES) -> str:
+    """Create the profile for ``broker`` (one of ``profiles``) unless it exists; return its name."""
+    name, command, entry_point = profiles[broker]
+    listed = run_command([script('verdi'), 'profile', 'list'], 120, 'verdi profile list')
     if name not in listed.split():
-        _run([_script(command[0]), *command[1:], '--profile-name', name], 300, f'creating profile {name}')
-    shown = _run([_script('verdi'), 'profile', 'show', name], 120, f'verdi profile show {name}')
+        run_command([script(command[0]), *command[1:], '--profile-name', name], 300, f'creating profile {name}')
+    shown = run_command([script('verdi'), 'profile', 'show', name], 120, f'verdi profile show {name}')
     if entry_point not in shown:
         raise BenchError(f'profile {name} does not use the {entry_point} broker:\n{shown[-400:]}')
     return name
@@ -73,10 +73,10 @@ def ensure_profile(broker: str) -> str:
 
 def run(broker: str, n_chains: int, n_parents: int, timeout: float) -> dict[str, float]:
     profile = ensure_profile(broker)
-    verdi = _script('verdi')
-    _run([verdi, '-p', profile, 'daemon', 'start', str(WORKERS)], 180, f'verdi -p {profile} daemon start')
+    verdi = script('verdi')
+    run_command([verdi, '-p', profile, 'daemon', 'start', str(WORKERS)], 180, f'verdi -p {profile} daemon start')
     try:
-        out = _run(
+        out = run_command(
             [
                 sys.executable,
                 str(modules_dir() / 'bench_e2e_driver.py'),
@@ -89,7 +89,7 @@ def run(broker: str, n_chains: int, n_parents: int, timeout: float) -> dict[str,
             'the end-to-end driver',
         )
     finally:
-        _run([verdi, '-p', profile, 'daemon', 'stop'], 180, f'verdi -p {profile} daemon stop')
+        run_command([verdi, '-p', profile, 'daemon', 'stop'], 180, f'verdi -p {profile} daemon stop')
     lines = [line for line in out.splitlines() if line.startswith('E2E ')]
     if not lines:
         raise BenchError(f'the end-to-end driver printed no result: {out[-400:]}')

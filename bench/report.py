@@ -26,6 +26,28 @@ ROWS: list[tuple[str, str, str, bool, str]] = [
     ('clients', 'rpc_p50_us', 'clients: RPC round trip p50 while connected (us)', False, '{:,.0f}'),
     ('e2e', 'chains_per_s', 'AiiDA daemon (2 workers): work chains/s', True, '{:,.1f}'),
     ('e2e', 'parents_per_s', 'AiiDA daemon: parent+child work chains/s', True, '{:,.2f}'),
+    (
+        'control',
+        'pause_all.effect_last_s',
+        'verdi process pause of every parent: sent to the last paused (s)',
+        False,
+        '{:,.2f}',
+    ),
+    (
+        'control',
+        'play_all.effect_last_s',
+        'verdi process play of every parent: sent to the last played (s)',
+        False,
+        '{:,.2f}',
+    ),
+    (
+        'control',
+        'kill.effect_p50_s',
+        'kill of many parents: sent to half of them and their jobs killed (s)',
+        False,
+        '{:,.2f}',
+    ),
+    ('control', 'kill.effect_last_s', 'kill of many parents: sent to the last killed (s)', False, '{:,.2f}'),
 ]
 FLOOR_ROWS: list[tuple[str, str, str]] = [
     ('floor_hop', 'hop_p50_us', 'bare pyzmq DEALER->ROUTER->DEALER round trip p50 (us)'),

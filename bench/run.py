@@ -23,7 +23,7 @@ from typing import Any
 if __package__ in (None, ''):  # run as a script: python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import e2e, procs, report, scale
+from bench import control, e2e, procs, report, scale
 from bench.floors import FLOORS
 from bench.servers import (
     BROKERS,
@@ -37,7 +37,7 @@ from bench.servers import (
 )
 from bench.workloads import WORKLOADS, Sizes
 
-ALL = [*WORKLOADS, *FLOORS, 'e2e', 'scale']
+ALL = [*WORKLOADS, *FLOORS, 'e2e', 'control', 'scale']
 DEFAULT_OUT = Path(__file__).resolve().parent / 'results' / 'latest.json'
 
 
@@ -190,6 +190,11 @@ def run_all(args: argparse.Namespace, root: Path, rmq: RabbitMQ, result: dict[st
             for name in [b for b in order if b in e2e.PROFILES]:
                 run_e2e = lambda b=name: e2e.run(b, sizes.e2e_chains, sizes.e2e_parents, sizes.timeout)  # noqa: E731
                 records.append(measure('e2e', name, rep, run_e2e))
+        if 'control' in args.workloads:
+            for name in [b for b in order if b in control.PROFILES]:
+                # A bound for a command on many processes, not for one message: generous on a loaded machine.
+                sizes_c = (sizes.control_parents, sizes.control_kills, max(sizes.timeout, 300.0))
+                records.append(measure('control', name, rep, lambda b=name, c=sizes_c: control.run(b, *c)))
     if 'scale' in args.workloads:
         if 'aiida-zmq' in skipped or not any(b.startswith('aiida-zmq') for b in brokers):
             print('skipping scale: aiida-zmq is not available', flush=True)

@@ -32,6 +32,8 @@ class Sizes:
     fanouts: int = 20
     e2e_chains: int = 100
     e2e_parents: int = 50
+    control_parents: int = 60  # live work chains, each with a live job: 120 processes
+    control_kills: int = 20
     timeout: float = 120.0
 
     @classmethod
@@ -46,6 +48,8 @@ class Sizes:
             fanouts=10,
             e2e_chains=20,
             e2e_parents=10,
+            control_parents=20,
+            control_kills=5,
             timeout=60.0,
         )
 
