@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,15 @@ HERE = Path(__file__).parent
 BIN = Path(sys.executable).parent
 DRIVER = HERE / 'zmq_test_driver.py'
 COMMAND_TIMEOUT = 180.0
+#: How long the arbiter may take to exit after ``quit``: every watcher's graceful stop, on a loaded machine.
+ARBITER_EXIT_TIMEOUT = 120.0
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 class CommandFailed(AssertionError):
@@ -188,14 +198,21 @@ class AiidaZmqProfile:
 
     def teardown(self) -> list[str]:
         """Stop the daemon, kill what is left by pid; return what had to be killed."""
-        if self.daemon_pid() is not None:
+        arbiter = self.daemon_pid()
+        if arbiter is not None:
             try:
                 self.daemon_stop()
             except (CommandFailed, subprocess.TimeoutExpired):
                 pass
+            # ``quit`` answers before circus has stopped its watchers (the broker's before_stop hook waits for the
+            # workers, each stopped gracefully): the arbiter exits once they are all stopped or killed, so wait for
+            # the arbiter itself, bounded; a process still running after it is one that `verdi daemon stop` left.
+            # (Polled: psutil's wait on a process not our child would wait out the bound on a zombie.)
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: _exited(arbiter), timeout=ARBITER_EXIT_TIMEOUT, interval=0.2, what='circusd to exit')
         leftovers = []
         try:
-            # Circus reaps its children after ``quit`` has answered: give them a moment.
+            # The arbiter's children were reaped before it exited; a moment for any exit still on its way.
             wait_until(lambda: not self.processes(), timeout=15, interval=0.2, what='the processes to exit')
         except TimeoutError:
             pass
