@@ -37,7 +37,9 @@ WHEEL_HAS = ('aiida_zmq/__init__.py', 'aiida_zmq/circus_plugins/events.py', 'aii
 
 def _build(out: Path, *options: str) -> None:
     command = [sys.executable, '-m', 'build', *options, '--outdir', str(out), str(ROOT)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    # Not from the checkout: `python -m` puts the working directory first on sys.path, and the checkout's own build/
+    # (tests/run.sh builds LazyFS there) would be imported instead of the `build` package.
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=out)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
