@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import pytest
 
 from . import pytest_aiida_broker
-from .discovery import read_broker_info
+from .discovery import default_ipc_bind, read_broker_info
 from .waiting import wait_until
 
 __all__ = ('ArbiterProcess', 'BrokerProcess', 'forget_stored_tasks', 'wait_until')
@@ -47,7 +48,11 @@ class BrokerProcess:
     def __init__(self, data_dir: Path, *args: str, endpoint: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.endpoint = endpoint or f'ipc://{self.data_dir}/broker.sock'
+        # ``DIR/broker.sock`` unless that is too long for a unix socket (a deep temporary directory): then a short one,
+        # as the AiiDA plugin picks for a profile (the run's own TMPDIR can be deep enough for that).
+        self.endpoint = (
+            endpoint or default_ipc_bind(self.data_dir, uuid.uuid4().hex) or f'ipc://{self.data_dir}/broker.sock'
+        )
         self.args = args
         self.log_path = self.data_dir.parent / f'{self.data_dir.name}.log'
         self.process: subprocess.Popen | None = None
