@@ -9,6 +9,7 @@ and in `aiida-zmq status`. Each test is that attack through the wire protocol ag
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -213,3 +214,4 @@ def test_sessions_past_the_broker_limit_are_refused(tmp_path_factory):
         for peer in peers:
             peer.close()
         broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
