@@ -11,7 +11,6 @@ effect (their nodes paused, played, killed): the median and the last, so that a 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 import typing as t
 from pathlib import Path
 
-from bench_e2e_driver import WORKERS, _wait, _wait_for_workers
+from bench_e2e_driver import WORKERS, _wait, _wait_for_workers, run_and_report
 
 POLL = 0.05
 
@@ -138,10 +137,4 @@ def main(profile: str, n_parents: int, n_kills: int, timeout: float) -> dict:
 
 
 if __name__ == '__main__':
-    try:
-        result = main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
-    except Exception as exception:  # reported to the harness as a failed run
-        import traceback
-
-        result = {'error': f'{type(exception).__name__}: {exception}\n{traceback.format_exc(limit=5)}'}
-    print('CONTROL ' + json.dumps(result), flush=True)
+    run_and_report(main, 'CONTROL')

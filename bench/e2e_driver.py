@@ -199,11 +199,17 @@ def main(profile: str, n_chains: int, n_parents: int, timeout: float) -> dict:
     return out
 
 
-if __name__ == '__main__':
+def run_and_report(main, tag: str) -> None:
+    """Run a driver's ``main(PROFILE, int, int, float)`` from the command line; print ``TAG {json}`` for the harness,
+    with the failure (and where it was) as ``error`` when it raised."""
     try:
         result = main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
     except Exception as exception:  # reported to the harness as a failed run
         import traceback
 
         result = {'error': f'{type(exception).__name__}: {exception}\n{traceback.format_exc(limit=5)}'}
-    print('E2E ' + json.dumps(result), flush=True)
+    print(f'{tag} ' + json.dumps(result), flush=True)
+
+
+if __name__ == '__main__':
+    run_and_report(main, 'E2E')
